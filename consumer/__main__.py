@@ -1,0 +1,35 @@
+"""``python -m consumer``: serve one model from one backend, configured from the environment."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from consumer.settings import ConsumerSettings
+from consumer.worker import Worker
+
+
+async def _main() -> None:
+    settings = ConsumerSettings()
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await Worker(settings).run(stop)
+
+
+def main() -> None:
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(_main())
+    else:
+        uvloop.run(_main())
+
+
+if __name__ == "__main__":
+    main()

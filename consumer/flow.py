@@ -1,0 +1,72 @@
+"""How many requests a consumer may hold at once, driven by its backend's load.
+
+A priority queue orders only what is still in the broker. So the consumer
+takes a new request only while vLLM can start it at once (its own waiting
+queue near zero, KV cache not full); the rest wait in RabbitMQ, in priority
+order. The window grows while the backend keeps up (doubling at first, then
+one at a time) and falls back to what the backend is actually running as soon
+as requests start waiting inside it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+RUNNING = "vllm:num_requests_running"
+WAITING = "vllm:num_requests_waiting"
+KV_CACHE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
+
+
+@dataclass(frozen=True, slots=True)
+class BackendLoad:
+    running: float
+    waiting: float
+    kv_cache: float | None
+
+
+def parse_vllm_metrics(text: str) -> BackendLoad | None:
+    """Read the gauges that matter from a Prometheus exposition; None if it is not vLLM's."""
+    wanted = {RUNNING, WAITING, *KV_CACHE}
+    totals: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line.startswith("vllm:"):
+            continue
+        name_end = min((i for i in (line.find("{"), line.find(" ")) if i > 0), default=-1)
+        if name_end < 0:
+            continue
+        name = line[:name_end]
+        if name not in wanted:
+            continue
+        try:
+            value = float(line.rsplit(" ", 1)[1])
+        except (IndexError, ValueError):
+            continue
+        totals[name] = totals.get(name, 0.0) + value
+    if WAITING not in totals:
+        return None
+    kv = next((totals[name] for name in KV_CACHE if name in totals), None)
+    return BackendLoad(running=totals.get(RUNNING, 0.0), waiting=totals[WAITING], kv_cache=kv)
+
+
+class Window:
+    """The number of unanswered requests the consumer may hold."""
+
+    def __init__(self, *, maximum: int, initial: int, waiting_tolerance: float, kv_cache_max: float) -> None:
+        self.maximum = maximum
+        self.size = max(1, min(initial, maximum))
+        self._waiting_tolerance = waiting_tolerance
+        self._kv_cache_max = kv_cache_max
+        self._slow_start = True
+
+    def update(self, load: BackendLoad, inflight: int) -> int:
+        """Adjust to the latest backend load reading and return the new size."""
+        congested = load.waiting > self._waiting_tolerance or (
+            load.kv_cache is not None and load.kv_cache > self._kv_cache_max
+        )
+        if congested:
+            self._slow_start = False
+            self.size = max(1, min(self.size, int(load.running)))
+        elif inflight >= self.size:
+            self.size = self.size * 2 if self._slow_start else self.size + 1
+        self.size = max(1, min(self.size, self.maximum))
+        return self.size

@@ -1,0 +1,90 @@
+"""Writes one request's answer back to the sender, as the contract's numbered pieces.
+
+A streamed answer is batched: the first bytes go out at once (time to first
+token matters), later ones at most every ``interval`` seconds or when
+``max_bytes`` pile up, so the broker carries a few messages per answer, not
+one per token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+from contract import Reply
+
+Publish = Callable[[Reply], Awaitable[None]]
+
+
+class ReplyWriter:
+    def __init__(self, publish: Publish, *, interval: float, max_bytes: int) -> None:
+        self._publish = publish
+        self._interval = interval
+        self._max_bytes = max_bytes
+        self._seq = 0
+        self._status: int | None = None
+        self._content_type: str | None = None
+        self._buffer = bytearray()
+        self._last_flush = float("-inf")
+        self._lock = asyncio.Lock()
+        self._timer: asyncio.Task[None] | None = None
+        self.finished = False
+
+    @property
+    def started(self) -> bool:
+        """Whether anything reached the sender yet (then the request can no longer be retried)."""
+        return self._seq > 0
+
+    async def whole(self, status: int, content_type: str | None, body: bytes) -> None:
+        """Send a complete, non-streamed answer in one piece."""
+        self._status, self._content_type = status, content_type
+        self._buffer += body
+        await self.finish()
+
+    def begin(self, status: int, content_type: str | None) -> None:
+        """Record the status of a streamed answer; it travels with the first bytes."""
+        self._status, self._content_type = status, content_type
+
+    async def feed(self, data: bytes) -> None:
+        self._buffer += data
+        due = self._last_flush + self._interval
+        if len(self._buffer) >= self._max_bytes or time.monotonic() >= due:
+            await self._flush(last=False)
+        elif self._timer is None:
+            self._timer = asyncio.create_task(self._flush_at(due))
+
+    async def finish(self, error: str | None = None) -> None:
+        """Send what is left as the last piece; ``error`` marks an answer cut short."""
+        if self.finished:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        await self._flush(last=True, error=error)
+
+    async def _flush_at(self, due: float) -> None:
+        await asyncio.sleep(max(0.0, due - time.monotonic()))
+        self._timer = None
+        await self._flush(last=False)
+
+    async def _flush(self, *, last: bool, error: str | None = None) -> None:
+        async with self._lock:
+            if self.finished or (not last and not self._buffer):
+                return
+            body = bytes(self._buffer)
+            self._buffer.clear()
+            first = self._seq == 0
+            reply = Reply(
+                seq=self._seq,
+                last=last,
+                body=body,
+                status=self._status if first else None,
+                content_type=self._content_type if first else None,
+                error=error,
+            )
+            self._seq += 1
+            self._last_flush = time.monotonic()
+            if last:
+                self.finished = True
+            await self._publish(reply)

@@ -1,0 +1,52 @@
+"""Configuration of a consumer, read from the environment."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from contract import DEFAULT_MAX_PRIORITY
+
+
+class ConsumerSettings(BaseSettings):
+    """Names are the environment variables, prefixed ``CONSUMER_`` except the three shared ones."""
+
+    model_config = SettingsConfigDict(env_prefix="CONSUMER_", extra="ignore")
+
+    model: str = Field(validation_alias=AliasChoices("MODEL", "CONSUMER_MODEL"))
+    """The model name clients use; the backend must serve it under the same name."""
+    vllm_url: str = Field(
+        "http://127.0.0.1:8000", validation_alias=AliasChoices("VLLM_URL", "CONSUMER_VLLM_URL")
+    )
+    rabbitmq_url: str = Field(
+        "amqp://guest:guest@127.0.0.1:5672/",
+        validation_alias=AliasChoices("RABBITMQ_URL", "CONSUMER_RABBITMQ_URL"),
+    )
+    log_level: str = "info"
+
+    max_inflight: int = Field(128, ge=1)
+    """Hard cap on requests taken from the queue and not yet answered."""
+    flow: Literal["auto", "metrics", "fixed"] = "auto"
+    """``metrics``: take requests only while the backend's waiting queue stays near zero.
+    ``fixed``: always take up to ``max_inflight``. ``auto``: ``metrics`` when the backend exports them."""
+    initial_window: int = Field(8, ge=1)
+    waiting_tolerance: float = 0.0
+    """Backend waiting requests tolerated before the consumer stops taking more."""
+    kv_cache_max: float = 0.95
+    """KV cache usage (0-1) above which the consumer stops taking more."""
+    metrics_interval: float = 0.1
+    health_interval: float = 2.0
+    announce_interval: float = 5.0
+    startup_timeout: float = 0.0
+    """Seconds to wait for the backend at start; 0 waits forever (big models load slowly)."""
+    shutdown_grace: float = 30.0
+    """On SIGTERM, how long requests in flight may take to finish."""
+
+    forward_priority: bool = False
+    """Set the body's ``priority`` for vLLM's ``--scheduling-policy priority`` (lower = sooner)."""
+    max_priority: int = DEFAULT_MAX_PRIORITY
+    flush_interval: float = 0.02
+    """Streamed answers are sent at most this often (the first piece at once), to spare the broker."""
+    flush_bytes: int = 64 * 1024

@@ -1,0 +1,385 @@
+"""One consumer process: a model queue on one side, one vLLM server on the other.
+
+Life cycle: wait for the backend to be healthy, read its model card, declare
+the model queue, then consume with a channel-wide prefetch equal to the flow
+window (so only what vLLM can start at once leaves the broker). Consumption
+pauses while the backend is unhealthy. Every message is acked or rejected
+exactly once, whatever happens while serving it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+import uuid
+
+import aio_pika
+import httpx
+import orjson
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
+
+import contract
+from consumer.backend import Backend
+from consumer.flow import Window
+from consumer.replies import ReplyWriter
+from consumer.settings import ConsumerSettings
+from contract import Announcement, ContractError, Reply, Request
+
+log = logging.getLogger(__name__)
+
+_JSON = "application/json"
+
+
+def error_body(message: str, *, type: str, code: str) -> bytes:
+    return orjson.dumps({"error": {"message": message, "type": type, "param": None, "code": code}})
+
+
+class Worker:
+    def __init__(self, settings: ConsumerSettings) -> None:
+        self.settings = settings
+        self.consumer_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.backend = Backend(settings.vllm_url, max_connections=settings.max_inflight + 4)
+        self.window = Window(
+            maximum=settings.max_inflight,
+            initial=settings.initial_window,
+            waiting_tolerance=settings.waiting_tolerance,
+            kv_cache_max=settings.kv_cache_max,
+        )
+        self.card: dict[str, object] = {"id": settings.model}
+        self.inflight = 0
+        self._connection: AbstractRobustConnection | None = None
+        self._consume_channel: AbstractChannel | None = None
+        self._reply_channel: AbstractChannel | None = None
+        self._control: AbstractExchange | None = None
+        self._queue: AbstractQueue | None = None
+        self._consumer_tag: str | None = None
+        self._applied_prefetch = 0
+        self._healthy = asyncio.Event()
+        self._check_now = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._stopping = False
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def consuming(self) -> bool:
+        return self._consumer_tag is not None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve until ``stop`` is set, then drain gracefully."""
+        await self._wait_for_backend(stop)
+        if stop.is_set():
+            await self.backend.close()
+            return
+        await self._connect()
+        use_metrics = await self._choose_flow()
+        await self._apply_prefetch(self.window.size if use_metrics else self.settings.max_inflight)
+        await self._start_consuming()
+        self._tasks = [
+            asyncio.create_task(self._health_loop()),
+            asyncio.create_task(self._announce_loop()),
+        ]
+        if use_metrics:
+            self._tasks.append(asyncio.create_task(self._flow_loop()))
+        log.info(
+            "consumer %s serving model %s from %s",
+            self.consumer_id,
+            self.settings.model,
+            self.settings.vllm_url,
+        )
+        await stop.wait()
+        await self.shutdown()
+
+    async def shutdown(self) -> None:
+        """Stop taking requests, let those in flight finish (within the grace period), say goodbye."""
+        self._stopping = True
+        await self._stop_consuming()
+        await self._announce(Announcement.GONE)
+        try:
+            await asyncio.wait_for(self._idle.wait(), self.settings.shutdown_grace)
+        except TimeoutError:
+            log.warning("%d requests still in flight after the grace period", self.inflight)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._connection is not None:
+            await self._connection.close()
+        await self.backend.close()
+
+    async def _wait_for_backend(self, stop: asyncio.Event) -> None:
+        started = time.monotonic()
+        while not stop.is_set():
+            if await self.backend.healthy():
+                try:
+                    self.card = await self.backend.model_card(self.settings.model)
+                except (httpx.HTTPError, ValueError) as exc:
+                    log.warning("backend healthy but /v1/models failed: %s", exc)
+                else:
+                    self._healthy.set()
+                    return
+            timeout = self.settings.startup_timeout
+            if timeout and time.monotonic() - started > timeout:
+                raise RuntimeError(f"backend {self.settings.vllm_url} not healthy after {timeout} s")
+            log.info("waiting for backend %s", self.settings.vllm_url)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0)
+
+    async def _connect(self) -> None:
+        self._connection = await aio_pika.connect_robust(
+            self.settings.rabbitmq_url, client_properties={"connection_name": f"consumer-{self.consumer_id}"}
+        )
+        self._reply_channel = await self._connection.channel(publisher_confirms=False)
+        self._control = await self._reply_channel.declare_exchange(
+            contract.CONTROL_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        rollcall = await self._reply_channel.declare_queue(exclusive=True, auto_delete=True)
+        await rollcall.bind(self._control, contract.ROLLCALL_KEY)
+        await rollcall.consume(self._on_rollcall, no_ack=True)
+
+        self._consume_channel = await self._connection.channel(publisher_confirms=False)
+        self._queue = await self._consume_channel.declare_queue(
+            contract.model_queue(self.settings.model),
+            durable=True,
+            arguments=contract.model_queue_arguments(self.settings.max_priority),
+        )
+
+    async def _choose_flow(self) -> bool:
+        if self.settings.flow == "fixed":
+            return False
+        load = await self.backend.load()
+        if load is None:
+            if self.settings.flow == "metrics":
+                log.warning(
+                    "backend exports no vLLM metrics; using a fixed window of %d", self.settings.max_inflight
+                )
+            return False
+        return True
+
+    async def _apply_prefetch(self, size: int) -> None:
+        # Channel-wide (global) prefetch changes take effect at once, unlike per-consumer ones.
+        if size != self._applied_prefetch and self._consume_channel is not None:
+            await self._consume_channel.set_qos(prefetch_count=size, global_=True)
+            self._applied_prefetch = size
+
+    async def _start_consuming(self) -> None:
+        if self._consumer_tag is None and self._queue is not None and not self._stopping:
+            self._consumer_tag = await self._queue.consume(self._on_message)
+            await self._announce(Announcement.READY)
+
+    async def _stop_consuming(self) -> None:
+        tag, self._consumer_tag = self._consumer_tag, None
+        if tag is not None and self._queue is not None:
+            with contextlib.suppress(aio_pika.exceptions.AMQPError, ConnectionError):
+                await self._queue.cancel(tag)
+            await self._announce(Announcement.PAUSED)
+
+    async def _health_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._check_now.wait(), self.settings.health_interval)
+            self._check_now.clear()
+            if await self.backend.healthy():
+                if not self._healthy.is_set():
+                    log.info("backend is back; consuming again")
+                    self._healthy.set()
+                await self._start_consuming()
+            else:
+                if self._healthy.is_set():
+                    log.warning("backend %s is unhealthy; pausing consumption", self.settings.vllm_url)
+                    self._healthy.clear()
+                await self._stop_consuming()
+
+    async def _flow_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.metrics_interval)
+            load = await self.backend.load()
+            if load is not None:
+                await self._apply_prefetch(self.window.update(load, self.inflight))
+
+    async def _announce_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.announce_interval)
+            await self._announce(Announcement.READY if self.consuming else Announcement.PAUSED)
+
+    async def _on_rollcall(self, message: AbstractIncomingMessage) -> None:
+        if not self._stopping:
+            await self._announce(Announcement.READY if self.consuming else Announcement.PAUSED)
+
+    async def _announce(self, state: str) -> None:
+        if self._control is None:
+            return
+        announcement = Announcement(
+            consumer_id=self.consumer_id,
+            model=self.settings.model,
+            state=state,
+            ttl=self.settings.announce_interval * 3,
+            card=dict(self.card),
+        )
+        with contextlib.suppress(aio_pika.exceptions.AMQPError, ConnectionError):
+            await self._control.publish(
+                aio_pika.Message(announcement.encode(), content_type=_JSON), routing_key=contract.ANNOUNCE_KEY
+            )
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        self.inflight += 1
+        self._idle.clear()
+        try:
+            await self._serve(message)
+        finally:
+            self.inflight -= 1
+            if self.inflight == 0:
+                self._idle.set()
+
+    async def _serve(self, message: AbstractIncomingMessage) -> None:
+        try:
+            request = Request.from_amqp(message.headers, message.body, message.priority)
+            if not message.reply_to or not message.correlation_id:
+                raise ContractError("request has no reply_to or correlation_id")
+        except ContractError as exc:
+            log.error("rejecting malformed request message: %s", exc)
+            await _settle(message.reject(requeue=False))
+            return
+        writer = ReplyWriter(
+            self._publisher(message.reply_to, message.correlation_id),
+            interval=self.settings.flush_interval,
+            max_bytes=self.settings.flush_bytes,
+        )
+        requeue = False
+        try:
+            requeue = await self._answer(request, writer, redelivered=bool(message.redelivered))
+        except Exception:
+            log.exception("request %s failed in the consumer", request.request_id)
+            if not writer.finished:
+                await self._fail(
+                    writer, 500, "the dispatcher failed while serving this request", "internal_error"
+                )
+        finally:
+            if requeue:
+                await _settle(message.nack(requeue=True))
+            else:
+                await _settle(message.ack())
+
+    async def _answer(self, request: Request, writer: ReplyWriter, *, redelivered: bool) -> bool:
+        """Serve one request; True asks for it to be requeued for another replica."""
+        remaining = request.deadline - time.time()
+        if remaining <= 0:
+            await self._fail(
+                writer,
+                504,
+                "the request expired while it waited in the queue",
+                "deadline_exceeded",
+                type="timeout_error",
+            )
+            return False
+        body = self._body_for_backend(request)
+        try:
+            async with asyncio.timeout(remaining):
+                if request.stream:
+                    await self._stream(request, body, writer)
+                else:
+                    response = await self.backend.client.post(
+                        request.path, content=body, headers={"content-type": _JSON}
+                    )
+                    await writer.whole(
+                        response.status_code, response.headers.get("content-type"), response.content
+                    )
+        except TimeoutError:
+            if writer.started:
+                await writer.finish(error="the request ran past its deadline")
+            else:
+                await self._fail(
+                    writer,
+                    504,
+                    "the request ran past its deadline",
+                    "deadline_exceeded",
+                    type="timeout_error",
+                )
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            self._check_now.set()
+            if not redelivered:
+                log.warning("backend unreachable (%s); requeueing request %s", exc, request.request_id)
+                self._healthy.clear()
+                await self._stop_consuming()
+                return True
+            await self._fail(writer, 502, "the model server is unreachable", "backend_unavailable")
+        except httpx.HTTPError as exc:
+            self._check_now.set()
+            message = f"the model server connection failed: {type(exc).__name__}"
+            if writer.started:
+                await writer.finish(error=message)
+            else:
+                await self._fail(writer, 502, message, "backend_error")
+        return False
+
+    async def _stream(self, request: Request, body: bytes, writer: ReplyWriter) -> None:
+        async with self.backend.client.stream(
+            "POST", request.path, content=body, headers={"content-type": _JSON}
+        ) as response:
+            content_type = response.headers.get("content-type")
+            if response.status_code != 200:
+                await writer.whole(response.status_code, content_type, await response.aread())
+                return
+            writer.begin(response.status_code, content_type)
+            async for chunk in response.aiter_raw():
+                await writer.feed(chunk)
+        await writer.finish()
+
+    def _body_for_backend(self, request: Request) -> bytes:
+        if not self.settings.forward_priority:
+            return request.body
+        try:
+            payload = orjson.loads(request.body)
+        except orjson.JSONDecodeError:
+            return request.body  # the backend will answer 400 itself
+        if not isinstance(payload, dict):
+            return request.body
+        # vLLM serves lower values first; our scale serves higher first.
+        payload["priority"] = self.settings.max_priority - request.priority
+        return orjson.dumps(payload)
+
+    async def _fail(
+        self, writer: ReplyWriter, status: int, message: str, code: str, *, type: str = "server_error"
+    ) -> None:
+        await writer.whole(status, _JSON, error_body(message, type=type, code=code))
+
+    def _publisher(self, reply_to: str, correlation_id: str) -> ReplyPublisher:
+        assert self._reply_channel is not None
+        return ReplyPublisher(self._reply_channel, reply_to, correlation_id)
+
+
+class ReplyPublisher:
+    """Publishes reply pieces of one request to the sender's reply queue."""
+
+    def __init__(self, channel: AbstractChannel, reply_to: str, correlation_id: str) -> None:
+        self._exchange = channel.default_exchange
+        self._reply_to = reply_to
+        self._correlation_id = correlation_id
+
+    async def __call__(self, reply: Reply) -> None:
+        message = aio_pika.Message(
+            reply.body,
+            headers=reply.headers(),
+            content_type=reply.content_type,
+            correlation_id=self._correlation_id,
+            type=contract.REPLY_TYPE,
+        )
+        with contextlib.suppress(aio_pika.exceptions.AMQPError, ConnectionError):
+            await self._exchange.publish(message, routing_key=self._reply_to)
+
+
+async def _settle(operation: object) -> None:
+    """Await an ack/nack/reject, tolerating a channel that closed meanwhile (the broker redelivers)."""
+    try:
+        await operation  # type: ignore[misc]
+    except (aio_pika.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+        log.warning("could not settle message: %s", exc)

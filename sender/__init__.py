@@ -1,0 +1,1 @@
+"""The sender: an OpenAI-compatible HTTP front that queues requests in RabbitMQ by priority."""

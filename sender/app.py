@@ -1,0 +1,246 @@
+"""The sender's HTTP API: OpenAI-compatible routes, thin, on top of :mod:`sender.dispatch`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import orjson
+import sqlalchemy as sa
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from starlette.exceptions import HTTPException
+from starlette.responses import Response
+
+from sender.broker import Broker
+from sender.dispatch import Dispatcher, effective_priority, model_not_found
+from sender.errors import ApiError, error_response
+from sender.registry import ModelRegistry
+from sender.settings import SenderSettings
+from sender.tokens import Token, TokenStore
+
+log = logging.getLogger(__name__)
+
+JSON = "application/json"
+
+
+def async_database_url(url: str) -> str:
+    """Accept plain ``postgresql://`` and ``mysql://`` URLs and pick the async drivers for them."""
+    for plain, driver in (
+        ("postgresql://", "postgresql+psycopg://"),
+        ("postgres://", "postgresql+psycopg://"),
+        ("mysql://", "mysql+aiomysql://"),
+        ("mariadb://", "mysql+aiomysql://"),
+    ):
+        if url.startswith(plain):
+            return driver + url[len(plain) :]
+    return url
+
+
+class Services:
+    """What the routes need, built once per process by the lifespan."""
+
+    def __init__(self, settings: SenderSettings) -> None:
+        self.settings = settings
+        self.engine: AsyncEngine = create_async_engine(
+            async_database_url(settings.database_url),
+            pool_size=settings.db_pool_size,
+            pool_pre_ping=True,
+            pool_recycle=1800,
+        )
+        self.tokens = TokenStore(
+            self.engine,
+            ttl=settings.token_cache_seconds,
+            negative_ttl=settings.unknown_token_cache_seconds,
+            max_entries=settings.token_cache_size,
+        )
+        self.registry = ModelRegistry()
+        self.broker = Broker(settings.rabbitmq_url, stats_ttl=settings.queue_stats_seconds)
+        self.dispatcher = Dispatcher(self.broker, settings)
+        self._db_checked_at = 0.0
+        self._db_ok = False
+
+    async def database_reachable(self) -> bool:
+        if time.monotonic() - self._db_checked_at < 1.0:
+            return self._db_ok
+        try:
+            async with asyncio.timeout(2.0), self.engine.connect() as conn:
+                await conn.execute(sa.text("SELECT 1"))
+            self._db_ok = True
+        except Exception as exc:
+            log.warning("token database unreachable: %s", type(exc).__name__)
+            self._db_ok = False
+        self._db_checked_at = time.monotonic()
+        return self._db_ok
+
+
+def create_app(settings: SenderSettings | None = None) -> FastAPI:
+    settings = settings or SenderSettings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        services = Services(settings)
+        await services.broker.connect(services.registry.receive)
+        # Consumers answer the roll call within milliseconds; waiting a moment
+        # means the first /v1/models after start is already complete.
+        await asyncio.sleep(settings.rollcall_wait_seconds)
+        app.state.services = services
+        try:
+            yield
+        finally:
+            await services.broker.close()
+            await services.engine.dispose()
+
+    app = FastAPI(title="LLM dispatcher", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _internal_error)
+
+    @app.get("/health/live")
+    async def live() -> Response:
+        """Liveness: the process answers."""
+        return Response(b'{"status":"ok"}', media_type=JSON)
+
+    @app.get("/health/ready")
+    async def ready(request: Request) -> Response:
+        """Readiness: the broker is connected and the token database answers."""
+        services = _services(request)
+        broker_ok = services.broker.connected
+        db_ok = await services.database_reachable()
+        body = orjson.dumps(
+            {"status": "ok" if broker_ok and db_ok else "unavailable", "broker": broker_ok, "database": db_ok}
+        )
+        return Response(body, status_code=200 if broker_ok and db_ok else 503, media_type=JSON)
+
+    @app.get("/v1/models")
+    async def list_models(request: Request) -> Response:
+        services = _services(request)
+        await _authenticate(request, services)
+        return Response(orjson.dumps({"object": "list", "data": services.registry.cards()}), media_type=JSON)
+
+    @app.get("/v1/models/{model:path}")
+    async def get_model(model: str, request: Request) -> Response:
+        services = _services(request)
+        await _authenticate(request, services)
+        card = services.registry.card(model)
+        if card is None:
+            raise model_not_found(model)
+        return Response(orjson.dumps(card), media_type=JSON)
+
+    @app.post("/v1/{endpoint:path}")
+    async def openai_call(endpoint: str, request: Request) -> Response:
+        """Any OpenAI call whose JSON body names a ``model``: chat, completions, embeddings, ..."""
+        return await _forward(request, "/v1/" + endpoint)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> Response:
+        return await _forward(request, "/tokenize")
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> Response:
+        return await _forward(request, "/detokenize")
+
+    return app
+
+
+async def _forward(request: Request, path: str) -> Response:
+    services = _services(request)
+    token = await _authenticate(request, services)
+    body = await _read_body(request, services.settings.max_body_bytes)
+    payload = _parse_json(body)
+    model = payload.get("model")
+    if not isinstance(model, str) or not model:
+        raise ApiError(400, "you must provide a model parameter", code="missing_model", param="model")
+    priority = effective_priority(token, request.headers.get("x-priority"))
+    await services.dispatcher.admit(model, token)
+    request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+    return await services.dispatcher.forward(
+        model, path, body, stream=payload.get("stream") is True, priority=priority, request_id=request_id[:64]
+    )
+
+
+def _services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+async def _authenticate(request: Request, services: Services) -> Token:
+    header = request.headers.get("authorization", "")
+    scheme, _, secret = header.partition(" ")
+    secret = secret.strip()
+    if scheme.lower() != "bearer" or not secret:
+        raise ApiError(
+            401, "missing bearer token: send 'Authorization: Bearer <token>'", code="invalid_api_key"
+        )
+    try:
+        token = await services.tokens.lookup(secret)
+    except Exception as exc:
+        log.warning("token lookup failed: %s", type(exc).__name__)
+        raise ApiError(
+            503,
+            "the token database is unreachable",
+            type="server_error",
+            code="auth_unavailable",
+            retry_after=services.settings.retry_after_seconds,
+        ) from exc
+    if token is None:
+        raise ApiError(401, "invalid bearer token", code="invalid_api_key")
+    return token
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, f"request body is larger than {limit} bytes", code="request_too_large")
+
+
+def _parse_json(body: bytes) -> dict[str, Any]:
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise ApiError(400, "the request body is not valid JSON", code="invalid_json") from None
+    if not isinstance(payload, dict):
+        raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
+    return payload
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return exc.response()
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        return error_response(404, f"no route for {request.method} {request.url.path}", code="unknown_url")
+    if exc.status_code == 405:
+        return error_response(405, f"method {request.method} is not allowed here", code="method_not_allowed")
+    return error_response(exc.status_code, str(exc.detail))
+
+
+async def _validation_error(request: Request, exc: Exception) -> Response:
+    return error_response(400, "invalid request", code="invalid_request")
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return error_response(500, "internal error in the dispatcher", type="server_error", code="internal_error")

@@ -1,0 +1,216 @@
+"""The sender's side of RabbitMQ: publish requests, route replies, read queue depth.
+
+One robust connection holds three channels: one that publishes with
+publisher confirms (a request the broker did not take is an error, never a
+silent loss), one that consumes this sender's reply queue, and one for passive
+declares, which the broker closes whenever a queue does not exist.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import aio_pika
+import aiormq
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
+
+import contract
+from contract import Reply, Request
+
+log = logging.getLogger(__name__)
+
+
+class PublishFailed(Exception):
+    """The broker did not accept a request (no such queue, nack, or no connection)."""
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    exists: bool
+    messages: int
+    consumers: int
+
+
+class PendingCall:
+    """The replies to one published request, in order, as they arrive."""
+
+    def __init__(self, correlation_id: str, on_done: Callable[[str], None]) -> None:
+        self.correlation_id = correlation_id
+        self._replies: asyncio.Queue[Reply] = asyncio.Queue()
+        self._on_done = on_done
+        self._expected_seq = 0
+
+    def deliver(self, reply: Reply) -> None:
+        self._replies.put_nowait(reply)
+
+    async def next(self, wait: float) -> Reply:
+        """The next piece of the answer; ``TimeoutError`` if none comes in time.
+
+        A gap in the sequence means a piece was lost in the broker: the answer
+        cannot be trusted any more, so it ends with an error instead.
+        """
+        reply = await asyncio.wait_for(self._replies.get(), max(wait, 0.0))
+        if reply.seq != self._expected_seq:
+            return Reply(seq=reply.seq, last=True, error=f"reply piece {self._expected_seq} was lost")
+        self._expected_seq += 1
+        return reply
+
+    def close(self) -> None:
+        self._on_done(self.correlation_id)
+
+
+class Broker:
+    """Connection to RabbitMQ for one sender process."""
+
+    def __init__(self, url: str, *, stats_ttl: float) -> None:
+        self._url = url
+        self._stats_ttl = stats_ttl
+        self.instance_id = uuid.uuid4().hex[:12]
+        self.reply_queue_name = contract.REPLY_QUEUE_PREFIX + self.instance_id
+        self._connection: AbstractRobustConnection | None = None
+        self._publish_channel: AbstractChannel | None = None
+        self._stats_channel: AbstractChannel | None = None
+        self._stats_lock = asyncio.Lock()
+        self._stats: dict[str, tuple[float, QueueStats]] = {}
+        self._stats_pending: dict[str, asyncio.Task[QueueStats]] = {}
+        self._pending: dict[str, PendingCall] = {}
+        self._announce_queue: AbstractQueue | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self._connection is not None and not self._connection.is_closed
+
+    async def connect(self, on_announcement: Callable[[bytes], None]) -> None:
+        self._connection = await aio_pika.connect_robust(
+            self._url, client_properties={"connection_name": f"sender-{self.instance_id}"}
+        )
+        self._publish_channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
+
+        reply_channel = await self._connection.channel(publisher_confirms=False)
+        await reply_channel.set_qos(prefetch_count=0)
+        # Not exclusive: an exclusive queue dies with its connection, and with it
+        # every reply in flight during a reconnect. x-expires cleans it up instead.
+        reply_queue = await reply_channel.declare_queue(
+            self.reply_queue_name, durable=False, arguments={"x-expires": 60_000}
+        )
+        await reply_queue.consume(self._on_reply, no_ack=True)
+
+        control = await reply_channel.declare_exchange(
+            contract.CONTROL_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        self._announce_queue = await reply_channel.declare_queue(exclusive=True, auto_delete=True)
+        await self._announce_queue.bind(control, contract.ANNOUNCE_KEY)
+
+        async def announcement(message: AbstractIncomingMessage) -> None:
+            on_announcement(message.body)
+
+        await self._announce_queue.consume(announcement, no_ack=True)
+        await control.publish(aio_pika.Message(b""), routing_key=contract.ROLLCALL_KEY)
+
+    async def close(self) -> None:
+        for call in list(self._pending.values()):
+            call.deliver(Reply(seq=-1, last=True, error="sender is shutting down"))
+        if self._connection is not None:
+            await self._connection.close()
+
+    async def call(self, model: str, request: Request) -> PendingCall:
+        """Publish ``request`` to the model's queue and return where its replies will arrive."""
+        if self._publish_channel is None or not self.connected:
+            raise PublishFailed("not connected to the broker")
+        correlation_id = uuid.uuid4().hex
+        pending = PendingCall(correlation_id, self._forget)
+        self._pending[correlation_id] = pending
+        message = aio_pika.Message(
+            request.body,
+            headers=request.headers(),
+            content_type="application/json",
+            priority=request.priority,
+            correlation_id=correlation_id,
+            reply_to=self.reply_queue_name,
+            expiration=request.ttl_ms() / 1000,
+            type=contract.REQUEST_TYPE,
+        )
+        try:
+            await self._publish_channel.default_exchange.publish(
+                message, routing_key=contract.model_queue(model), mandatory=True
+            )
+        except (aio_pika.exceptions.AMQPError, aiormq.exceptions.AMQPError, ConnectionError) as exc:
+            self._forget(correlation_id)
+            raise PublishFailed(str(exc) or type(exc).__name__) from exc
+        self._note_published(model)
+        return pending
+
+    def _forget(self, correlation_id: str) -> None:
+        self._pending.pop(correlation_id, None)
+
+    def _on_reply(self, message: AbstractIncomingMessage) -> None:
+        pending = self._pending.get(message.correlation_id or "")
+        if pending is None:
+            return  # the client gave up; nobody waits for this any more
+        try:
+            reply = Reply.from_amqp(message.headers, message.body, message.content_type)
+        except contract.ContractError as exc:
+            log.warning("malformed reply dropped: %s", exc)
+            reply = Reply(seq=-1, last=True, error="malformed reply from consumer")
+        pending.deliver(reply)
+
+    async def queue_stats(self, model: str) -> QueueStats:
+        """Depth and consumer count of the model's queue, at most ``stats_ttl`` old.
+
+        Many requests arriving together share one passive declare.
+        """
+        cached = self._stats.get(model)
+        if cached is not None and cached[0] > time.monotonic():
+            return cached[1]
+        task = self._stats_pending.get(model)
+        if task is None:
+            task = asyncio.ensure_future(self._fetch_stats(model))
+            self._stats_pending[model] = task
+            task.add_done_callback(lambda _: self._stats_pending.pop(model, None))
+        return await asyncio.shield(task)
+
+    def _note_published(self, model: str) -> None:
+        cached = self._stats.get(model)
+        if cached is not None:
+            stats = cached[1]
+            self._stats[model] = (cached[0], QueueStats(stats.exists, stats.messages + 1, stats.consumers))
+
+    async def _fetch_stats(self, model: str) -> QueueStats:
+        async with self._stats_lock:
+            channel = await self._stats_underlay()
+            try:
+                declared = await channel.queue_declare(contract.model_queue(model), passive=True, timeout=5)
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                await self._drop_stats_channel()
+                stats = QueueStats(exists=False, messages=0, consumers=0)
+            else:
+                assert declared is not None
+                stats = QueueStats(
+                    exists=True,
+                    messages=declared.message_count or 0,
+                    consumers=declared.consumer_count or 0,
+                )
+        self._stats[model] = (time.monotonic() + self._stats_ttl, stats)
+        if len(self._stats) > 10_000:
+            self._stats.clear()
+        return stats
+
+    async def _stats_underlay(self) -> aiormq.abc.AbstractChannel:
+        if self._stats_channel is None or self._stats_channel.is_closed:
+            if self._connection is None:
+                raise PublishFailed("not connected to the broker")
+            self._stats_channel = await self._connection.channel(publisher_confirms=False)
+        return await self._stats_channel.get_underlay_channel()
+
+    async def _drop_stats_channel(self) -> None:
+        """The broker closed the channel (NOT_FOUND); close our side too so it is not reopened."""
+        channel, self._stats_channel = self._stats_channel, None
+        if channel is not None:
+            with contextlib.suppress(Exception):  # already closed by the broker
+                await channel.close()

@@ -1,0 +1,131 @@
+"""Admission and relay: the logic between an HTTP request and the broker.
+
+Admission refuses early what cannot be served well (unknown model, no live
+consumer, queue deeper than the token's threshold). Relay turns the replies of
+one request back into an HTTP response, whole or streamed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from starlette.responses import Response, StreamingResponse
+
+from contract import Reply, Request
+from sender.broker import Broker, PendingCall, PublishFailed
+from sender.errors import ApiError, sse_error_event
+from sender.settings import SenderSettings
+from sender.tokens import Token
+
+
+def effective_priority(token: Token, requested: str | None) -> int:
+    """The token's priority, or the lower one the request asks for with ``X-Priority``."""
+    if requested is None:
+        return token.priority
+    try:
+        value = int(requested.strip())
+    except ValueError:
+        raise ApiError(400, "X-Priority must be an integer", code="invalid_priority") from None
+    return max(0, min(value, token.priority))
+
+
+class Dispatcher:
+    def __init__(self, broker: Broker, settings: SenderSettings) -> None:
+        self._broker = broker
+        self._settings = settings
+
+    async def admit(self, model: str, token: Token) -> None:
+        """Raise the error the client should get if ``model`` cannot take this request now."""
+        try:
+            stats = await self._broker.queue_stats(model)
+        except (PublishFailed, TimeoutError, ConnectionError) as exc:
+            raise self._unavailable("the message broker is unreachable", "broker_unavailable") from exc
+        if not stats.exists:
+            raise model_not_found(model)
+        if stats.consumers == 0:
+            raise self._unavailable(
+                f"no server is available for model `{model}` right now", "model_unavailable"
+            )
+        if stats.messages >= token.threshold:
+            raise ApiError(
+                429,
+                f"too many requests are waiting for model `{model}`; retry later",
+                type="rate_limit_error",
+                code="queue_full",
+                retry_after=self._settings.retry_after_seconds,
+            )
+
+    async def forward(
+        self, model: str, path: str, body: bytes, *, stream: bool, priority: int, request_id: str
+    ) -> Response:
+        deadline = time.time() + self._settings.deadline_seconds
+        request = Request(
+            path=path, body=body, stream=stream, priority=priority, deadline=deadline, request_id=request_id
+        )
+        try:
+            call = await self._broker.call(model, request)
+        except PublishFailed as exc:
+            raise self._unavailable("the request could not be queued", "queue_unavailable") from exc
+        try:
+            first = await call.next(deadline - time.time())
+        except TimeoutError:
+            call.close()
+            raise deadline_exceeded() from None
+        except BaseException:
+            call.close()
+            raise
+        if first.status is None:
+            call.close()
+            raise ApiError(
+                502, first.error or "the model server gave no answer", type="server_error", code="bad_gateway"
+            )
+        headers = {"content-type": first.content_type or "application/json", "x-request-id": request_id}
+        if first.last:
+            call.close()
+            return Response(first.body, status_code=first.status, headers=headers)
+        headers["cache-control"] = "no-cache"
+        headers["x-accel-buffering"] = "no"
+        return StreamingResponse(_relay(call, first, deadline), status_code=first.status, headers=headers)
+
+    def _unavailable(self, message: str, code: str) -> ApiError:
+        return ApiError(
+            503, message, type="server_error", code=code, retry_after=self._settings.retry_after_seconds
+        )
+
+
+async def _relay(call: PendingCall, first: Reply, deadline: float) -> AsyncIterator[bytes]:
+    try:
+        reply = first
+        while True:
+            if reply.body:
+                yield reply.body
+            if reply.error is not None:
+                yield sse_error_event(reply.error, code="stream_interrupted")
+            if reply.last:
+                return
+            try:
+                reply = await call.next(deadline - time.time())
+            except TimeoutError:
+                yield sse_error_event("the request ran past its deadline", code="deadline_exceeded")
+                return
+    finally:
+        call.close()
+
+
+def model_not_found(model: str) -> ApiError:
+    return ApiError(
+        404,
+        f"The model `{model}` does not exist or you do not have access to it.",
+        code="model_not_found",
+        param="model",
+    )
+
+
+def deadline_exceeded() -> ApiError:
+    return ApiError(
+        504,
+        "the request was not answered before its deadline",
+        type="timeout_error",
+        code="deadline_exceeded",
+    )

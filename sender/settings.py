@@ -1,0 +1,45 @@
+"""Configuration of the sender, read from the environment."""
+
+from __future__ import annotations
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from contract import DEFAULT_MAX_PRIORITY
+
+
+class SenderSettings(BaseSettings):
+    """Every knob of the sender. Names are the environment variables, prefixed ``SENDER_``
+    except for the two URLs shared with other services."""
+
+    model_config = SettingsConfigDict(env_prefix="SENDER_", extra="ignore")
+
+    rabbitmq_url: str = Field(
+        "amqp://guest:guest@127.0.0.1:5672/",
+        validation_alias=AliasChoices("RABBITMQ_URL", "SENDER_RABBITMQ_URL"),
+    )
+    database_url: str = Field(
+        "postgresql+psycopg://postgres@127.0.0.1:5432/test",
+        validation_alias=AliasChoices("DATABASE_URL", "SENDER_DATABASE_URL"),
+    )
+    host: str = "127.0.0.1"
+    port: int = 8080
+    log_level: str = "info"
+
+    max_body_bytes: int = 16 * 1024 * 1024
+    """Larger request bodies are refused with 413."""
+    max_priority: int = DEFAULT_MAX_PRIORITY
+    """Top of the priority scale; it must match the consumers' ``x-max-priority``."""
+    deadline_seconds: float = 600.0
+    """How long a request may wait and run in all before the client gets 504."""
+    token_cache_seconds: float = 5.0
+    """How long a token lookup is trusted; a revoked token works at most this long."""
+    unknown_token_cache_seconds: float = 1.0
+    token_cache_size: int = 10_000
+    queue_stats_seconds: float = 0.1
+    """How old the queue depth used for admission may be."""
+    retry_after_seconds: int = 1
+    """``Retry-After`` sent with 429 and 503."""
+    rollcall_wait_seconds: float = 0.5
+    """At start, how long to wait for consumers to answer the roll call before serving."""
+    db_pool_size: int = 5

@@ -1,0 +1,166 @@
+"""Priority and admission, observed on a backend that serves one request at a time.
+
+With the backend's single slot taken by a long "blocker" request, everything
+sent next waits in RabbitMQ; the order in which the waiting requests finish is
+then the order the broker handed them out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aio_pika
+import httpx
+import pytest
+import pytest_asyncio
+
+import contract
+from tests.conftest import RABBITMQ_URL, Processes, Tokens, auth, unique, wait_listed
+from tools.stack import Service
+
+BLOCKER_TOKENS = 150  # at 5 ms a token, the slot stays busy for ~0.75 s
+
+
+@pytest.fixture(scope="module")
+def slow_model(processes: Processes) -> tuple[str, Service]:
+    model = unique("one-slot")
+    backend = processes.simulator(model, max_num_seqs=1, ttft_ms=5, itl_ms=5)
+    processes.consumer(model, backend, flow="fixed", max_inflight=1)
+    return model, backend
+
+
+@pytest_asyncio.fixture(scope="module")
+async def priority_tokens(tokens: Tokens) -> dict[int, str]:
+    return {p: await tokens.create(f"prio{p}", priority=p, threshold=1000) for p in (1, 2, 5, 8)}
+
+
+async def queue_depth(model: str) -> int:
+    connection = await aio_pika.connect(RABBITMQ_URL)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(contract.model_queue(model), passive=True)
+        return queue.declaration_result.message_count or 0
+
+
+async def wait_depth(model: str, depth: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while await queue_depth(model) < depth:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"queue of {model} never reached {depth}")
+        await asyncio.sleep(0.02)
+
+
+async def wait_running(backend: Service, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient() as http:
+        while time.monotonic() < deadline:
+            metrics = (await http.get(backend.url + "/metrics")).text
+            if any(line.startswith("vllm:num_requests_running") and not line.endswith(" 0")
+                   and not line.endswith(" 0.0") for line in metrics.splitlines()):
+                return
+            await asyncio.sleep(0.01)
+    raise AssertionError("the blocker never started")
+
+
+async def served_order(
+    sender: Service, model: str, backend: Service, blocker_token: str, waiting: list[tuple[str, str, dict[str, str]]]
+) -> list[str]:
+    """Occupy the slot, queue ``waiting`` (label, token, headers) one by one, return labels in finish order."""
+    finished: list[str] = []
+
+    async def call(http: httpx.AsyncClient, label: str, token: str, headers: dict[str, str], tokens: int) -> None:
+        response = await http.post(
+            "/v1/completions",
+            json={"model": model, "prompt": label, "max_tokens": tokens},
+            headers={**auth(token), **headers},
+        )
+        assert response.status_code == 200, response.text
+        finished.append(label)
+
+    async with httpx.AsyncClient(base_url=sender.url, timeout=60) as http:
+        tasks = [asyncio.create_task(call(http, "blocker", blocker_token, {}, BLOCKER_TOKENS))]
+        await wait_running(backend)
+        for depth, (label, token, headers) in enumerate(waiting, start=1):
+            tasks.append(asyncio.create_task(call(http, label, token, headers, 2)))
+            await wait_depth(model, depth)
+        await asyncio.gather(*tasks)
+    return finished[1:] if finished[0] == "blocker" else finished
+
+
+async def test_high_priority_overtakes_queued_low_priority(
+    sender: Service, slow_model: tuple[str, Service], priority_tokens: dict[int, str], token: str
+) -> None:
+    model, backend = slow_model
+    await wait_listed(sender, token, model)
+    waiting = [(f"low{i}", priority_tokens[2], {}) for i in range(4)] + [("high", priority_tokens[8], {})]
+    order = await served_order(sender, model, backend, priority_tokens[5], waiting)
+    assert order == ["high", "low0", "low1", "low2", "low3"]
+
+
+async def test_x_priority_lowers_but_never_raises(
+    sender: Service, slow_model: tuple[str, Service], priority_tokens: dict[int, str], token: str
+) -> None:
+    model, backend = slow_model
+    await wait_listed(sender, token, model)
+    waiting = [
+        ("lowered", priority_tokens[8], {"X-Priority": "1"}),
+        ("normal-a", priority_tokens[5], {}),
+        ("raised", priority_tokens[2], {"X-Priority": "9"}),
+        ("normal-b", priority_tokens[5], {}),
+        ("top", priority_tokens[8], {}),
+    ]
+    order = await served_order(sender, model, backend, priority_tokens[5], waiting)
+    assert order == ["top", "normal-a", "normal-b", "raised", "lowered"]
+
+
+async def test_threshold_refuses_with_429(
+    sender: Service, slow_model: tuple[str, Service], priority_tokens: dict[int, str], tokens: Tokens, token: str
+) -> None:
+    model, backend = slow_model
+    await wait_listed(sender, token, model)
+    strict = await tokens.create("strict", priority=5, threshold=2)
+    request = {"model": model, "prompt": "x", "max_tokens": 2}
+    async with httpx.AsyncClient(base_url=sender.url, timeout=60) as http:
+        blocker = asyncio.create_task(http.post(
+            "/v1/completions", json={**request, "max_tokens": BLOCKER_TOKENS}, headers=auth(priority_tokens[5])
+        ))
+        await wait_running(backend)
+        accepted = await http.post("/v1/completions", json=request, headers=auth(strict))
+        assert accepted.status_code == 200  # queue was empty: the threshold does not bite
+        queued = [asyncio.create_task(http.post("/v1/completions", json=request, headers=auth(priority_tokens[1])))
+                  for _ in range(2)]
+        await wait_depth(model, 2)
+        await asyncio.sleep(0.05)  # let the sender's cached depth catch up
+        refused = await http.post("/v1/completions", json=request, headers=auth(strict))
+        patient = await http.post("/v1/completions", json=request, headers=auth(priority_tokens[5]))
+        await asyncio.gather(blocker, *queued)
+    assert refused.status_code == 429
+    assert int(refused.headers["retry-after"]) >= 1
+    assert refused.json()["error"]["code"] == "queue_full"
+    assert patient.status_code == 200
+
+
+async def test_metrics_flow_keeps_the_backlog_in_the_broker(
+    processes: Processes, sender: Service, priority_tokens: dict[int, str], token: str
+) -> None:
+    """With the default flow (vLLM metrics), a consumer in front of a 2-slot backend takes few extra
+    requests: a late high-priority request still overtakes most of a low-priority backlog."""
+    model = unique("metrics-flow")
+    backend = processes.simulator(model, max_num_seqs=2, ttft_ms=5, itl_ms=5)
+    processes.consumer(model, backend, max_inflight=64, initial_window=1)
+    await wait_listed(sender, token, model)
+    finished: list[str] = []
+
+    async def call(http: httpx.AsyncClient, label: str, priority: int) -> None:
+        response = await http.post("/v1/completions", json={"model": model, "prompt": label, "max_tokens": 20},
+                                   headers=auth(priority_tokens[priority]))
+        assert response.status_code == 200
+        finished.append(label)
+
+    async with httpx.AsyncClient(base_url=sender.url, timeout=60) as http:
+        lows = [asyncio.create_task(call(http, f"low{i}", 1)) for i in range(16)]
+        await wait_depth(model, 8)
+        high = asyncio.create_task(call(http, "high", 8))
+        await asyncio.gather(high, *lows)
+    assert finished.index("high") <= 4, finished

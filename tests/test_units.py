@@ -1,0 +1,115 @@
+"""Pure logic: the message contract, the flow window and reply batching."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+import contract
+from consumer.flow import BackendLoad, Window, parse_vllm_metrics
+from consumer.replies import ReplyWriter
+from contract import Announcement, ContractError, Reply, Request
+
+
+def test_request_round_trip() -> None:
+    request = Request(path="/v1/chat/completions", body=b'{"model":"m"}', stream=True, priority=7,
+                      deadline=time.time() + 60, request_id="abc")
+    decoded = Request.from_amqp(request.headers(), request.body, request.priority)
+    assert decoded.path == request.path and decoded.stream and decoded.priority == 7
+    assert abs(decoded.deadline - request.deadline) < 0.001
+    assert 59_000 < request.ttl_ms() <= 60_000
+
+
+@pytest.mark.parametrize("headers", [None, {}, {"v": 1}, {"v": 2, "path": "/x", "deadline": 1},
+                                     {"v": 1, "path": "x", "deadline": 1}, {"v": 1, "path": "/x", "deadline": "soon"}])
+def test_malformed_requests_are_refused(headers: dict[str, object] | None) -> None:
+    with pytest.raises(ContractError):
+        Request.from_amqp(headers, b"{}", 0)
+
+
+def test_reply_round_trip() -> None:
+    reply = Reply(seq=0, last=False, body=b"data: x\n\n", status=200, content_type="text/event-stream")
+    assert Reply.from_amqp(reply.headers(), reply.body, reply.content_type) == reply
+    with pytest.raises(ContractError):
+        Reply.from_amqp({"last": True}, b"", None)
+
+
+def test_announcement_round_trip() -> None:
+    announcement = Announcement("c1", "m", Announcement.READY, 15.0, {"max_model_len": 4096})
+    assert Announcement.decode(announcement.encode()) == announcement
+    with pytest.raises(ContractError):
+        Announcement.decode(b"[]")
+
+
+def test_queue_names_and_arguments() -> None:
+    assert contract.model_queue("org/model") == "dispatch.model.org/model"
+    assert contract.model_queue_arguments(9) == {"x-max-priority": 9}
+
+
+VLLM_METRICS = """# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="m"} 3.0
+vllm:num_requests_running{engine="1",model_name="m"} 2.0
+vllm:num_requests_waiting{engine="0",model_name="m"} 1.0
+vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.5
+vllm:num_requests_waiting_by_reason{reason="capacity"} 9.0
+"""
+
+
+def test_parse_vllm_metrics() -> None:
+    assert parse_vllm_metrics(VLLM_METRICS) == BackendLoad(running=5.0, waiting=1.0, kv_cache=0.5)
+    assert parse_vllm_metrics("http_requests_total 3\n") is None
+
+
+def test_window_grows_while_the_backend_keeps_up_and_shrinks_when_it_queues() -> None:
+    window = Window(maximum=100, initial=4, waiting_tolerance=0, kv_cache_max=0.9)
+    idle = BackendLoad(running=4, waiting=0, kv_cache=0.1)
+    assert window.update(idle, inflight=4) == 8  # slow start doubles
+    assert window.update(idle, inflight=3) == 8  # not using it all: no growth
+    assert window.update(BackendLoad(running=6, waiting=2, kv_cache=0.2), inflight=8) == 6
+    assert window.update(idle, inflight=6) == 7  # after congestion, one at a time
+    assert window.update(BackendLoad(running=7, waiting=0, kv_cache=0.95), inflight=7) == 7
+    assert window.update(BackendLoad(running=0, waiting=5, kv_cache=None), inflight=7) == 1
+    for _ in range(500):
+        window.update(idle, inflight=window.size)
+    assert window.size == 100
+
+
+async def test_reply_writer_batches_a_stream() -> None:
+    sent: list[Reply] = []
+
+    async def publish(reply: Reply) -> None:
+        sent.append(reply)
+
+    writer = ReplyWriter(publish, interval=0.05, max_bytes=1000)
+    writer.begin(200, "text/event-stream")
+    await writer.feed(b"data: 1\n\n")
+    assert len(sent) == 1 and sent[0].status == 200  # the first bytes go at once
+    for i in range(2, 6):
+        await writer.feed(f"data: {i}\n\n".encode())
+    assert len(sent) == 1  # the rest wait for the timer
+    await asyncio.sleep(0.08)
+    assert len(sent) == 2 and sent[1].body.count(b"data:") == 4
+    await writer.feed(b"x" * 2000)  # over max_bytes: sent at once
+    await writer.finish()
+    assert [r.seq for r in sent] == [0, 1, 2, 3]
+    assert sent[-1].last and not any(r.last for r in sent[:-1])
+    assert all(r.status is None for r in sent[1:])
+
+
+async def test_reply_writer_marks_a_broken_stream() -> None:
+    sent: list[Reply] = []
+
+    async def publish(reply: Reply) -> None:
+        sent.append(reply)
+
+    writer = ReplyWriter(publish, interval=0.05, max_bytes=1000)
+    writer.begin(200, "text/event-stream")
+    await writer.feed(b"data: 1\n\n")
+    await writer.feed(b"data: 2\n\n")
+    await writer.finish(error="backend went away")
+    await writer.finish()  # idempotent
+    assert [r.seq for r in sent] == [0, 1]
+    assert sent[1].body == b"data: 2\n\n" and sent[1].error == "backend went away" and sent[1].last

@@ -1,0 +1,74 @@
+"""``make run``: the whole dispatcher on this machine, against the local RabbitMQ and database.
+
+Starts a simulator (unless ``VLLM_URL`` and ``MODEL`` name a real backend), a
+consumer and the sender on 127.0.0.1:8080, creates a demo token and prints
+the two lines that point any OpenAI client at it. Ctrl-C stops everything.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from tools import stack
+
+
+def main() -> None:
+    rabbitmq_url = os.environ.get("RABBITMQ_URL", stack.DEFAULT_RABBITMQ_URL)
+    database_url = os.environ.get("DATABASE_URL", stack.DEFAULT_POSTGRES_URL)
+    port = int(os.environ.get("SENDER_PORT", "8080"))
+    log_dir = stack.ROOT / ".run"
+    services: list[stack.Service] = []
+    stopping = False
+
+    def stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        if os.environ.get("VLLM_URL") and os.environ.get("MODEL"):
+            model, backend_url = os.environ["MODEL"], os.environ["VLLM_URL"]
+        else:
+            model = os.environ.get("MODEL", "demo")
+            simulator = stack.start_simulator(log_dir, model=model)
+            services.append(simulator)
+            backend_url = simulator.url
+        services.append(stack.start_consumer(log_dir, model=model, vllm_url=backend_url, rabbitmq_url=rabbitmq_url))
+        sender = stack.start_sender(log_dir, database_url=database_url, rabbitmq_url=rabbitmq_url, port=port)
+        services.append(sender)
+        secret = stack.add_token(database_url, "demo", priority=5, threshold=1000)
+        _print_banner(sender.url, secret, model, backend_url, log_dir)
+        while not stopping:
+            dead = [s for s in services if not s.alive()]
+            if dead:
+                print(f"\n{dead[0].name} exited:\n{dead[0].log_tail()}", file=sys.stderr)
+                break
+            time.sleep(0.5)
+    finally:
+        print("\nstopping...", flush=True)
+        for service in reversed(services):
+            service.stop()
+
+
+def _print_banner(url: str, secret: str, model: str, backend_url: str, log_dir: Path) -> None:
+    print(f"""
+The dispatcher is up: model "{model}" served by {backend_url}, logs in {log_dir}/.
+Paste these two lines into a shell to point any OpenAI client at it:
+
+export OPENAI_BASE_URL={url}/v1
+export OPENAI_API_KEY={secret}
+
+Then, for example:
+  curl $OPENAI_BASE_URL/chat/completions -H "Authorization: Bearer $OPENAI_API_KEY" \\
+    -H 'Content-Type: application/json' -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Hi"}}]}}'
+
+Ctrl-C stops everything.""", flush=True)
+
+
+if __name__ == "__main__":
+    main()

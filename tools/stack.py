@@ -1,0 +1,160 @@
+"""Start the dispatcher's processes locally: used by ``make run``, the tests and the benchmark.
+
+Each service runs as its own ``python -m`` process, exactly as it would in
+production, configured through its environment.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+DEFAULT_RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672/"
+DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+DEFAULT_MYSQL_URL = "mysql+aiomysql://root@127.0.0.1:3306/test"
+
+# What each local service is, where it listens, and how a person starts it on this kind of machine.
+SERVICES = {
+    "RabbitMQ": (5672, "rabbitmq-server -detached"),
+    "PostgreSQL": (5432, "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"),
+    "MariaDB": (3306, "start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd"),
+}
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def missing_services(names: list[str] | None = None) -> list[str]:
+    """Messages naming each needed service that does not answer, with how to start it."""
+    problems = []
+    for name in names or list(SERVICES):
+        port, how = SERVICES[name]
+        if not port_open(port):
+            problems.append(f"{name} is not answering on 127.0.0.1:{port}; start it with: {how}")
+    return problems
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class Service:
+    """One running process of the stack."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    url: str = ""
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(5)
+
+
+def start(name: str, module: str, env: dict[str, str], log_dir: Path, url: str = "") -> Service:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{name}.log"
+    full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+    with log_path.open("ab") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", module], cwd=ROOT, env=full_env, stdout=log_file, stderr=subprocess.STDOUT
+        )
+    return Service(name=name, process=process, log_path=log_path, url=url, env=env)
+
+
+def wait_http(service: Service, path: str, timeout: float = 30.0) -> None:
+    """Wait until ``GET service.url + path`` answers 200, or fail with the service's log."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not service.alive():
+            raise RuntimeError(f"{service.name} exited early:\n{service.log_tail()}")
+        try:
+            with urllib.request.urlopen(service.url + path, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{service.name} not ready after {timeout} s:\n{service.log_tail()}")
+
+
+def start_simulator(log_dir: Path, *, model: str, name: str = "simulator", **options: object) -> Service:
+    port = free_port()
+    env = {"SIMULATOR_PORT": str(port), "SIMULATOR_MODEL": model}
+    env.update({f"SIMULATOR_{key.upper()}": str(value) for key, value in options.items()})
+    service = start(name, "simulator", env, log_dir, url=f"http://127.0.0.1:{port}")
+    wait_http(service, "/health")
+    return service
+
+
+def start_consumer(
+    log_dir: Path, *, model: str, vllm_url: str, rabbitmq_url: str, name: str = "consumer", **options: object
+) -> Service:
+    env = {"MODEL": model, "VLLM_URL": vllm_url, "RABBITMQ_URL": rabbitmq_url}
+    env.update({f"CONSUMER_{key.upper()}": str(value) for key, value in options.items()})
+    return start(name, "consumer", env, log_dir)
+
+
+def start_sender(
+    log_dir: Path, *, database_url: str, rabbitmq_url: str, port: int | None = None, name: str = "sender",
+    **options: object,
+) -> Service:
+    port = port or free_port()
+    env = {"DATABASE_URL": database_url, "RABBITMQ_URL": rabbitmq_url, "SENDER_PORT": str(port)}
+    env.update({f"SENDER_{key.upper()}": str(value) for key, value in options.items()})
+    service = start(name, "sender", env, log_dir, url=f"http://127.0.0.1:{port}")
+    wait_http(service, "/health/ready")
+    return service
+
+
+def add_token(database_url: str, name: str, *, priority: int = 5, threshold: int = 1000) -> str:
+    """Create (or replace) a token through the admin command and return its secret."""
+    result = subprocess.run(
+        [sys.executable, "-m", "sender.admin", "--database-url", database_url, "add-token",
+         "--name", name, "--priority", str(priority), "--threshold", str(threshold)],
+        cwd=ROOT, check=True, capture_output=True, text=True,
+    )
+    return result.stdout.strip()
