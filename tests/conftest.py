@@ -62,11 +62,17 @@ class Processes:
         self.services.append(service)
         return service
 
-    def consumer(self, model: str, backend: stack.Service, name: str | None = None, **options: object) -> stack.Service:
+    def consumer(
+        self, model: str, backend: stack.Service, name: str | None = None, **options: object
+    ) -> stack.Service:
         self.models.add(model)
         service = stack.start_consumer(
-            self.log_dir, model=model, vllm_url=backend.url, rabbitmq_url=RABBITMQ_URL,
-            name=name or f"consumer-{model}", **options,
+            self.log_dir,
+            model=model,
+            vllm_url=backend.url,
+            rabbitmq_url=RABBITMQ_URL,
+            name=name or f"consumer-{model}",
+            **options,
         )
         self.services.append(service)
         return service
@@ -76,8 +82,11 @@ class Processes:
         options.setdefault("queue_stats_seconds", 0.02)
         options.setdefault("token_cache_seconds", 1.0)
         service = stack.start_sender(
-            self.log_dir, database_url=DATABASE_URLS[database], rabbitmq_url=RABBITMQ_URL,
-            name=f"sender-{database}-{len(self.services)}", **options,
+            self.log_dir,
+            database_url=DATABASE_URLS[database],
+            rabbitmq_url=RABBITMQ_URL,
+            name=f"sender-{database}-{len(self.services)}",
+            **options,
         )
         self.services.append(service)
         return service
@@ -119,7 +128,9 @@ class Tokens:
     def __init__(self, engines: dict[str, AsyncEngine]) -> None:
         self._engines = engines
 
-    async def create(self, name: str, *, priority: int = 5, threshold: int = 1000, database: str = "postgres") -> str:
+    async def create(
+        self, name: str, *, priority: int = 5, threshold: int = 1000, database: str = "postgres"
+    ) -> str:
         return await add_token(self._engines[database], unique(name), priority=priority, threshold=threshold)
 
 
@@ -160,7 +171,9 @@ async def ready_model(sender: stack.Service, consumer: stack.Service, model: str
     return model
 
 
-async def wait_listed(sender: stack.Service, token: str, model: str, listed: bool = True, timeout: float = 20) -> None:
+async def wait_listed(
+    sender: stack.Service, token: str, model: str, listed: bool = True, timeout: float = 20
+) -> None:
     async with httpx.AsyncClient(base_url=sender.url, headers=auth(token)) as client:
         deadline = asyncio.get_running_loop().time() + timeout
         while asyncio.get_running_loop().time() < deadline:

@@ -31,7 +31,10 @@ async def test_streamed_chat_matches_the_backend(
     client: openai.AsyncOpenAI, ready_model: str, simulator: Service
 ) -> None:
     stream = await client.chat.completions.create(
-        model=ready_model, stream=True, stream_options={"include_usage": True}, **CHAT  # type: ignore[call-overload]
+        model=ready_model,
+        stream=True,
+        stream_options={"include_usage": True},
+        **CHAT,  # type: ignore[call-overload]
     )
     chunks = [chunk async for chunk in stream]
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -43,9 +46,10 @@ async def test_streamed_chat_matches_the_backend(
 
 async def test_raw_stream_is_server_sent_events(sender: Service, token: str, ready_model: str) -> None:
     body = {"model": ready_model, "stream": True, **CHAT}
-    async with httpx.AsyncClient(base_url=sender.url, headers=auth(token)) as http, http.stream(
-        "POST", "/v1/chat/completions", json=body
-    ) as response:
+    async with (
+        httpx.AsyncClient(base_url=sender.url, headers=auth(token)) as http,
+        http.stream("POST", "/v1/chat/completions", json=body) as response,
+    ):
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         raw = b"".join([chunk async for chunk in response.aiter_bytes()])
@@ -63,11 +67,14 @@ async def test_completions_and_embeddings(client: openai.AsyncOpenAI, ready_mode
     assert len(embedding.data) == 2 and embedding.data[0].embedding
 
 
-async def test_models_list_and_retrieve(client: openai.AsyncOpenAI, ready_model: str, simulator: Service) -> None:
+async def test_models_list_and_retrieve(
+    client: openai.AsyncOpenAI, ready_model: str, simulator: Service
+) -> None:
     listed = await client.models.list()
     entry = next(m for m in listed.data if m.id == ready_model)
     assert entry.object == "model"
-    backend = httpx.get(simulator.url + "/v1/models").json()["data"][0]
+    async with httpx.AsyncClient() as http:
+        backend = (await http.get(simulator.url + "/v1/models")).json()["data"][0]
     assert entry.model_extra is not None and entry.model_extra["max_model_len"] == backend["max_model_len"]
     retrieved = await client.models.retrieve(ready_model)
     assert retrieved.id == ready_model

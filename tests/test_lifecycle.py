@@ -34,7 +34,9 @@ async def test_model_list_follows_consumers(processes: Processes, sender: Servic
         assert (await http.post("/v1/completions", json=request)).status_code == 200
 
 
-async def test_killed_consumer_disappears_from_the_list(processes: Processes, sender: Service, token: str) -> None:
+async def test_killed_consumer_disappears_from_the_list(
+    processes: Processes, sender: Service, token: str
+) -> None:
     model = unique("killed")
     backend = processes.simulator(model)
     consumer = processes.consumer(model, backend, announce_interval=0.5)

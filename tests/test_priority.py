@@ -56,20 +56,30 @@ async def wait_running(backend: Service, timeout: float = 10) -> None:
     async with httpx.AsyncClient() as http:
         while time.monotonic() < deadline:
             metrics = (await http.get(backend.url + "/metrics")).text
-            if any(line.startswith("vllm:num_requests_running") and not line.endswith(" 0")
-                   and not line.endswith(" 0.0") for line in metrics.splitlines()):
+            if any(
+                line.startswith("vllm:num_requests_running")
+                and not line.endswith(" 0")
+                and not line.endswith(" 0.0")
+                for line in metrics.splitlines()
+            ):
                 return
             await asyncio.sleep(0.01)
     raise AssertionError("the blocker never started")
 
 
 async def served_order(
-    sender: Service, model: str, backend: Service, blocker_token: str, waiting: list[tuple[str, str, dict[str, str]]]
+    sender: Service,
+    model: str,
+    backend: Service,
+    blocker_token: str,
+    waiting: list[tuple[str, str, dict[str, str]]],
 ) -> list[str]:
-    """Occupy the slot, queue ``waiting`` (label, token, headers) one by one, return labels in finish order."""
+    """Occupy the slot, queue ``waiting`` (label, token, headers) one by one; labels in finish order."""
     finished: list[str] = []
 
-    async def call(http: httpx.AsyncClient, label: str, token: str, headers: dict[str, str], tokens: int) -> None:
+    async def call(
+        http: httpx.AsyncClient, label: str, token: str, headers: dict[str, str], tokens: int
+    ) -> None:
         response = await http.post(
             "/v1/completions",
             json={"model": model, "prompt": label, "max_tokens": tokens},
@@ -115,21 +125,31 @@ async def test_x_priority_lowers_but_never_raises(
 
 
 async def test_threshold_refuses_with_429(
-    sender: Service, slow_model: tuple[str, Service], priority_tokens: dict[int, str], tokens: Tokens, token: str
+    sender: Service,
+    slow_model: tuple[str, Service],
+    priority_tokens: dict[int, str],
+    tokens: Tokens,
+    token: str,
 ) -> None:
     model, backend = slow_model
     await wait_listed(sender, token, model)
     strict = await tokens.create("strict", priority=5, threshold=2)
     request = {"model": model, "prompt": "x", "max_tokens": 2}
     async with httpx.AsyncClient(base_url=sender.url, timeout=60) as http:
-        blocker = asyncio.create_task(http.post(
-            "/v1/completions", json={**request, "max_tokens": BLOCKER_TOKENS}, headers=auth(priority_tokens[5])
-        ))
+        blocker = asyncio.create_task(
+            http.post(
+                "/v1/completions",
+                json={**request, "max_tokens": BLOCKER_TOKENS},
+                headers=auth(priority_tokens[5]),
+            )
+        )
         await wait_running(backend)
         accepted = await http.post("/v1/completions", json=request, headers=auth(strict))
         assert accepted.status_code == 200  # queue was empty: the threshold does not bite
-        queued = [asyncio.create_task(http.post("/v1/completions", json=request, headers=auth(priority_tokens[1])))
-                  for _ in range(2)]
+        queued = [
+            asyncio.create_task(http.post("/v1/completions", json=request, headers=auth(priority_tokens[1])))
+            for _ in range(2)
+        ]
         await wait_depth(model, 2)
         await asyncio.sleep(0.05)  # let the sender's cached depth catch up
         refused = await http.post("/v1/completions", json=request, headers=auth(strict))
@@ -153,8 +173,11 @@ async def test_metrics_flow_keeps_the_backlog_in_the_broker(
     finished: list[str] = []
 
     async def call(http: httpx.AsyncClient, label: str, priority: int) -> None:
-        response = await http.post("/v1/completions", json={"model": model, "prompt": label, "max_tokens": 20},
-                                   headers=auth(priority_tokens[priority]))
+        response = await http.post(
+            "/v1/completions",
+            json={"model": model, "prompt": label, "max_tokens": 20},
+            headers=auth(priority_tokens[priority]),
+        )
         assert response.status_code == 200
         finished.append(label)
 

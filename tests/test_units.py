@@ -14,16 +14,31 @@ from contract import Announcement, ContractError, Reply, Request
 
 
 def test_request_round_trip() -> None:
-    request = Request(path="/v1/chat/completions", body=b'{"model":"m"}', stream=True, priority=7,
-                      deadline=time.time() + 60, request_id="abc")
+    request = Request(
+        path="/v1/chat/completions",
+        body=b'{"model":"m"}',
+        stream=True,
+        priority=7,
+        deadline=time.time() + 60,
+        request_id="abc",
+    )
     decoded = Request.from_amqp(request.headers(), request.body, request.priority)
     assert decoded.path == request.path and decoded.stream and decoded.priority == 7
     assert abs(decoded.deadline - request.deadline) < 0.001
     assert 59_000 < request.ttl_ms() <= 60_000
 
 
-@pytest.mark.parametrize("headers", [None, {}, {"v": 1}, {"v": 2, "path": "/x", "deadline": 1},
-                                     {"v": 1, "path": "x", "deadline": 1}, {"v": 1, "path": "/x", "deadline": "soon"}])
+@pytest.mark.parametrize(
+    "headers",
+    [
+        None,
+        {},
+        {"v": 1},
+        {"v": 2, "path": "/x", "deadline": 1},
+        {"v": 1, "path": "x", "deadline": 1},
+        {"v": 1, "path": "/x", "deadline": "soon"},
+    ],
+)
 def test_malformed_requests_are_refused(headers: dict[str, object] | None) -> None:
     with pytest.raises(ContractError):
         Request.from_amqp(headers, b"{}", 0)

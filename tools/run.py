@@ -38,7 +38,9 @@ def main() -> None:
             simulator = stack.start_simulator(log_dir, model=model)
             services.append(simulator)
             backend_url = simulator.url
-        services.append(stack.start_consumer(log_dir, model=model, vllm_url=backend_url, rabbitmq_url=rabbitmq_url))
+        services.append(
+            stack.start_consumer(log_dir, model=model, vllm_url=backend_url, rabbitmq_url=rabbitmq_url)
+        )
         sender = stack.start_sender(log_dir, database_url=database_url, rabbitmq_url=rabbitmq_url, port=port)
         services.append(sender)
         secret = stack.add_token(database_url, "demo", priority=5, threshold=1000)
@@ -56,7 +58,8 @@ def main() -> None:
 
 
 def _print_banner(url: str, secret: str, model: str, backend_url: str, log_dir: Path) -> None:
-    print(f"""
+    print(
+        f"""
 The dispatcher is up: model "{model}" served by {backend_url}, logs in {log_dir}/.
 Paste these two lines into a shell to point any OpenAI client at it:
 
@@ -65,9 +68,12 @@ export OPENAI_API_KEY={secret}
 
 Then, for example:
   curl $OPENAI_BASE_URL/chat/completions -H "Authorization: Bearer $OPENAI_API_KEY" \\
-    -H 'Content-Type: application/json' -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Hi"}}]}}'
+    -H 'Content-Type: application/json' \\
+    -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Hi"}}]}}'
 
-Ctrl-C stops everything.""", flush=True)
+Ctrl-C stops everything.""",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -139,7 +139,12 @@ def start_consumer(
 
 
 def start_sender(
-    log_dir: Path, *, database_url: str, rabbitmq_url: str, port: int | None = None, name: str = "sender",
+    log_dir: Path,
+    *,
+    database_url: str,
+    rabbitmq_url: str,
+    port: int | None = None,
+    name: str = "sender",
     **options: object,
 ) -> Service:
     port = port or free_port()
@@ -153,8 +158,23 @@ def start_sender(
 def add_token(database_url: str, name: str, *, priority: int = 5, threshold: int = 1000) -> str:
     """Create (or replace) a token through the admin command and return its secret."""
     result = subprocess.run(
-        [sys.executable, "-m", "sender.admin", "--database-url", database_url, "add-token",
-         "--name", name, "--priority", str(priority), "--threshold", str(threshold)],
-        cwd=ROOT, check=True, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "sender.admin",
+            "--database-url",
+            database_url,
+            "add-token",
+            "--name",
+            name,
+            "--priority",
+            str(priority),
+            "--threshold",
+            str(threshold),
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
     )
     return result.stdout.strip()

@@ -1,0 +1,384 @@
+"""``make bench``: what the dispatcher costs, measured against the simulator called directly.
+
+Starts a simulator and the stack (sender, consumer) locally, drives both with
+the same closed-loop load (``concurrency`` clients, each sending its next
+request when the previous one is answered) and prints one JSON line per
+scenario, with the direct numbers as the floor and the targets checked.
+Timings here are measurements, never test assertions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from tools import stack
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Run:
+    """Outcome of one load run against one target."""
+
+    seconds: float
+    latencies: dict[str, list[float]] = field(default_factory=dict)
+    ttfts: list[float] = field(default_factory=list)
+    errors: int = 0
+
+    @property
+    def requests(self) -> int:
+        return sum(len(v) for v in self.latencies.values())
+
+    @property
+    def throughput(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+    def all_latencies(self) -> list[float]:
+        return [x for values in self.latencies.values() for x in values]
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def summary_ms(values: list[float]) -> dict[str, float]:
+    return {f"p{q}": round(percentile(values, q) * 1000, 2) for q in (50, 95, 99)}
+
+
+async def drive(
+    url: str,
+    body: Callable[[], tuple[str, dict[str, Any], str]],
+    *,
+    concurrency: int,
+    seconds: float,
+    warmup: float,
+    stream: bool,
+) -> Run:
+    """Closed-loop load: ``body()`` gives (label, JSON body, bearer token) for each request."""
+    run = Run(seconds=seconds)
+    connector = aiohttp.TCPConnector(limit=concurrency * 2, force_close=False)
+    timeout = aiohttp.ClientTimeout(total=600)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    measure_from = start + warmup
+    stop_at = measure_from + seconds
+
+    async def client(session: aiohttp.ClientSession) -> None:
+        while loop.time() < stop_at:
+            label, payload, token = body()
+            sent = loop.time()
+            first: float | None = None
+            try:
+                async with session.post(
+                    url, json=payload, headers={"Authorization": f"Bearer {token}"}
+                ) as response:
+                    if stream:
+                        async for _ in response.content.iter_any():
+                            if first is None:
+                                first = loop.time()
+                    else:
+                        await response.read()
+                    ok = response.status == 200
+            except aiohttp.ClientError:
+                ok = False
+            done = loop.time()
+            if sent < measure_from or done > stop_at:
+                continue
+            if not ok:
+                run.errors += 1
+                continue
+            run.latencies.setdefault(label, []).append(done - sent)
+            if first is not None:
+                run.ttfts.append(first - sent)
+
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        await asyncio.gather(*(client(session) for _ in range(concurrency)))
+    return run
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.log_dir = stack.ROOT / ".run" / "bench"
+        self.rabbitmq_url = os.environ.get("RABBITMQ_URL", stack.DEFAULT_RABBITMQ_URL)
+        self.database_url = os.environ.get("DATABASE_URL", stack.DEFAULT_POSTGRES_URL)
+        self.services: list[stack.Service] = []
+        self.tag = uuid.uuid4().hex[:6]
+        self.results: list[dict[str, Any]] = []
+
+    def emit(self, line: dict[str, Any]) -> None:
+        self.results.append(line)
+        print(json.dumps(line), flush=True)
+
+    def start_model(self, model: str, **simulator: object) -> stack.Service:
+        backend = stack.start_simulator(self.log_dir, model=model, name=f"simulator-{model}", **simulator)
+        consumer = stack.start_consumer(
+            self.log_dir,
+            model=model,
+            vllm_url=backend.url,
+            rabbitmq_url=self.rabbitmq_url,
+            name=f"consumer-{model}",
+            max_inflight=512,
+            log_level="warning",
+        )
+        self.services += [backend, consumer]
+        return backend
+
+    async def wait_listed(self, sender: stack.Service, token: str, model: str) -> None:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(200):
+                async with session.get(
+                    sender.url + "/v1/models", headers={"Authorization": f"Bearer {token}"}
+                ) as r:
+                    if model in [m["id"] for m in (await r.json())["data"]]:
+                        return
+                await asyncio.sleep(0.1)
+        raise RuntimeError(f"model {model} never listed")
+
+    async def main(self) -> None:
+        model = f"bench-{self.tag}"
+        prio_model = f"bench-prio-{self.tag}"
+        try:
+            direct = self.start_model(model, ttft_ms=20, itl_ms=10, max_num_seqs=64, default_max_tokens=16)
+            prio_direct = self.start_model(
+                prio_model, ttft_ms=20, itl_ms=10, max_num_seqs=16, default_max_tokens=64
+            )
+            sender = stack.start_sender(
+                self.log_dir,
+                database_url=self.database_url,
+                rabbitmq_url=self.rabbitmq_url,
+                log_level="warning",
+            )
+            self.services.append(sender)
+            consumer = self.services[1]
+            token = stack.add_token(self.database_url, f"bench-{self.tag}", priority=5, threshold=100_000)
+            high = stack.add_token(self.database_url, f"bench-high-{self.tag}", priority=9, threshold=100_000)
+            low = stack.add_token(self.database_url, f"bench-low-{self.tag}", priority=1, threshold=100_000)
+            await self.wait_listed(sender, token, model)
+            await self.wait_listed(sender, token, prio_model)
+
+            chat = {"model": model, "messages": [{"role": "user", "content": "Tell me something."}]}
+            for stream, concurrency in [
+                (False, 1),
+                (False, 16),
+                (False, 64),
+                (False, 256),
+                (True, 16),
+                (True, 64),
+            ]:
+                payload = {**chat, "stream": True} if stream else chat
+                await self.compare(
+                    f"{'stream' if stream else 'whole'}-c{concurrency}",
+                    payload,
+                    token,
+                    concurrency,
+                    stream,
+                    direct.url,
+                    sender.url,
+                    [sender.pid, consumer.pid],
+                )
+            await self.priority(prio_direct.url, sender.url, prio_model, high, low)
+        finally:
+            for service in reversed(self.services):
+                service.stop()
+        self.verdict()
+
+    async def compare(
+        self,
+        name: str,
+        payload: dict[str, Any],
+        token: str,
+        concurrency: int,
+        stream: bool,
+        direct_url: str,
+        sender_url: str,
+        pids: list[int],
+    ) -> None:
+        args = self.args
+        path = "/v1/chat/completions"
+
+        def body() -> tuple[str, dict[str, Any], str]:
+            return "all", payload, token
+
+        base = await drive(
+            direct_url + path,
+            body,
+            concurrency=concurrency,
+            seconds=args.seconds,
+            warmup=args.warmup,
+            stream=stream,
+        )
+        cpu_before = sum(cpu_seconds(pid) for pid in pids)
+        through = await drive(
+            sender_url + path,
+            body,
+            concurrency=concurrency,
+            seconds=args.seconds,
+            warmup=args.warmup,
+            stream=stream,
+        )
+        cpu_after = sum(cpu_seconds(pid) for pid in pids)
+        # CPU is counted over warm-up and measurement, so divide by every request answered meanwhile.
+        answered = through.requests * (args.seconds + args.warmup) / args.seconds
+        line: dict[str, Any] = {
+            "scenario": name,
+            "concurrency": concurrency,
+            "direct": {
+                "rps": round(base.throughput, 1),
+                "latency_ms": summary_ms(base.all_latencies()),
+                "errors": base.errors,
+            },
+            "dispatcher": {
+                "rps": round(through.throughput, 1),
+                "latency_ms": summary_ms(through.all_latencies()),
+                "errors": through.errors,
+            },
+            "added_latency_ms_p50": round(
+                (percentile(through.all_latencies(), 50) - percentile(base.all_latencies(), 50)) * 1000, 2
+            ),
+            "added_latency_ms_p99": round(
+                (percentile(through.all_latencies(), 99) - percentile(base.all_latencies(), 99)) * 1000, 2
+            ),
+            "throughput_ratio": round(through.throughput / base.throughput, 3) if base.throughput else None,
+            "cpu_ms_per_request": round((cpu_after - cpu_before) * 1000 / answered, 3) if answered else None,
+            "rss_mb": round(sum(rss_mb(pid) for pid in pids), 1),
+        }
+        if stream:
+            line["direct"]["ttft_ms"] = summary_ms(base.ttfts)
+            line["dispatcher"]["ttft_ms"] = summary_ms(through.ttfts)
+            line["added_ttft_ms_p50"] = round(
+                (percentile(through.ttfts, 50) - percentile(base.ttfts, 50)) * 1000, 2
+            )
+        self.emit(line)
+
+    async def priority(self, direct_url: str, sender_url: str, model: str, high: str, low: str) -> None:
+        args = self.args
+        path = "/v1/chat/completions"
+        payload = {"model": model, "messages": [{"role": "user", "content": "Write a long story."}]}
+        rng = random.Random(7)
+
+        def mixed() -> tuple[str, dict[str, Any], str]:
+            return ("high", payload, high) if rng.random() < 0.1 else ("low", payload, low)
+
+        def high_only() -> tuple[str, dict[str, Any], str]:
+            return "high", payload, high
+
+        unloaded = await drive(
+            sender_url + path, high_only, concurrency=1, seconds=args.seconds, warmup=1, stream=False
+        )
+        fcfs = await drive(
+            direct_url + path,
+            mixed,
+            concurrency=128,
+            seconds=args.priority_seconds,
+            warmup=args.priority_warmup,
+            stream=False,
+        )
+        through = await drive(
+            sender_url + path,
+            mixed,
+            concurrency=128,
+            seconds=args.priority_seconds,
+            warmup=args.priority_warmup,
+            stream=False,
+        )
+        high_p50 = percentile(through.latencies.get("high", []), 50)
+        unloaded_p50 = percentile(unloaded.all_latencies(), 50)
+        low_p99 = percentile(through.latencies.get("low", []), 99)
+        fcfs_p99 = percentile(fcfs.all_latencies(), 99)
+        self.emit(
+            {
+                "scenario": "priority-overload-c128",
+                "unloaded_high_latency_ms_p50": round(unloaded_p50 * 1000, 1),
+                "fcfs_direct": {
+                    "rps": round(fcfs.throughput, 1),
+                    "latency_ms": summary_ms(fcfs.all_latencies()),
+                    "errors": fcfs.errors,
+                },
+                "dispatcher": {
+                    "rps": round(through.throughput, 1),
+                    "high_latency_ms": summary_ms(through.latencies.get("high", [])),
+                    "low_latency_ms": summary_ms(through.latencies.get("low", [])),
+                    "high_requests": len(through.latencies.get("high", [])),
+                    "low_requests": len(through.latencies.get("low", [])),
+                    "errors": through.errors,
+                },
+                "high_p50_vs_unloaded": round(high_p50 / unloaded_p50, 2),
+                "low_p99_vs_fcfs_p99": round(low_p99 / fcfs_p99, 2),
+                "throughput_ratio": round(through.throughput / fcfs.throughput, 3)
+                if fcfs.throughput
+                else None,
+            }
+        )
+
+    def verdict(self) -> None:
+        by_name = {r["scenario"]: r for r in self.results}
+        checks: dict[str, bool] = {}
+        if "whole-c1" in by_name:
+            checks["added latency c1 p50 <= 3 ms"] = by_name["whole-c1"]["added_latency_ms_p50"] <= 3
+        if "whole-c64" in by_name:
+            c64 = by_name["whole-c64"]
+            checks["c64 throughput >= 90% of direct"] = c64["throughput_ratio"] >= 0.9
+            checks["c64 p99 <= direct + 25 ms"] = c64["added_latency_ms_p99"] <= 25
+            checks["c64 memory <= 300 MB"] = c64["rss_mb"] <= 300
+        if "stream-c64" in by_name:
+            checks["stream c64 ttft p50 <= direct + 4 ms"] = by_name["stream-c64"]["added_ttft_ms_p50"] <= 4
+        cpu = [r["cpu_ms_per_request"] for r in self.results if r.get("cpu_ms_per_request") is not None]
+        if cpu:
+            checks["cpu <= 3 ms per request (worst scenario)"] = max(cpu) <= 3
+        if "priority-overload-c128" in by_name:
+            p = by_name["priority-overload-c128"]
+            checks["high p50 <= 1.5x unloaded"] = p["high_p50_vs_unloaded"] <= 1.5
+            checks["low p99 <= ~2x fcfs"] = p["low_p99_vs_fcfs_p99"] <= 2.2
+            checks["overload throughput >= 95% of direct"] = (p["throughput_ratio"] or 0) >= 0.95
+            checks["overload zero errors"] = p["dispatcher"]["errors"] == 0
+        print(json.dumps({"scenario": "targets", "met": all(checks.values()), "checks": checks}), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__)
+    parser.add_argument("--seconds", type=float, default=8.0, help="measured seconds per run")
+    parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each run")
+    parser.add_argument("--priority-seconds", type=float, default=30.0)
+    parser.add_argument("--priority-warmup", type=float, default=8.0)
+    args = parser.parse_args()
+    problems = stack.missing_services(["RabbitMQ", "PostgreSQL"])
+    if problems:
+        raise SystemExit("\n".join(problems))
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(Bench(args).main())
+    else:
+        uvloop.run(Bench(args).main())
+
+
+if __name__ == "__main__":
+    main()
