@@ -202,6 +202,8 @@ class Worker:
     async def _flow_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.metrics_interval)
+            if self.inflight == 0:
+                continue  # nothing to learn from an idle backend
             load = await self.backend.load()
             if load is not None:
                 await self._apply_prefetch(self.window.update(load, self.inflight))
@@ -227,7 +229,9 @@ class Worker:
         )
         with contextlib.suppress(aio_pika.exceptions.AMQPError, ConnectionError):
             await self._control.publish(
-                aio_pika.Message(announcement.encode(), content_type=_JSON), routing_key=contract.ANNOUNCE_KEY
+                aio_pika.Message(announcement.encode(), content_type=_JSON),
+                routing_key=contract.ANNOUNCE_KEY,
+                mandatory=False,
             )
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
@@ -374,7 +378,8 @@ class ReplyPublisher:
             type=contract.REPLY_TYPE,
         )
         with contextlib.suppress(aio_pika.exceptions.AMQPError, ConnectionError):
-            await self._exchange.publish(message, routing_key=self._reply_to)
+            # Not mandatory: a reply to a sender that is gone has nobody to go to.
+            await self._exchange.publish(message, routing_key=self._reply_to, mandatory=False)
 
 
 async def _settle(operation: object) -> None:

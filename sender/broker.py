@@ -111,7 +111,7 @@ class Broker:
             on_announcement(message.body)
 
         await self._announce_queue.consume(announcement, no_ack=True)
-        await control.publish(aio_pika.Message(b""), routing_key=contract.ROLLCALL_KEY)
+        await control.publish(aio_pika.Message(b""), routing_key=contract.ROLLCALL_KEY, mandatory=False)
 
     async def close(self) -> None:
         for call in list(self._pending.values()):

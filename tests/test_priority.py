@@ -144,8 +144,9 @@ async def test_threshold_refuses_with_429(
             )
         )
         await wait_running(backend)
-        accepted = await http.post("/v1/completions", json=request, headers=auth(strict))
-        assert accepted.status_code == 200  # queue was empty: the threshold does not bite
+        # The queue is empty: the threshold does not bite (this one waits behind the blocker).
+        accepted = asyncio.create_task(http.post("/v1/completions", json=request, headers=auth(strict)))
+        await wait_depth(model, 1)
         queued = [
             asyncio.create_task(http.post("/v1/completions", json=request, headers=auth(priority_tokens[1])))
             for _ in range(2)
@@ -155,6 +156,7 @@ async def test_threshold_refuses_with_429(
         refused = await http.post("/v1/completions", json=request, headers=auth(strict))
         patient = await http.post("/v1/completions", json=request, headers=auth(priority_tokens[5]))
         await asyncio.gather(blocker, *queued)
+    assert (await accepted).status_code == 200
     assert refused.status_code == 429
     assert int(refused.headers["retry-after"]) >= 1
     assert refused.json()["error"]["code"] == "queue_full"

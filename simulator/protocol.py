@@ -1,0 +1,190 @@
+"""Reading and checking request bodies the way vLLM's OpenAI server does, in the same order.
+
+vLLM validates field types first, then the model name, then the prompt
+length, then the engine-level options (``priority``); the first failure is
+the answer. Messages follow vLLM's wording where a client or proxy might look
+at them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import orjson
+
+from simulator import tokenizer
+from simulator.errors import bad_request, model_not_found
+from simulator.settings import SimulatorSettings
+
+Kind = Literal["chat", "completion"]
+
+
+@dataclass(frozen=True, slots=True)
+class Generation:
+    """A checked chat or completion request, reduced to what the simulator uses."""
+
+    kind: Kind
+    model: str
+    prompt: str
+    prompt_tokens: int
+    max_tokens: int
+    stream: bool
+    include_usage: bool
+    continuous_usage: bool
+    priority: int
+
+
+def parse_object(body: bytes) -> dict[str, Any]:
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise bad_request(f"JSON decode error: {exc}") from None
+    if not isinstance(data, dict):
+        raise bad_request("Input should be a valid dictionary or object to extract fields from")
+    return data
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _optional(data: dict[str, Any], name: str, kind: type | tuple[type, ...], what: str) -> Any:
+    value = data.get(name)
+    if value is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
+        raise bad_request(f"{name}: Input should be {what}")
+    return value
+
+
+def check_model(data: dict[str, Any], settings: SimulatorSettings) -> str:
+    """The served model name; a missing ``model`` means the served one, as in vLLM."""
+    model = _optional(data, "model", str, "a valid string")
+    if model is not None and model != settings.model:
+        raise model_not_found(model)
+    return settings.model
+
+
+def parse_messages(data: dict[str, Any]) -> list[dict[str, Any]]:
+    messages = data.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("messages: Field required and should be a non-empty list of messages")
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise bad_request(f"messages.{index}: each message should be an object with a string `role`")
+        content = message.get("content")
+        if content is not None and not isinstance(content, str | list):
+            raise bad_request(f"messages.{index}.content: Input should be a valid string or list of parts")
+    return messages
+
+
+def _prompt(data: dict[str, Any]) -> str:
+    """A completions prompt as text: a string, token ids, or a batch of exactly one of those."""
+    prompt = data.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        text = prompt
+    elif isinstance(prompt, list) and prompt and all(_is_int(t) and 0 <= t < 256 for t in prompt):
+        text = tokenizer.detokenize(prompt)
+    elif isinstance(prompt, list) and len(prompt) > 1:
+        raise bad_request("prompt: the simulator serves one prompt per request")
+    else:
+        raise bad_request("prompt: Field required and should be a string or a list of token ids (0-255)")
+    if not text:
+        raise bad_request("The decoder prompt cannot be empty")
+    return text
+
+
+def _max_tokens(data: dict[str, Any], kind: Kind) -> int | None:
+    value: int | None = _optional(data, "max_tokens", int, "a valid integer")
+    if kind == "chat":
+        value = _optional(data, "max_completion_tokens", int, "a valid integer") or value
+    if value is not None and value < 1:
+        raise bad_request(f"max_tokens must be at least 1, got {value}.")
+    return value
+
+
+def _check_length(prompt_tokens: int, max_tokens: int | None, settings: SimulatorSettings) -> int:
+    """The completion length to generate, or vLLM's context-length error."""
+    limit = settings.max_model_len
+    if prompt_tokens >= limit:
+        raise bad_request(
+            f"This model's maximum context length is {limit} tokens. However, your request has "
+            f"{prompt_tokens} input tokens. Please reduce the length of the input messages."
+        )
+    if max_tokens is None:
+        return min(settings.default_max_tokens, limit - prompt_tokens)
+    if prompt_tokens + max_tokens > limit:
+        raise bad_request(
+            f"This model's maximum context length is {limit} tokens. However, you requested "
+            f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, {max_tokens} in the "
+            "completion). Please reduce the length of the messages or completion."
+        )
+    return max_tokens
+
+
+def parse_generation(data: dict[str, Any], kind: Kind, settings: SimulatorSettings) -> Generation:
+    """Check a chat or completions body; raise the ``ApiError`` vLLM would answer with."""
+    prompt = tokenizer.chat_prompt(parse_messages(data)) if kind == "chat" else _prompt(data)
+    max_tokens = _max_tokens(data, kind)
+    stream = bool(_optional(data, "stream", bool, "a valid boolean"))
+    options = _optional(data, "stream_options", dict, "a valid dictionary")
+    if options is not None and not stream:
+        raise bad_request("Stream options can only be defined when `stream=True`.")
+    options = options or {}
+    include_usage = bool(options.get("include_usage"))
+    priority = _optional(data, "priority", int, "a valid integer") or 0
+    model = check_model(data, settings)
+    prompt_tokens = tokenizer.count_tokens(prompt)
+    generated = _check_length(prompt_tokens, max_tokens, settings)
+    if priority and settings.scheduling_policy != "priority":
+        raise bad_request(f"Got priority {priority} but Priority scheduling is not enabled.")
+    return Generation(
+        kind=kind,
+        model=model,
+        prompt=prompt,
+        prompt_tokens=prompt_tokens,
+        max_tokens=generated,
+        stream=stream,
+        include_usage=include_usage,
+        continuous_usage=include_usage and bool(options.get("continuous_usage_stats")),
+        priority=priority,
+    )
+
+
+def parse_embedding_inputs(data: dict[str, Any]) -> list[str]:
+    """``input`` as a list of texts: a string, strings, token ids, or lists of token ids."""
+    value = data.get("input")
+    items = [value] if isinstance(value, str) else value
+    if isinstance(items, list) and items and all(_is_int(t) for t in items):
+        items = [items]
+    if not isinstance(items, list) or not items:
+        raise bad_request("input: Field required and should be a string or a list")
+    texts = []
+    for item in items:
+        if isinstance(item, str):
+            texts.append(item)
+        elif isinstance(item, list) and all(_is_int(t) and 0 <= t < 256 for t in item):
+            texts.append(tokenizer.detokenize(item))
+        else:
+            raise bad_request("input: each item should be a string or a list of token ids (0-255)")
+    return texts
+
+
+def parse_tokenize_prompt(data: dict[str, Any]) -> str:
+    """The text ``/tokenize`` counts: a ``prompt``, or ``messages`` through the chat template."""
+    if "messages" in data:
+        return tokenizer.chat_prompt(parse_messages(data))
+    prompt = data.get("prompt")
+    if not isinstance(prompt, str):
+        raise bad_request("prompt: Field required and should be a valid string")
+    return prompt
+
+
+def parse_token_ids(data: dict[str, Any]) -> list[int]:
+    tokens = data.get("tokens")
+    if not isinstance(tokens, list) or not all(_is_int(t) for t in tokens):
+        raise bad_request("tokens: Field required and should be a list of integers")
+    if any(not 0 <= t < 256 for t in tokens):
+        raise bad_request("Token id out of vocabulary: the simulator's ids are bytes, 0 to 255")
+    return tokens
