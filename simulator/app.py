@@ -23,7 +23,7 @@ from simulator.asgi import (
     send_json,
     start_stream,
 )
-from simulator.engine import Engine
+from simulator.engine import Engine, Sequence
 from simulator.errors import ApiError, bad_request
 from simulator.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from simulator.metrics import MetricsRenderer
@@ -109,15 +109,7 @@ class Simulator:
         sequence = self.engine.sequence(generation.prompt_tokens, generation.max_tokens, generation.priority)
         seed = tokenizer.seed(generation.prompt)
         if generation.stream:
-            with DisconnectWatch(receive):
-                await start_stream(send)
-                async with sequence, aclosing(sequence.stream()) as tokens:
-                    async for index in tokens:
-                        produced = index + 1
-                        text = tokenizer.piece(seed, index)
-                        chunk = reply.token_chunk(text, produced, last=produced == generation.max_tokens)
-                        await send_event(send, reply.first_chunks() + chunk if index == 0 else chunk)
-                await send_event(send, reply.closing_chunks(generation.max_tokens), more=False)
+            await self.stream(sequence, reply, seed, receive, send)
             return
         with DisconnectWatch(receive) as watch:
             async with sequence:
@@ -125,6 +117,20 @@ class Simulator:
         if not watch.gone:
             text = tokenizer.completion(seed, generation.max_tokens)
             await send_json(send, 200, reply.full(text, generation.max_tokens))
+
+    async def stream(
+        self, sequence: Sequence, reply: shapes.Reply, seed: int, receive: Receive, send: Send
+    ) -> None:
+        """Send each token as its own event the moment it is generated."""
+        with DisconnectWatch(receive):
+            await start_stream(send)
+            async with sequence, aclosing(sequence.stream()) as tokens:
+                async for index in tokens:
+                    produced = index + 1
+                    text = tokenizer.piece(seed, index)
+                    chunk = reply.token_chunk(text, produced, last=produced == sequence.max_tokens)
+                    await send_event(send, reply.first_chunks() + chunk if index == 0 else chunk)
+            await send_event(send, reply.closing_chunks(sequence.max_tokens), more=False)
 
     async def embeddings(self, data: dict[str, Any], receive: Receive, send: Send) -> None:
         texts = parse_embedding_inputs(data)
