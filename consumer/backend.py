@@ -1,39 +1,83 @@
-"""The consumer's view of its vLLM server, through one pooled httpx client."""
+"""The consumer's view of its vLLM server, through one pooled HTTP client.
+
+The client is aiohttp rather than httpx: httpx's connection pool checks every
+idle connection's socket on each request, which at 64 concurrent requests
+cost the consumer about 5 ms of CPU per request (measured with py-spy); with
+aiohttp the whole consumer stays well under 1 ms.
+"""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
-import httpx
+import aiohttp
 
 from consumer.flow import BackendLoad, parse_vllm_metrics
+
+_JSON_HEADERS = {"Content-Type": "application/json"}
+
+
+class BackendUnreachable(Exception):
+    """The backend could not be connected to: nothing was sent, the request may go elsewhere."""
+
+
+class BackendFailed(Exception):
+    """The connection to the backend broke while a request was under way."""
 
 
 class Backend:
     def __init__(self, base_url: str, *, max_connections: int) -> None:
         self.base_url = base_url.rstrip("/")
-        self.client = httpx.AsyncClient(
-            base_url=self.base_url,
-            # Reads wait as long as generation takes: each request is bounded by its own deadline.
-            timeout=httpx.Timeout(connect=5.0, read=None, write=30.0, pool=None),
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
-        )
+        self._max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                base_url=self.base_url,
+                connector=aiohttp.TCPConnector(limit=self._max_connections, keepalive_timeout=60),
+                # Reads wait as long as generation takes: each request is bounded by its own deadline.
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
+            )
+        return self._session
 
     async def close(self) -> None:
-        await self.client.aclose()
+        if self._session is not None:
+            await self._session.close()
+
+    @asynccontextmanager
+    async def post(self, path: str, body: bytes) -> AsyncIterator[aiohttp.ClientResponse]:
+        """POST ``body`` to ``path``; connection failures become :class:`BackendUnreachable`,
+        later ones :class:`BackendFailed`."""
+        try:
+            response = await self.session.post(path, data=body, headers=_JSON_HEADERS)
+        except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as exc:
+            # A keep-alive connection the backend closed while restarting looks the same as a refused one.
+            raise BackendUnreachable(str(exc) or type(exc).__name__) from exc
+        except aiohttp.ClientError as exc:
+            raise BackendFailed(type(exc).__name__) from exc
+        try:
+            yield response
+        except aiohttp.ClientError as exc:
+            raise BackendFailed(type(exc).__name__) from exc
+        finally:
+            response.release()
 
     async def healthy(self) -> bool:
         try:
-            response = await self.client.get("/health", timeout=2.0)
-        except httpx.HTTPError:
+            async with self.session.get("/health", timeout=aiohttp.ClientTimeout(total=2)) as response:
+                return response.status == 200
+        except (TimeoutError, aiohttp.ClientError):
             return False
-        return response.status_code == 200
 
     async def model_card(self, model: str) -> dict[str, Any]:
         """The backend's ``/v1/models`` entry for ``model`` (or its only entry), renamed to ``model``."""
-        response = await self.client.get("/v1/models", timeout=5.0)
-        response.raise_for_status()
-        entries = response.json().get("data") or []
+        async with self.session.get("/v1/models", timeout=aiohttp.ClientTimeout(total=5)) as response:
+            response.raise_for_status()
+            entries = (await response.json()).get("data") or []
         card = next((e for e in entries if e.get("id") == model), entries[0] if entries else {})
         card = {key: value for key, value in card.items() if key in _CARD_FIELDS}
         card["id"] = model
@@ -41,12 +85,12 @@ class Backend:
 
     async def load(self) -> BackendLoad | None:
         try:
-            response = await self.client.get("/metrics", timeout=1.0)
-        except httpx.HTTPError:
+            async with self.session.get("/metrics", timeout=aiohttp.ClientTimeout(total=1)) as response:
+                if response.status != 200:
+                    return None
+                return parse_vllm_metrics(await response.text())
+        except (TimeoutError, aiohttp.ClientError):
             return None
-        if response.status_code != 200:
-            return None
-        return parse_vllm_metrics(response.text)
 
 
 _CARD_FIELDS = {"id", "object", "created", "owned_by", "root", "parent", "max_model_len"}

@@ -18,7 +18,7 @@ import time
 import uuid
 
 import aio_pika
-import httpx
+import aiohttp
 import orjson
 from aio_pika.abc import (
     AbstractChannel,
@@ -29,7 +29,7 @@ from aio_pika.abc import (
 )
 
 import contract
-from consumer.backend import Backend
+from consumer.backend import Backend, BackendFailed, BackendUnreachable
 from consumer.flow import Window
 from consumer.replies import ReplyWriter
 from consumer.settings import ConsumerSettings
@@ -122,7 +122,7 @@ class Worker:
             if await self.backend.healthy():
                 try:
                     self.card = await self.backend.model_card(self.settings.model)
-                except (httpx.HTTPError, ValueError) as exc:
+                except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
                     log.warning("backend healthy but /v1/models failed: %s", exc)
                 else:
                     self._healthy.set()
@@ -288,15 +288,7 @@ class Worker:
         body = self._body_for_backend(request)
         try:
             async with asyncio.timeout(remaining):
-                if request.stream:
-                    await self._stream(request, body, writer)
-                else:
-                    response = await self.backend.client.post(
-                        request.path, content=body, headers={"content-type": _JSON}
-                    )
-                    await writer.whole(
-                        response.status_code, response.headers.get("content-type"), response.content
-                    )
+                await self._call_backend(request, body, writer)
         except TimeoutError:
             if writer.started:
                 await writer.finish(error="the request ran past its deadline")
@@ -308,7 +300,7 @@ class Worker:
                     "deadline_exceeded",
                     type="timeout_error",
                 )
-        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+        except BackendUnreachable as exc:
             self._check_now.set()
             if not redelivered:
                 log.warning("backend unreachable (%s); requeueing request %s", exc, request.request_id)
@@ -316,25 +308,23 @@ class Worker:
                 await self._stop_consuming()
                 return True
             await self._fail(writer, 502, "the model server is unreachable", "backend_unavailable")
-        except httpx.HTTPError as exc:
+        except BackendFailed as exc:
             self._check_now.set()
-            message = f"the model server connection failed: {type(exc).__name__}"
+            message = f"the connection to the model server failed: {exc}"
             if writer.started:
                 await writer.finish(error=message)
             else:
                 await self._fail(writer, 502, message, "backend_error")
         return False
 
-    async def _stream(self, request: Request, body: bytes, writer: ReplyWriter) -> None:
-        async with self.backend.client.stream(
-            "POST", request.path, content=body, headers={"content-type": _JSON}
-        ) as response:
-            content_type = response.headers.get("content-type")
-            if response.status_code != 200:
-                await writer.whole(response.status_code, content_type, await response.aread())
+    async def _call_backend(self, request: Request, body: bytes, writer: ReplyWriter) -> None:
+        async with self.backend.post(request.path, body) as response:
+            content_type = response.headers.get("Content-Type")
+            if not request.stream or response.status != 200:
+                await writer.whole(response.status, content_type, await response.read())
                 return
-            writer.begin(response.status_code, content_type)
-            async for chunk in response.aiter_raw():
+            writer.begin(response.status, content_type)
+            async for chunk in response.content.iter_any():
                 await writer.feed(chunk)
         await writer.finish()
 
