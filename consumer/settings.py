@@ -47,6 +47,6 @@ class ConsumerSettings(BaseSettings):
     forward_priority: bool = False
     """Set the body's ``priority`` for vLLM's ``--scheduling-policy priority`` (lower = sooner)."""
     max_priority: int = DEFAULT_MAX_PRIORITY
-    flush_interval: float = 0.02
+    flush_interval: float = 0.05
     """Streamed answers are sent at most this often (the first piece at once), to spare the broker."""
     flush_bytes: int = 64 * 1024

@@ -200,10 +200,17 @@ class Worker:
                 await self._stop_consuming()
 
     async def _flow_loop(self) -> None:
+        # Reading /metrics costs CPU on both sides, so it is read often only while
+        # the window is close to binding; a lightly loaded consumer reads it once a second.
+        last_read = 0.0
         while True:
             await asyncio.sleep(self.settings.metrics_interval)
             if self.inflight == 0:
                 continue  # nothing to learn from an idle backend
+            now = time.monotonic()
+            if self.inflight * 2 < self.window.size and now - last_read < 1.0:
+                continue
+            last_read = now
             load = await self.backend.load()
             if load is not None:
                 await self._apply_prefetch(self.window.update(load, self.inflight))

@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import aio_pika
 import aiormq
@@ -45,9 +46,15 @@ class PendingCall:
         self._replies: asyncio.Queue[Reply] = asyncio.Queue()
         self._on_done = on_done
         self._expected_seq = 0
+        self.publish_error: str | None = None
+        """Set when the broker refused the request; the call then ends without any reply."""
 
     def deliver(self, reply: Reply) -> None:
         self._replies.put_nowait(reply)
+
+    def publish_failed(self, error: str) -> None:
+        self.publish_error = error
+        self.deliver(Reply(seq=self._expected_seq, last=True, error=error))
 
     async def next(self, wait: float) -> Reply:
         """The next piece of the answer; ``TimeoutError`` if none comes in time.
@@ -68,6 +75,9 @@ class PendingCall:
 class Broker:
     """Connection to RabbitMQ for one sender process."""
 
+    _STATS_WATCH_IDLE = 5.0
+    """Seconds without a request after which a model's queue stats are no longer kept fresh."""
+
     def __init__(self, url: str, *, stats_ttl: float) -> None:
         self._url = url
         self._stats_ttl = stats_ttl
@@ -78,6 +88,9 @@ class Broker:
         self._stats_channel: AbstractChannel | None = None
         self._stats_lock = asyncio.Lock()
         self._stats: dict[str, tuple[float, QueueStats]] = {}
+        """model -> (monotonic time fetched, stats)"""
+        self._stats_used: dict[str, float] = {}
+        self._stats_watchers: dict[str, asyncio.Task[None]] = {}
         self._stats_pending: dict[str, asyncio.Task[QueueStats]] = {}
         self._pending: dict[str, PendingCall] = {}
         self._announce_queue: AbstractQueue | None = None
@@ -114,13 +127,20 @@ class Broker:
         await control.publish(aio_pika.Message(b""), routing_key=contract.ROLLCALL_KEY, mandatory=False)
 
     async def close(self) -> None:
+        for watcher in list(self._stats_watchers.values()):
+            watcher.cancel()
         for call in list(self._pending.values()):
             call.deliver(Reply(seq=-1, last=True, error="sender is shutting down"))
         if self._connection is not None:
             await self._connection.close()
 
     async def call(self, model: str, request: Request) -> PendingCall:
-        """Publish ``request`` to the model's queue and return where its replies will arrive."""
+        """Publish ``request`` to the model's queue and return where its replies will arrive.
+
+        The publisher confirm is awaited alongside the answer rather than before it,
+        which saves a broker round trip per request; a nack or a return (no such
+        queue) still ends the call with :attr:`PendingCall.publish_error`.
+        """
         if self._publish_channel is None or not self.connected:
             raise PublishFailed("not connected to the broker")
         correlation_id = uuid.uuid4().hex
@@ -136,15 +156,23 @@ class Broker:
             expiration=request.ttl_ms() / 1000,
             type=contract.REQUEST_TYPE,
         )
-        try:
-            await self._publish_channel.default_exchange.publish(
+        confirm = asyncio.ensure_future(
+            self._publish_channel.default_exchange.publish(
                 message, routing_key=contract.model_queue(model), mandatory=True
             )
-        except (aio_pika.exceptions.AMQPError, aiormq.exceptions.AMQPError, ConnectionError) as exc:
-            self._forget(correlation_id)
-            raise PublishFailed(str(exc) or type(exc).__name__) from exc
+        )
+        confirm.add_done_callback(lambda done: self._confirmed(pending, done))
         self._note_published(model)
         return pending
+
+    def _confirmed(self, pending: PendingCall, confirm: asyncio.Future[Any]) -> None:
+        if confirm.cancelled():
+            pending.publish_failed("publishing was cancelled")
+            return
+        exc = confirm.exception()
+        if exc is not None:
+            log.warning("broker refused a request: %s", type(exc).__name__)
+            pending.publish_failed(str(exc) or type(exc).__name__)
 
     def _forget(self, correlation_id: str) -> None:
         self._pending.pop(correlation_id, None)
@@ -161,19 +189,44 @@ class Broker:
         pending.deliver(reply)
 
     async def queue_stats(self, model: str) -> QueueStats:
-        """Depth and consumer count of the model's queue, at most ``stats_ttl`` old.
+        """Depth and consumer count of the model's queue, about ``stats_ttl`` old.
 
-        Many requests arriving together share one passive declare.
+        For a queue that exists, a background task keeps the numbers fresh while
+        requests for the model keep coming, so requests do not wait for a broker
+        round trip; the first request after a quiet spell (and any request for a
+        model without a queue) waits for a fresh passive declare, shared by all
+        requests arriving meanwhile.
         """
+        now = time.monotonic()
+        self._stats_used[model] = now
         cached = self._stats.get(model)
-        if cached is not None and cached[0] > time.monotonic():
-            return cached[1]
+        if cached is not None:
+            fetched_at, stats = cached
+            if now - fetched_at < self._stats_ttl or (stats.exists and model in self._stats_watchers):
+                return stats
         task = self._stats_pending.get(model)
         if task is None:
             task = asyncio.ensure_future(self._fetch_stats(model))
             self._stats_pending[model] = task
             task.add_done_callback(lambda _: self._stats_pending.pop(model, None))
-        return await asyncio.shield(task)
+        stats = await asyncio.shield(task)
+        if stats.exists and model not in self._stats_watchers:
+            self._stats_watchers[model] = asyncio.create_task(self._watch_stats(model))
+        return stats
+
+    async def _watch_stats(self, model: str) -> None:
+        try:
+            while time.monotonic() - self._stats_used.get(model, 0.0) < self._STATS_WATCH_IDLE:
+                await asyncio.sleep(self._stats_ttl)
+                try:
+                    stats = await self._fetch_stats(model)
+                except Exception as exc:
+                    log.warning("queue stats of %s failed: %s", model, type(exc).__name__)
+                    return
+                if not stats.exists:
+                    return
+        finally:
+            self._stats_watchers.pop(model, None)
 
     def _note_published(self, model: str) -> None:
         cached = self._stats.get(model)
@@ -196,9 +249,10 @@ class Broker:
                     messages=declared.message_count or 0,
                     consumers=declared.consumer_count or 0,
                 )
-        self._stats[model] = (time.monotonic() + self._stats_ttl, stats)
+        self._stats[model] = (time.monotonic(), stats)
         if len(self._stats) > 10_000:
             self._stats.clear()
+            self._stats_used.clear()
         return stats
 
     async def _stats_underlay(self) -> aiormq.abc.AbstractChannel:

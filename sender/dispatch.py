@@ -75,6 +75,9 @@ class Dispatcher:
         except BaseException:
             call.close()
             raise
+        if call.publish_error is not None:
+            call.close()
+            raise self._unavailable("the request could not be queued", "queue_unavailable")
         if first.status is None:
             call.close()
             raise ApiError(

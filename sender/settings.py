@@ -36,7 +36,7 @@ class SenderSettings(BaseSettings):
     """How long a token lookup is trusted; a revoked token works at most this long."""
     unknown_token_cache_seconds: float = 1.0
     token_cache_size: int = 10_000
-    queue_stats_seconds: float = 0.1
+    queue_stats_seconds: float = 0.25
     """How old the queue depth used for admission may be."""
     retry_after_seconds: int = 1
     """``Retry-After`` sent with 429 and 503."""
