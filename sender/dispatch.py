@@ -19,15 +19,17 @@ from sender.settings import SenderSettings
 from sender.tokens import Token
 
 
-def effective_priority(token: Token, requested: str | None) -> int:
-    """The token's priority, or the lower one the request asks for with ``X-Priority``."""
+def effective_priority(token: Token, requested: str | None, max_priority: int) -> int:
+    """The token's priority, or the lower one the request asks for with ``X-Priority``,
+    within the queue's scale (0 to ``max_priority``)."""
+    ceiling = max(0, min(token.priority, max_priority))
     if requested is None:
-        return token.priority
+        return ceiling
     try:
         value = int(requested.strip())
     except ValueError:
         raise ApiError(400, "X-Priority must be an integer", code="invalid_priority") from None
-    return max(0, min(value, token.priority))
+    return max(0, min(value, ceiling))
 
 
 class Dispatcher:

@@ -189,3 +189,35 @@ async def test_metrics_flow_keeps_the_backlog_in_the_broker(
         high = asyncio.create_task(call(http, "high", 8))
         await asyncio.gather(high, *lows)
     assert finished.index("high") <= 4, finished
+
+
+async def test_priority_forwarded_to_a_priority_scheduling_backend(
+    processes: Processes, sender: Service, priority_tokens: dict[int, str], token: str
+) -> None:
+    """The consumer holds several requests at once here, so the broker cannot order them: the backend's own
+    priority scheduling does, from the ``priority`` field the consumer sets (lower is sooner in vLLM)."""
+    model = unique("vllm-priority")
+    backend = processes.simulator(model, max_num_seqs=1, ttft_ms=5, itl_ms=5, scheduling_policy="priority")
+    processes.consumer(model, backend, flow="fixed", max_inflight=8, forward_priority="true")
+    await wait_listed(sender, token, model)
+    finished: list[str] = []
+
+    async def call(http: httpx.AsyncClient, label: str, priority: int, tokens: int) -> None:
+        response = await http.post(
+            "/v1/completions",
+            json={"model": model, "prompt": label, "max_tokens": tokens},
+            headers=auth(priority_tokens[priority]),
+        )
+        assert response.status_code == 200, response.text
+        finished.append(label)
+
+    async with httpx.AsyncClient(base_url=sender.url, timeout=60) as http:
+        tasks = [asyncio.create_task(call(http, "blocker", 5, BLOCKER_TOKENS))]
+        await wait_running(backend)
+        for i in range(3):
+            tasks.append(asyncio.create_task(call(http, f"low{i}", 1, 2)))
+        await asyncio.sleep(0.2)  # all taken by the consumer and waiting inside the backend
+        assert await queue_depth(model) == 0
+        tasks.append(asyncio.create_task(call(http, "high", 8, 2)))
+        await asyncio.gather(*tasks)
+    assert finished[:2] == ["blocker", "high"], finished
