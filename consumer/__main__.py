@@ -8,6 +8,7 @@ import signal
 
 from consumer.settings import ConsumerSettings
 from consumer.worker import Worker
+from contract.runtime import tune_gc
 
 
 async def _main() -> None:
@@ -19,7 +20,9 @@ async def _main() -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await Worker(settings).run(stop)
+    worker = Worker(settings)
+    tune_gc()
+    await worker.run(stop)
 
 
 def main() -> None:

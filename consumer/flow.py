@@ -4,8 +4,8 @@ A priority queue orders only what is still in the broker. So the consumer
 takes a new request only while vLLM can start it at once (its own waiting
 queue near zero, KV cache not full); the rest wait in RabbitMQ, in priority
 order. The window grows while the backend keeps up (doubling at first, then
-one at a time) and falls back to what the backend is actually running as soon
-as requests start waiting inside it.
+one at a time) and, as soon as requests wait inside the backend, shrinks by
+that many: what it holds minus the backend's excess.
 """
 
 from __future__ import annotations
@@ -64,8 +64,10 @@ class Window:
             load.kv_cache is not None and load.kv_cache > self._kv_cache_max
         )
         if congested:
+            # Give back exactly the excess that waits inside the backend; a full KV cache just stops growth.
             self._slow_start = False
-            self.size = max(1, min(self.size, int(load.running)))
+            excess = max(0, int(load.waiting - self._waiting_tolerance))
+            self.size = min(self.size, inflight) - excess
         elif inflight >= self.size:
             self.size = self.size * 2 if self._slow_start else self.size + 1
         self.size = max(1, min(self.size, self.maximum))

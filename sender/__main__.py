@@ -7,6 +7,7 @@ import logging
 
 import uvicorn
 
+from contract.runtime import tune_gc
 from sender.app import create_app
 from sender.settings import SenderSettings
 
@@ -16,8 +17,10 @@ def main() -> None:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
+    app = create_app(settings)
+    tune_gc()
     uvicorn.run(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",

@@ -194,9 +194,12 @@ class Bench:
                 (True, 16),
                 (True, 64),
             ]:
+                name = f"{'stream' if stream else 'whole'}-c{concurrency}"
+                if self.args.only and name not in self.args.only:
+                    continue
                 payload = {**chat, "stream": True} if stream else chat
                 await self.compare(
-                    f"{'stream' if stream else 'whole'}-c{concurrency}",
+                    name,
                     payload,
                     token,
                     concurrency,
@@ -205,7 +208,8 @@ class Bench:
                     sender.url,
                     [sender.pid, consumer.pid],
                 )
-            await self.priority(prio_direct.url, sender.url, prio_model, high, low)
+            if not self.args.only or "priority" in self.args.only:
+                await self.priority(prio_direct.url, sender.url, prio_model, high, low)
         finally:
             for service in reversed(self.services):
                 service.stop()
@@ -369,6 +373,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each run")
     parser.add_argument("--priority-seconds", type=float, default=30.0)
     parser.add_argument("--priority-warmup", type=float, default=8.0)
+    parser.add_argument("--only", nargs="*", help="scenarios to run (e.g. whole-c64 stream-c64 priority)")
     args = parser.parse_args()
     problems = stack.missing_services(["RabbitMQ", "PostgreSQL"])
     if problems:
