@@ -91,7 +91,8 @@ class Broker:
         """model -> (monotonic time fetched, stats)"""
         self._stats_used: dict[str, float] = {}
         self._stats_watchers: dict[str, asyncio.Task[None]] = {}
-        self._stats_pending: dict[str, asyncio.Task[QueueStats]] = {}
+        self._stats_pending: dict[str, asyncio.Future[QueueStats]] = {}
+        self._fresh_pending: dict[str, asyncio.Future[QueueStats]] = {}
         self._pending: dict[str, PendingCall] = {}
         self._announce_queue: AbstractQueue | None = None
 
@@ -188,27 +189,28 @@ class Broker:
             reply = Reply(seq=-1, last=True, error="malformed reply from consumer")
         pending.deliver(reply)
 
-    async def queue_stats(self, model: str) -> QueueStats:
+    async def queue_stats(self, model: str, *, fresh: bool = False) -> QueueStats:
         """Depth and consumer count of the model's queue, about ``stats_ttl`` old.
 
         For a queue that exists, a background task keeps the numbers fresh while
         requests for the model keep coming, so requests do not wait for a broker
         round trip; the first request after a quiet spell (and any request for a
         model without a queue) waits for a fresh passive declare, shared by all
-        requests arriving meanwhile.
+        requests arriving meanwhile. ``fresh`` asks for numbers read after the call.
         """
         now = time.monotonic()
         self._stats_used[model] = now
-        cached = self._stats.get(model)
+        cached = None if fresh else self._stats.get(model)
         if cached is not None:
             fetched_at, stats = cached
             if now - fetched_at < self._stats_ttl or (stats.exists and model in self._stats_watchers):
                 return stats
-        task = self._stats_pending.get(model)
+        pending = self._fresh_pending if fresh else self._stats_pending
+        task = pending.get(model)
         if task is None:
             task = asyncio.ensure_future(self._fetch_stats(model))
-            self._stats_pending[model] = task
-            task.add_done_callback(lambda _: self._stats_pending.pop(model, None))
+            pending[model] = task
+            task.add_done_callback(lambda _: pending.pop(model, None))
         stats = await asyncio.shield(task)
         if stats.exists and model not in self._stats_watchers:
             self._stats_watchers[model] = asyncio.create_task(self._watch_stats(model))

@@ -41,6 +41,9 @@ class Dispatcher:
         """Raise the error the client should get if ``model`` cannot take this request now."""
         try:
             stats = await self._broker.queue_stats(model)
+            if not stats.exists or stats.consumers == 0:
+                # Refusing is rare: make sure with numbers newer than, say, a consumer's announcement.
+                stats = await self._broker.queue_stats(model, fresh=True)
         except (PublishFailed, TimeoutError, ConnectionError) as exc:
             raise self._unavailable("the message broker is unreachable", "broker_unavailable") from exc
         if not stats.exists:
