@@ -19,6 +19,7 @@ import uuid
 
 import aio_pika
 import aiohttp
+import aiormq
 import orjson
 from aio_pika.abc import (
     AbstractChannel,
@@ -27,6 +28,7 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustConnection,
 )
+from pamqp.commands import Basic
 
 import contract
 from consumer.backend import Backend, BackendFailed, BackendUnreachable
@@ -359,24 +361,29 @@ class Worker:
 
 
 class ReplyPublisher:
-    """Publishes reply pieces of one request to the sender's reply queue."""
+    """Publishes reply pieces of one request to the sender's reply queue.
+
+    Straight through aiormq: replies are the most frequent messages (several per
+    streamed answer) and aio-pika's message wrapper adds about half again to the
+    cost of each.
+    """
 
     def __init__(self, channel: AbstractChannel, reply_to: str, correlation_id: str) -> None:
-        self._exchange = channel.default_exchange
+        self._channel = channel
         self._reply_to = reply_to
         self._correlation_id = correlation_id
 
     async def __call__(self, reply: Reply) -> None:
-        message = aio_pika.Message(
-            reply.body,
+        properties = Basic.Properties(
             headers=reply.headers(),
             content_type=reply.content_type,
             correlation_id=self._correlation_id,
-            type=contract.REPLY_TYPE,
+            message_type=contract.REPLY_TYPE,
         )
-        with contextlib.suppress(aio_pika.exceptions.AMQPError, ConnectionError):
+        with contextlib.suppress(aio_pika.exceptions.AMQPError, aiormq.exceptions.AMQPError, ConnectionError):
+            channel = await self._channel.get_underlay_channel()
             # Not mandatory: a reply to a sender that is gone has nobody to go to.
-            await self._exchange.publish(message, routing_key=self._reply_to, mandatory=False)
+            await channel.basic_publish(reply.body, routing_key=self._reply_to, properties=properties)
 
 
 async def _settle(operation: object) -> None:
