@@ -93,13 +93,17 @@ def test_window_grows_while_the_backend_keeps_up_and_shrinks_when_it_queues() ->
     assert window.size == 100
 
 
-async def test_reply_writer_batches_a_stream() -> None:
+def collecting_writer() -> tuple[ReplyWriter, list[Reply]]:
     sent: list[Reply] = []
 
     async def publish(reply: Reply) -> None:
         sent.append(reply)
 
-    writer = ReplyWriter(publish, interval=0.05, max_bytes=1000)
+    return ReplyWriter(publish, interval=0.05, max_bytes=1000), sent
+
+
+async def test_reply_writer_batches_a_stream() -> None:
+    writer, sent = collecting_writer()
     writer.begin(200, "text/event-stream")
     await writer.feed(b"data: 1\n\n")
     assert len(sent) == 1 and sent[0].status == 200  # the first bytes go at once
@@ -116,12 +120,7 @@ async def test_reply_writer_batches_a_stream() -> None:
 
 
 async def test_reply_writer_marks_a_broken_stream() -> None:
-    sent: list[Reply] = []
-
-    async def publish(reply: Reply) -> None:
-        sent.append(reply)
-
-    writer = ReplyWriter(publish, interval=0.05, max_bytes=1000)
+    writer, sent = collecting_writer()
     writer.begin(200, "text/event-stream")
     await writer.feed(b"data: 1\n\n")
     await writer.feed(b"data: 2\n\n")
