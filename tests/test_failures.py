@@ -1,0 +1,75 @@
+"""Nothing hangs: deadlines end in 504, malformed queue messages are rejected without harm."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aio_pika
+import httpx
+
+import contract
+from tests.conftest import RABBITMQ_URL, Processes, auth, unique, wait_listed
+from tests.test_priority import queue_depth, wait_running
+from tools.stack import Service
+
+
+async def aborted_requests(backend: Service) -> float:
+    async with httpx.AsyncClient() as http:
+        metrics = (await http.get(backend.url + "/metrics")).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("simulator:requests_aborted_total")
+    )
+
+
+async def test_deadline_ends_running_and_queued_requests_with_504(processes: Processes, token: str) -> None:
+    sender = processes.sender("postgres", deadline_seconds=1.0)
+    model = unique("deadline")
+    backend = processes.simulator(model, max_num_seqs=1, ttft_ms=5, itl_ms=5)
+    processes.consumer(model, backend, flow="fixed", max_inflight=1)
+    await wait_listed(sender, token, model)
+    long = {"model": model, "prompt": "x", "max_tokens": 400}  # 2 s of generation, past the 1 s deadline
+    async with httpx.AsyncClient(base_url=sender.url, headers=auth(token), timeout=30) as http:
+        running = asyncio.create_task(http.post("/v1/completions", json=long))
+        await wait_running(backend)
+        queued = await http.post("/v1/completions", json={**long, "max_tokens": 2})
+        answered = await running
+    for response in (answered, queued):
+        assert response.status_code == 504, response.text
+        assert response.json()["error"]["code"] == "deadline_exceeded"
+    # The running generation was stopped rather than left to burn the GPU, and nothing stays queued.
+    for _ in range(50):
+        if await aborted_requests(backend) >= 1 and await queue_depth(model) == 0:
+            break
+        await asyncio.sleep(0.1)
+    assert await aborted_requests(backend) >= 1
+    assert await queue_depth(model) == 0
+
+
+async def test_malformed_message_is_rejected_and_the_consumer_keeps_serving(
+    processes: Processes, sender: Service, token: str
+) -> None:
+    model = unique("malformed")
+    backend = processes.simulator(model)
+    consumer = processes.consumer(model, backend)
+    await wait_listed(sender, token, model)
+    connection = await aio_pika.connect(RABBITMQ_URL)
+    async with connection:
+        channel = await connection.channel()
+        for message in (
+            aio_pika.Message(b"not even json"),
+            aio_pika.Message(b"{}", headers={"v": 99, "path": "/v1/completions", "deadline": 1}),
+            # Well-formed headers, but no reply_to: nobody could receive the answer.
+            aio_pika.Message(b"{}", headers={"v": 1, "path": "/v1/completions", "deadline": 10**13}),
+        ):
+            await channel.default_exchange.publish(message, routing_key=contract.model_queue(model))
+    for _ in range(50):
+        if await queue_depth(model) == 0:
+            break
+        await asyncio.sleep(0.1)
+    assert await queue_depth(model) == 0
+    assert consumer.alive()
+    async with httpx.AsyncClient(base_url=sender.url, headers=auth(token)) as http:
+        response = await http.post("/v1/completions", json={"model": model, "prompt": "x", "max_tokens": 2})
+    assert response.status_code == 200
