@@ -40,6 +40,9 @@ from contract import Announcement, ContractError, Reply, Request
 log = logging.getLogger(__name__)
 
 _JSON = "application/json"
+_CANCEL_MEMORY = 900.0
+"""Seconds a cancellation without a deadline is remembered for a request not seen yet."""
+_CANCEL_MEMORY_SIZE = 100_000
 
 
 def error_body(message: str, *, type: str, code: str) -> bytes:
@@ -72,6 +75,11 @@ class Worker:
         self._idle.set()
         self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
+        self._serving: dict[str, asyncio.Task[object]] = {}
+        """correlation id -> the task serving it, for cancellation."""
+        self._client_gone: set[str] = set()
+        self._cancelled: dict[str, float] = {}
+        """Cancelled before they reached this consumer: correlation id -> forget after (monotonic)."""
 
     @property
     def consuming(self) -> bool:
@@ -146,7 +154,8 @@ class Worker:
         )
         rollcall = await self._reply_channel.declare_queue(exclusive=True, auto_delete=True)
         await rollcall.bind(self._control, contract.ROLLCALL_KEY)
-        await rollcall.consume(self._on_rollcall, no_ack=True)
+        await rollcall.bind(self._control, contract.CANCEL_KEY)
+        await rollcall.consume(self._on_control, no_ack=True)
 
         self._consume_channel = await self._connection.channel(publisher_confirms=False)
         self._queue = await self._consume_channel.declare_queue(
@@ -222,9 +231,25 @@ class Worker:
             await asyncio.sleep(self.settings.announce_interval)
             await self._announce(Announcement.READY if self.consuming else Announcement.PAUSED)
 
-    async def _on_rollcall(self, message: AbstractIncomingMessage) -> None:
-        if not self._stopping:
+    async def _on_control(self, message: AbstractIncomingMessage) -> None:
+        if message.routing_key == contract.CANCEL_KEY:
+            deadline = (message.headers or {}).get(contract.H_DEADLINE)
+            forget_in = int(deadline) / 1000 - time.time() if isinstance(deadline, int) else _CANCEL_MEMORY
+            self._cancel(message.body.decode(errors="replace"), max(1.0, forget_in))
+        elif not self._stopping:
             await self._announce(Announcement.READY if self.consuming else Announcement.PAUSED)
+
+    def _cancel(self, correlation_id: str, forget_in: float) -> None:
+        """The client of this request went away: stop serving it, or skip it when it comes up."""
+        task = self._serving.get(correlation_id)
+        if task is not None:
+            self._client_gone.add(correlation_id)
+            task.cancel()
+            return
+        now = time.monotonic()
+        self._cancelled[correlation_id] = now + forget_in
+        if len(self._cancelled) > _CANCEL_MEMORY_SIZE:
+            self._cancelled = {cid: until for cid, until in self._cancelled.items() if until > now}
 
     async def _announce(self, state: str) -> None:
         if self._control is None:
@@ -244,11 +269,19 @@ class Worker:
             )
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        correlation_id = message.correlation_id or ""
+        if self._cancelled.pop(correlation_id, None) is not None:
+            await _settle(message.ack())  # its client is gone: spend no GPU time on it
+            return
         self.inflight += 1
         self._idle.clear()
+        task = asyncio.current_task()
+        if correlation_id and task is not None:
+            self._serving[correlation_id] = task
         try:
             await self._serve(message)
         finally:
+            self._serving.pop(correlation_id, None)
             self.inflight -= 1
             if self.inflight == 0:
                 self._idle.set()
@@ -270,6 +303,14 @@ class Worker:
         requeue = False
         try:
             requeue = await self._answer(request, writer, redelivered=bool(message.redelivered))
+        except asyncio.CancelledError:
+            if message.correlation_id not in self._client_gone:
+                raise
+            self._client_gone.discard(message.correlation_id)
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            log.info("request %s cancelled: its client went away", request.request_id)
         except Exception:
             log.exception("request %s failed in the consumer", request.request_id)
             if not writer.finished:

@@ -7,7 +7,8 @@ Requests go to one durable priority queue per model (:func:`model_queue`).
 Replies go to the ``reply_to`` queue of the sender that asked, as one or more
 messages with the request's ``correlation_id``, numbered from 0; the last one
 says so. Consumers announce themselves on the control exchange so senders can
-list the models that are being served right now.
+list the models that are being served right now; senders cancel, on the same
+exchange, requests whose client went away.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ QUEUE_PREFIX = "dispatch.model."
 CONTROL_EXCHANGE = "dispatch.control"
 ANNOUNCE_KEY = "announce"
 ROLLCALL_KEY = "rollcall"
+CANCEL_KEY = "cancel"
 REPLY_QUEUE_PREFIX = "dispatch.reply."
 
 DEFAULT_MAX_PRIORITY = 9
@@ -41,6 +43,7 @@ H_ERROR = "error"
 
 REQUEST_TYPE = "request"
 REPLY_TYPE = "reply"
+CANCEL_TYPE = "cancel"
 
 
 class ContractError(ValueError):

@@ -195,7 +195,13 @@ async def _forward(request: Request, path: str) -> Response:
     await services.dispatcher.admit(model, token)
     request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
     return await services.dispatcher.forward(
-        model, path, body, stream=payload.get("stream") is True, priority=priority, request_id=request_id[:64]
+        model,
+        path,
+        body,
+        stream=payload.get("stream") is True,
+        priority=priority,
+        request_id=request_id[:64],
+        receive=request.receive,
     )
 
 

@@ -21,6 +21,7 @@ import aio_pika
 import aiormq
 from aio_pika.abc import (
     AbstractChannel,
+    AbstractExchange,
     AbstractIncomingMessage,
     AbstractQueue,
     AbstractRobustChannel,
@@ -47,11 +48,15 @@ class QueueStats:
 class PendingCall:
     """The replies to one published request, in order, as they arrive."""
 
-    def __init__(self, correlation_id: str, on_done: Callable[[str], None]) -> None:
+    def __init__(self, correlation_id: str, deadline: float, on_done: Callable[[PendingCall], None]) -> None:
         self.correlation_id = correlation_id
+        self.deadline = deadline
         self._replies: asyncio.Queue[Reply] = asyncio.Queue()
         self._on_done = on_done
         self._expected_seq = 0
+        self.finished = False
+        """Whether the last piece of the answer arrived."""
+        self.abandoned = False
         self.publish_error: str | None = None
         """Set when the broker refused the request; the call then ends without any reply."""
 
@@ -69,13 +74,22 @@ class PendingCall:
         cannot be trusted any more, so it ends with an error instead.
         """
         reply = await asyncio.wait_for(self._replies.get(), max(wait, 0.0))
+        if self.abandoned or self.publish_error is not None:
+            return reply
         if reply.seq != self._expected_seq:
             return Reply(seq=reply.seq, last=True, error=f"reply piece {self._expected_seq} was lost")
         self._expected_seq += 1
+        self.finished = reply.last
         return reply
 
+    def abandon(self, reason: str = "the client went away") -> None:
+        """Nobody will read the answer: end the wait for it now."""
+        self.abandoned = True
+        self.deliver(Reply(seq=self._expected_seq, last=True, error=reason))
+
     def close(self) -> None:
-        self._on_done(self.correlation_id)
+        """Stop listening; an unfinished request is cancelled wherever it is (queued or running)."""
+        self._on_done(self)
 
 
 class Broker:
@@ -92,6 +106,8 @@ class Broker:
         self._connection: AbstractRobustConnection | None = None
         self._publish_channel: AbstractChannel | None = None
         self._reply_channel: AbstractRobustChannel | None = None
+        self._control: AbstractExchange | None = None
+        self._background: set[asyncio.Future[None]] = set()
         self._stats_channel: AbstractChannel | None = None
         self._stats_lock = asyncio.Lock()
         self._stats: dict[str, tuple[float, QueueStats]] = {}
@@ -129,6 +145,7 @@ class Broker:
         control = await reply_channel.declare_exchange(
             contract.CONTROL_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
         )
+        self._control = control
         self._announce_queue = await reply_channel.declare_queue(exclusive=True, auto_delete=True)
         await self._announce_queue.bind(control, contract.ANNOUNCE_KEY)
 
@@ -142,7 +159,7 @@ class Broker:
         for watcher in list(self._stats_watchers.values()):
             watcher.cancel()
         for call in list(self._pending.values()):
-            call.deliver(Reply(seq=-1, last=True, error="sender is shutting down"))
+            call.abandon("the dispatcher is shutting down")
         if self._connection is not None:
             await self._connection.close()
 
@@ -156,7 +173,7 @@ class Broker:
         if self._publish_channel is None or not self.connected:
             raise PublishFailed("not connected to the broker")
         correlation_id = uuid.uuid4().hex
-        pending = PendingCall(correlation_id, self._forget)
+        pending = PendingCall(correlation_id, request.deadline, self._forget)
         self._pending[correlation_id] = pending
         message = aio_pika.Message(
             request.body,
@@ -186,8 +203,22 @@ class Broker:
             log.warning("broker refused a request: %s", type(exc).__name__)
             pending.publish_failed(str(exc) or type(exc).__name__)
 
-    def _forget(self, correlation_id: str) -> None:
-        self._pending.pop(correlation_id, None)
+    def _forget(self, call: PendingCall) -> None:
+        self._pending.pop(call.correlation_id, None)
+        if not call.finished and call.publish_error is None and self._control is not None:
+            task = asyncio.ensure_future(self._send_cancel(call))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _send_cancel(self, call: PendingCall) -> None:
+        assert self._control is not None
+        message = aio_pika.Message(
+            call.correlation_id.encode(),
+            headers={contract.H_DEADLINE: int(call.deadline * 1000)},
+            type=contract.CANCEL_TYPE,
+        )
+        with contextlib.suppress(aio_pika.exceptions.AMQPError, aiormq.exceptions.AMQPError, ConnectionError):
+            await self._control.publish(message, routing_key=contract.CANCEL_KEY, mandatory=False)
 
     async def _consume_replies(self) -> None:
         assert self._reply_channel is not None

@@ -7,10 +7,12 @@ one request back into an HTTP response, whole or streamed.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 
 from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive
 
 from contract import Reply, Request
 from sender.broker import Broker, PendingCall, PublishFailed
@@ -62,8 +64,22 @@ class Dispatcher:
             )
 
     async def forward(
-        self, model: str, path: str, body: bytes, *, stream: bool, priority: int, request_id: str
+        self,
+        model: str,
+        path: str,
+        body: bytes,
+        *,
+        stream: bool,
+        priority: int,
+        request_id: str,
+        receive: Receive,
     ) -> Response:
+        """Queue the request and answer with the backend's reply.
+
+        ``receive`` is the client connection's ASGI receive: if the client goes
+        away before the answer starts, the request is cancelled (skipped if still
+        queued, aborted if running) rather than served to nobody.
+        """
         deadline = time.time() + self._settings.deadline_seconds
         request = Request(
             path=path, body=body, stream=stream, priority=priority, deadline=deadline, request_id=request_id
@@ -72,6 +88,7 @@ class Dispatcher:
             call = await self._broker.call(model, request)
         except PublishFailed as exc:
             raise self._unavailable("the request could not be queued", "queue_unavailable") from exc
+        watcher = asyncio.ensure_future(_watch_disconnect(receive, call))
         try:
             first = await call.next(deadline - time.time())
         except TimeoutError:
@@ -80,6 +97,11 @@ class Dispatcher:
         except BaseException:
             call.close()
             raise
+        finally:
+            watcher.cancel()
+        if call.abandoned:
+            call.close()
+            return Response(status_code=499)  # nobody is there to read it
         if call.publish_error is not None:
             call.close()
             raise self._unavailable("the request could not be queued", "queue_unavailable")
@@ -100,6 +122,13 @@ class Dispatcher:
         return ApiError(
             503, message, type="server_error", code=code, retry_after=self._settings.retry_after_seconds
         )
+
+
+async def _watch_disconnect(receive: Receive, call: PendingCall) -> None:
+    """Abandon ``call`` when the client disconnects (the body has been read already)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    call.abandon()
 
 
 async def _relay(call: PendingCall, first: Reply, deadline: float) -> AsyncIterator[bytes]:

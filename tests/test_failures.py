@@ -33,7 +33,9 @@ async def test_deadline_ends_running_and_queued_requests_with_504(processes: Pro
     async with httpx.AsyncClient(base_url=sender.url, headers=auth(token), timeout=30) as http:
         running = asyncio.create_task(http.post("/v1/completions", json=long))
         await wait_running(backend)
-        queued = await http.post("/v1/completions", json={**long, "max_tokens": 2})
+        queued = await http.post(
+            "/v1/completions", json=long
+        )  # long too: it cannot slip in before its deadline
         answered = await running
     for response in (answered, queued):
         assert response.status_code == 504, response.text
@@ -73,3 +75,66 @@ async def test_malformed_message_is_rejected_and_the_consumer_keeps_serving(
     async with httpx.AsyncClient(base_url=sender.url, headers=auth(token)) as http:
         response = await http.post("/v1/completions", json={"model": model, "prompt": "x", "max_tokens": 2})
     assert response.status_code == 200
+
+
+async def simulator_counter(backend: Service, name: str) -> float:
+    async with httpx.AsyncClient() as http:
+        metrics = (await http.get(backend.url + "/metrics")).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines() if line.startswith(name))
+
+
+async def wait_counter(backend: Service, name: str, at_least: float, timeout: float = 5) -> float:
+    for _ in range(int(timeout / 0.05)):
+        value = await simulator_counter(backend, name)
+        if value >= at_least:
+            return value
+        await asyncio.sleep(0.05)
+    return await simulator_counter(backend, name)
+
+
+async def test_client_that_leaves_cancels_the_generation(
+    processes: Processes, sender: Service, token: str
+) -> None:
+    model = unique("leaves")
+    backend = processes.simulator(model, max_num_seqs=4, ttft_ms=5, itl_ms=5)
+    processes.consumer(model, backend)
+    await wait_listed(sender, token, model)
+    long = {"model": model, "prompt": "x", "max_tokens": 400}  # 2 s if nobody stops it
+    async with httpx.AsyncClient(base_url=sender.url, headers=auth(token), timeout=30) as http:
+        whole = asyncio.create_task(http.post("/v1/completions", json=long))
+        await wait_running(backend)
+        await asyncio.sleep(0.2)
+        whole.cancel()
+        assert await wait_counter(backend, "simulator:requests_aborted_total", 1) == 1
+
+        async with http.stream("POST", "/v1/completions", json={**long, "stream": True}) as response:
+            assert response.status_code == 200
+            async for _ in response.aiter_bytes():
+                break  # read the first piece, then hang up
+        assert await wait_counter(backend, "simulator:requests_aborted_total", 2) == 2
+    wasted = await simulator_counter(backend, "simulator:generation_tokens_aborted_total")
+    assert wasted < 2 * 200, f"{wasted} tokens generated for clients that had gone"
+
+
+async def test_queued_request_of_a_gone_client_is_skipped(
+    processes: Processes, sender: Service, token: str
+) -> None:
+    model = unique("skipped")
+    backend = processes.simulator(model, max_num_seqs=1, ttft_ms=5, itl_ms=5)
+    processes.consumer(model, backend, flow="fixed", max_inflight=1)
+    await wait_listed(sender, token, model)
+    request = {"model": model, "prompt": "x", "max_tokens": 100}
+    async with httpx.AsyncClient(base_url=sender.url, headers=auth(token), timeout=30) as http:
+        blocker = asyncio.create_task(http.post("/v1/completions", json=request))
+        await wait_running(backend)
+        queued = asyncio.create_task(http.post("/v1/completions", json=request))
+        for _ in range(100):
+            if await queue_depth(model) == 1:
+                break
+            await asyncio.sleep(0.02)
+        queued.cancel()
+        assert (await blocker).status_code == 200
+    await asyncio.sleep(0.5)
+    assert await queue_depth(model) == 0
+    assert await simulator_counter(backend, "vllm:request_success_total") == 1
+    assert await simulator_counter(backend, "simulator:requests_aborted_total") == 0
