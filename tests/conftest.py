@@ -56,9 +56,11 @@ class Processes:
         self.services: list[stack.Service] = []
         self.models: set[str] = set()
 
-    def simulator(self, model: str, **options: object) -> stack.Service:
+    def simulator(self, model: str, name: str | None = None, **options: object) -> stack.Service:
         settings = {**FAST_SIMULATOR, **options}
-        service = stack.start_simulator(self.log_dir, model=model, name=f"simulator-{model}", **settings)
+        service = stack.start_simulator(
+            self.log_dir, model=model, name=name or f"simulator-{model}", **settings
+        )
         self.services.append(service)
         return service
 

@@ -138,3 +138,47 @@ async def test_queued_request_of_a_gone_client_is_skipped(
     assert await queue_depth(model) == 0
     assert await simulator_counter(backend, "vllm:request_success_total") == 1
     assert await simulator_counter(backend, "simulator:requests_aborted_total") == 0
+
+
+async def test_killed_consumer_request_is_served_by_another(
+    processes: Processes, sender: Service, token: str
+) -> None:
+    model = unique("crash")
+    first_backend = processes.simulator(model, max_num_seqs=1, ttft_ms=5, itl_ms=5)
+    first = processes.consumer(model, first_backend, flow="fixed", max_inflight=1, name=f"consumer-{model}-a")
+    await wait_listed(sender, token, model)
+    async with httpx.AsyncClient(base_url=sender.url, headers=auth(token), timeout=30) as http:
+        request = asyncio.create_task(
+            http.post("/v1/completions", json={"model": model, "prompt": "x", "max_tokens": 200})
+        )
+        await wait_running(first_backend)
+        second_backend = processes.simulator(model, name=f"simulator-{model}-b")
+        processes.consumer(model, second_backend, name=f"consumer-{model}-b")
+        first.kill()  # SIGKILL before any answer: the broker hands the request to the other consumer
+        response = await request
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["completion_tokens"] == 200
+
+
+async def test_sigterm_drains_the_requests_in_flight(
+    processes: Processes, sender: Service, token: str
+) -> None:
+    model = unique("drain")
+    backend = processes.simulator(model, max_num_seqs=1, ttft_ms=5, itl_ms=5)
+    consumer = processes.consumer(model, backend, flow="fixed", max_inflight=1)
+    await wait_listed(sender, token, model)
+    async with httpx.AsyncClient(base_url=sender.url, headers=auth(token), timeout=30) as http:
+        running = asyncio.create_task(
+            http.post("/v1/completions", json={"model": model, "prompt": "x", "max_tokens": 100})
+        )
+        await wait_running(backend)
+        queued = asyncio.create_task(
+            http.post("/v1/completions", json={"model": model, "prompt": "y", "max_tokens": 2})
+        )
+        await asyncio.sleep(0.1)
+        consumer.process.terminate()  # what Kubernetes sends
+        assert (await running).status_code == 200  # finished, not cut short
+        await asyncio.to_thread(consumer.process.wait, 10)
+        assert await queue_depth(model) == 1  # the waiting request stays for another consumer
+        processes.consumer(model, backend, name=f"consumer-{model}-next")
+        assert (await queued).status_code == 200
