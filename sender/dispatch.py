@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 
-from starlette.responses import Response, StreamingResponse
-from starlette.types import Receive
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from contract import Reply, Request
 from sender.broker import Broker, PendingCall, PublishFailed
@@ -116,7 +115,7 @@ class Dispatcher:
             return Response(first.body, status_code=first.status, headers=headers)
         headers["cache-control"] = "no-cache"
         headers["x-accel-buffering"] = "no"
-        return StreamingResponse(_relay(call, first, deadline), status_code=first.status, headers=headers)
+        return RelayResponse(call, first, deadline, status_code=first.status, headers=headers)
 
     def _unavailable(self, message: str, code: str) -> ApiError:
         return ApiError(
@@ -131,23 +130,53 @@ async def _watch_disconnect(receive: Receive, call: PendingCall) -> None:
     call.abandon()
 
 
-async def _relay(call: PendingCall, first: Reply, deadline: float) -> AsyncIterator[bytes]:
-    try:
-        reply = first
-        while True:
-            if reply.body:
-                yield reply.body
-            if reply.error is not None:
-                yield sse_error_event(reply.error, code="stream_interrupted")
-            if reply.last:
-                return
-            try:
-                reply = await call.next(deadline - time.time())
-            except TimeoutError:
-                yield sse_error_event("the request ran past its deadline", code="deadline_exceeded")
-                return
-    finally:
-        call.close()
+class RelayResponse(Response):
+    """A streamed answer, relayed piece by piece as the replies arrive.
+
+    Plain ASGI rather than Starlette's ``StreamingResponse``: that one runs a
+    generator inside an anyio task group per response, which cost about a fifth
+    of the sender's CPU on streamed answers. The client's disconnect is watched
+    here too, and ends (and cancels) the request.
+    """
+
+    def __init__(
+        self, call: PendingCall, first: Reply, deadline: float, *, status_code: int, headers: dict[str, str]
+    ) -> None:
+        self.status_code = status_code
+        self.background = None
+        self.init_headers(headers)
+        self._call = call
+        self._first = first
+        self._deadline = deadline
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        call = self._call
+        watcher = asyncio.ensure_future(_watch_disconnect(receive, call))
+        try:
+            await send(
+                {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+            )
+            reply = self._first
+            while not call.abandoned:
+                chunk = reply.body
+                if reply.error is not None:
+                    chunk += sse_error_event(reply.error, code="stream_interrupted")
+                if chunk:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                if reply.last:
+                    break
+                try:
+                    reply = await call.next(self._deadline - time.time())
+                except TimeoutError:
+                    event = sse_error_event("the request ran past its deadline", code="deadline_exceeded")
+                    await send({"type": "http.response.body", "body": event, "more_body": True})
+                    break
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:
+            pass  # the client is gone; the request is cancelled below
+        finally:
+            watcher.cancel()
+            call.close()
 
 
 def model_not_found(model: str) -> ApiError:
