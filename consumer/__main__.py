@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import signal
 
 from consumer.settings import ConsumerSettings
 from consumer.worker import Worker
-from contract.runtime import tune_gc
+from contract.runtime import configure_logging, tune_gc
 
 
 async def _main() -> None:
     settings = ConsumerSettings()
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+    configure_logging(settings.log_level)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

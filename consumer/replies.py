@@ -32,6 +32,11 @@ class ReplyWriter:
         self.finished = False
 
     @property
+    def status(self) -> int | None:
+        """The status sent (or to be sent) to the client."""
+        return self._status
+
+    @property
     def started(self) -> bool:
         """Whether anything reached the sender yet (then the request can no longer be retried)."""
         return self._seq > 0

@@ -272,6 +272,8 @@ class Worker:
         correlation_id = message.correlation_id or ""
         if self._cancelled.pop(correlation_id, None) is not None:
             await _settle(message.ack())  # its client is gone: spend no GPU time on it
+            request_id = (message.headers or {}).get(contract.H_REQUEST_ID)
+            log.info("request", extra={"fields": {"request_id": request_id, "outcome": "skipped"}})
             return
         self.inflight += 1
         self._idle.clear()
@@ -301,6 +303,8 @@ class Worker:
             max_bytes=self.settings.flush_bytes,
         )
         requeue = False
+        outcome = "answered"
+        started = time.time()
         try:
             requeue = await self._answer(request, writer, redelivered=bool(message.redelivered))
         except asyncio.CancelledError:
@@ -310,18 +314,37 @@ class Worker:
             task = asyncio.current_task()
             if task is not None:
                 task.uncancel()
-            log.info("request %s cancelled: its client went away", request.request_id)
+            outcome = "cancelled"
         except Exception:
             log.exception("request %s failed in the consumer", request.request_id)
+            outcome = "failed"
             if not writer.finished:
                 await self._fail(
                     writer, 500, "the dispatcher failed while serving this request", "internal_error"
                 )
         finally:
             if requeue:
+                outcome = "requeued"
                 await _settle(message.nack(requeue=True))
             else:
                 await _settle(message.ack())
+        self._log_request(request, writer, outcome, started)
+
+    def _log_request(self, request: Request, writer: ReplyWriter, outcome: str, started: float) -> None:
+        if not log.isEnabledFor(logging.INFO):
+            return
+        fields = {
+            "request_id": request.request_id,
+            "model": self.settings.model,
+            "path": request.path,
+            "stream": request.stream,
+            "priority": request.priority,
+            "status": writer.status,
+            "outcome": outcome,
+            "queue_ms": round((started - request.sent) * 1000, 1) if request.sent else None,
+            "serve_ms": round((time.time() - started) * 1000, 1),
+        }
+        log.info("request", extra={"fields": fields})
 
     async def _answer(self, request: Request, writer: ReplyWriter, *, redelivered: bool) -> bool:
         """Serve one request; True asks for it to be requeued for another replica."""

@@ -36,6 +36,7 @@ H_PATH = "path"
 H_STREAM = "stream"
 H_DEADLINE = "deadline"
 H_REQUEST_ID = "request-id"
+H_SENT = "sent"
 H_SEQ = "seq"
 H_LAST = "last"
 H_STATUS = "status"
@@ -71,6 +72,8 @@ class Request:
     deadline: float
     """Unix time in seconds after which nobody waits for the answer."""
     request_id: str
+    sent: float = 0.0
+    """Unix time in seconds the sender published it (0 if unknown): the queue wait starts there."""
 
     def headers(self) -> dict[str, Any]:
         return {
@@ -79,6 +82,7 @@ class Request:
             H_STREAM: self.stream,
             H_DEADLINE: int(self.deadline * 1000),
             H_REQUEST_ID: self.request_id,
+            H_SENT: int((self.sent or time.time()) * 1000),
         }
 
     def ttl_ms(self, now: float | None = None) -> int:
@@ -97,6 +101,7 @@ class Request:
             stream = bool(headers.get(H_STREAM, False))
             deadline = int(headers[H_DEADLINE]) / 1000
             request_id = _text(headers.get(H_REQUEST_ID, ""))
+            sent = int(headers.get(H_SENT, 0)) / 1000
         except (KeyError, TypeError, ValueError) as exc:
             raise ContractError(f"request header missing or invalid: {exc}") from exc
         if version != VERSION:
@@ -110,6 +115,7 @@ class Request:
             priority=priority or 0,
             deadline=deadline,
             request_id=request_id,
+            sent=sent,
         )
 
 

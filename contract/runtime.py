@@ -1,8 +1,12 @@
-"""Process tuning shared by the sender and the consumer."""
+"""Process set-up shared by the sender and the consumer: garbage collection and logging."""
 
 from __future__ import annotations
 
 import gc
+import logging
+from typing import Any
+
+import orjson
 
 
 def tune_gc() -> None:
@@ -15,3 +19,33 @@ def tune_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(20_000, 20, 20)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: what log collectors (Loki, Elasticsearch, ...) parse without rules.
+
+    Fields passed with ``extra={"fields": {...}}`` are merged into the object.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            entry.update(fields)
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(entry, default=str).decode()
+
+
+def configure_logging(level: str) -> None:
+    """JSON lines on standard error at ``level``, for this process and the libraries it uses."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())

@@ -166,17 +166,37 @@ class ForwardingFront:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST" and _forwarded(scope["path"]):
-            scope["app"] = self.app
-            request = Request(scope, receive)
-            try:
-                response = await _forward(request, scope["path"])
-            except ApiError as exc:
-                response = exc.response()
-            except Exception as exc:
-                response = await _internal_error(request, exc)
-            await response(scope, receive, send)
+            await self._forward(scope, receive, send)
             return
         await self.app(scope, receive, send)
+
+    async def _forward(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        scope["app"] = self.app
+        request = Request(scope, receive)
+        request_id = (request.headers.get("x-request-id") or uuid.uuid4().hex)[:64]
+        request.state.request_id = request_id
+        code = None
+        try:
+            response = await _forward(request, scope["path"])
+        except ApiError as exc:
+            response, code = exc.response(), exc.code
+        except Exception as exc:
+            response, code = await _internal_error(request, exc), "internal_error"
+        response.headers["x-request-id"] = request_id
+        try:
+            await response(scope, receive, send)
+        finally:
+            if log.isEnabledFor(logging.INFO):
+                fields = dict(getattr(request.state, "log", {}))
+                fields.update(
+                    request_id=request_id,
+                    path=scope["path"],
+                    status=response.status_code,
+                    code=code,
+                    ms=round((time.perf_counter() - started) * 1000, 1),
+                )
+                log.info("request", extra={"fields": fields})
 
 
 def _forwarded(path: str) -> bool:
@@ -191,16 +211,17 @@ async def _forward(request: Request, path: str) -> Response:
     model = payload.get("model")
     if not isinstance(model, str) or not model:
         raise ApiError(400, "you must provide a model parameter", code="missing_model", param="model")
+    stream = payload.get("stream") is True
     priority = effective_priority(token, request.headers.get("x-priority"), services.settings.max_priority)
+    request.state.log = {"token": token.name, "model": model, "priority": priority, "stream": stream}
     await services.dispatcher.admit(model, token)
-    request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
     return await services.dispatcher.forward(
         model,
         path,
         body,
-        stream=payload.get("stream") is True,
+        stream=stream,
         priority=priority,
-        request_id=request_id[:64],
+        request_id=request.state.request_id,
         receive=request.receive,
     )
 

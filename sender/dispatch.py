@@ -109,7 +109,7 @@ class Dispatcher:
             raise ApiError(
                 502, first.error or "the model server gave no answer", type="server_error", code="bad_gateway"
             )
-        headers = {"content-type": first.content_type or "application/json", "x-request-id": request_id}
+        headers = {"content-type": first.content_type or "application/json"}
         if first.last:
             call.close()
             return Response(first.body, status_code=first.status, headers=headers)
