@@ -21,8 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import aiohttp
 
+import contract
 from tools import stack
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -213,7 +215,16 @@ class Bench:
         finally:
             for service in reversed(self.services):
                 service.stop()
+            await self.delete_queues([model, prio_model])
         self.verdict()
+
+    async def delete_queues(self, models: list[str]) -> None:
+        """The model queues are durable: remove this run's, or every run leaves two behind."""
+        connection = await aio_pika.connect(self.rabbitmq_url)
+        async with connection:
+            channel = await connection.channel()
+            for model in models:
+                await channel.queue_delete(contract.model_queue(model))
 
     async def compare(
         self,
