@@ -44,6 +44,10 @@ class ConsumerSettings(BaseSettings):
     shutdown_grace: float = 30.0
     """On SIGTERM, how long requests in flight may take to finish."""
 
+    status_host: str = "0.0.0.0"
+    status_port: int = 9400
+    """Port of the consumer's ``/metrics`` and ``/health`` (readiness follows the backend); 0 turns it off."""
+
     forward_priority: bool = False
     """Set the body's ``priority`` for vLLM's ``--scheduling-policy priority`` (lower = sooner)."""
     max_priority: int = DEFAULT_MAX_PRIORITY

@@ -28,6 +28,7 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustConnection,
 )
+from aiohttp import web
 from pamqp.commands import Basic
 
 import contract
@@ -35,6 +36,7 @@ from consumer.backend import Backend, BackendFailed, BackendUnreachable
 from consumer.flow import Window
 from consumer.replies import ReplyWriter
 from consumer.settings import ConsumerSettings
+from consumer.status import ConsumerMetrics, serve_status
 from contract import Announcement, ContractError, Reply, Request
 
 log = logging.getLogger(__name__)
@@ -61,6 +63,14 @@ class Worker:
             kv_cache_max=settings.kv_cache_max,
         )
         self.card: dict[str, object] = {"id": settings.model}
+        self.metrics = ConsumerMetrics(settings.model)
+        self.metrics.watch(
+            in_flight=lambda: self.inflight,
+            window=lambda: self._applied_prefetch,
+            healthy=lambda: 1.0 if self._healthy.is_set() else 0.0,
+            consuming=lambda: 1.0 if self.consuming else 0.0,
+        )
+        self._status: web.AppRunner | None = None
         self.inflight = 0
         self._connection: AbstractRobustConnection | None = None
         self._consume_channel: AbstractChannel | None = None
@@ -87,9 +97,15 @@ class Worker:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set, then drain gracefully."""
+        if self.settings.status_port:
+            self._status = await serve_status(
+                self.metrics, lambda: self.consuming, self.settings.status_host, self.settings.status_port
+            )
         await self._wait_for_backend(stop)
         if stop.is_set():
             await self.backend.close()
+            if self._status is not None:
+                await self._status.cleanup()
             return
         await self._connect()
         use_metrics = await self._choose_flow()
@@ -125,6 +141,8 @@ class Worker:
         if self._connection is not None:
             await self._connection.close()
         await self.backend.close()
+        if self._status is not None:
+            await self._status.cleanup()
 
     async def _wait_for_backend(self, stop: asyncio.Event) -> None:
         started = time.monotonic()
@@ -272,6 +290,7 @@ class Worker:
         correlation_id = message.correlation_id or ""
         if self._cancelled.pop(correlation_id, None) is not None:
             await _settle(message.ack())  # its client is gone: spend no GPU time on it
+            self.metrics.requests.labels(self.settings.model, "", "skipped").inc()
             request_id = (message.headers or {}).get(contract.H_REQUEST_ID)
             log.info("request", extra={"fields": {"request_id": request_id, "outcome": "skipped"}})
             return
@@ -331,6 +350,14 @@ class Worker:
         self._log_request(request, writer, outcome, started)
 
     def _log_request(self, request: Request, writer: ReplyWriter, outcome: str, started: float) -> None:
+        """The request's metrics and its log line."""
+        model = self.settings.model
+        self.metrics.requests.labels(model, str(writer.status or ""), outcome).inc()
+        if request.sent:
+            self.metrics.queue_wait.labels(model, str(request.priority)).observe(
+                max(0.0, started - request.sent)
+            )
+        self.metrics.serve_time.labels(model).observe(time.time() - started)
         if not log.isEnabledFor(logging.INFO):
             return
         fields = {

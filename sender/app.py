@@ -14,14 +14,16 @@ import orjson
 import sqlalchemy as sa
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sender.broker import Broker
 from sender.dispatch import Dispatcher, effective_priority, model_not_found
 from sender.errors import ApiError, error_response
+from sender.metrics import REJECTION_REASONS, SenderMetrics
 from sender.registry import ModelRegistry
 from sender.settings import SenderSettings
 from sender.tokens import Token, TokenStore
@@ -64,6 +66,8 @@ class Services:
         self.registry = ModelRegistry()
         self.broker = Broker(settings.rabbitmq_url, stats_ttl=settings.queue_stats_seconds)
         self.dispatcher = Dispatcher(self.broker, settings)
+        self.metrics = SenderMetrics(token_label=settings.metrics_token_label)
+        self.metrics.broker_connected.set_function(lambda: 1.0 if self.broker.connected else 0.0)
         self._db_checked_at = 0.0
         self._db_ok = False
 
@@ -119,6 +123,12 @@ def create_app(settings: SenderSettings | None = None) -> ASGIApp:
             {"status": "ok" if broker_ok and db_ok else "unavailable", "broker": broker_ok, "database": db_ok}
         )
         return Response(body, status_code=200 if broker_ok and db_ok else 503, media_type=JSON)
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        """Prometheus metrics (no token: keep this path off the public ingress)."""
+        registry = _services(request).metrics.registry
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> Response:
@@ -176,6 +186,15 @@ class ForwardingFront:
         request = Request(scope, receive)
         request_id = (request.headers.get("x-request-id") or uuid.uuid4().hex)[:64]
         request.state.request_id = request_id
+        metrics = _services(request).metrics
+        metrics.in_flight.inc()
+        first_piece_at: list[float] = []
+
+        async def send_noting_first_piece(message: Message) -> None:
+            if not first_piece_at and message["type"] == "http.response.body":
+                first_piece_at.append(time.perf_counter())
+            await send(message)
+
         code = None
         try:
             response = await _forward(request, scope["path"])
@@ -185,18 +204,33 @@ class ForwardingFront:
             response, code = await _internal_error(request, exc), "internal_error"
         response.headers["x-request-id"] = request_id
         try:
-            await response(scope, receive, send)
+            await response(scope, receive, send_noting_first_piece)
         finally:
-            if log.isEnabledFor(logging.INFO):
-                fields = dict(getattr(request.state, "log", {}))
-                fields.update(
-                    request_id=request_id,
-                    path=scope["path"],
-                    status=response.status_code,
-                    code=code,
-                    ms=round((time.perf_counter() - started) * 1000, 1),
-                )
-                log.info("request", extra={"fields": fields})
+            metrics.in_flight.dec()
+            self._account(request, response.status_code, code, started, first_piece_at)
+
+    def _account(
+        self, request: Request, status: int, code: str | None, started: float, first_piece_at: list[float]
+    ) -> None:
+        """The request's metrics and its log line."""
+        seconds = time.perf_counter() - started
+        fields = dict(getattr(request.state, "log", {}))
+        metrics = _services(request).metrics
+        if code is not None:
+            metrics.rejected.labels(REJECTION_REASONS.get(code, "other")).inc()
+        if "model" in fields:
+            metrics.answered(fields["model"], fields["token"], status, fields["priority"], seconds)
+            if first_piece_at and code is None:
+                metrics.first_piece(fields["model"], fields["priority"], first_piece_at[0] - started)
+        if log.isEnabledFor(logging.INFO):
+            fields.update(
+                request_id=request.state.request_id,
+                path=request.url.path,
+                status=status,
+                code=code,
+                ms=round(seconds * 1000, 1),
+            )
+            log.info("request", extra={"fields": fields})
 
 
 def _forwarded(path: str) -> bool:

@@ -43,3 +43,5 @@ class SenderSettings(BaseSettings):
     rollcall_wait_seconds: float = 0.5
     """At start, how long to wait for consumers to answer the roll call before serving."""
     db_pool_size: int = 5
+    metrics_token_label: bool = True
+    """Label request metrics with the token name (names are operator-chosen; turn off for many tokens)."""

@@ -133,9 +133,16 @@ def start_simulator(log_dir: Path, *, model: str, name: str = "simulator", **opt
 def start_consumer(
     log_dir: Path, *, model: str, vllm_url: str, rabbitmq_url: str, name: str = "consumer", **options: object
 ) -> Service:
-    env = {"MODEL": model, "VLLM_URL": vllm_url, "RABBITMQ_URL": rabbitmq_url}
+    status_port = free_port()
+    env = {
+        "MODEL": model,
+        "VLLM_URL": vllm_url,
+        "RABBITMQ_URL": rabbitmq_url,
+        "CONSUMER_STATUS_HOST": "127.0.0.1",
+        "CONSUMER_STATUS_PORT": str(status_port),
+    }
     env.update({f"CONSUMER_{key.upper()}": str(value) for key, value in options.items()})
-    return start(name, "consumer", env, log_dir)
+    return start(name, "consumer", env, log_dir, url=f"http://127.0.0.1:{status_port}")
 
 
 def start_sender(

@@ -1,0 +1,77 @@
+"""Prometheus metrics of the sender, served at ``GET /metrics``.
+
+Label values are bounded: models are those served, token names are chosen by
+operators (``SENDER_METRICS_TOKEN_LABEL=false`` drops them), statuses and
+priorities are small sets.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+
+class SenderMetrics:
+    def __init__(self, *, token_label: bool) -> None:
+        self.registry = CollectorRegistry()
+        self._token_label = token_label
+        self.requests = Counter(
+            "dispatcher_requests",
+            "Requests answered by the sender, by model, token name, status and priority.",
+            ["model", "token", "status", "priority"],
+            registry=self.registry,
+        )
+        self.rejected = Counter(
+            "dispatcher_rejected_requests",
+            "Requests the sender refused itself, by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.duration = Histogram(
+            "dispatcher_request_duration_seconds",
+            "Time from the request's arrival to the end of its answer.",
+            ["model", "priority"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.first_byte = Histogram(
+            "dispatcher_time_to_first_byte_seconds",
+            "Time from the request's arrival to the first piece of its answer (queue wait included).",
+            ["model", "priority"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "dispatcher_requests_in_flight",
+            "Requests waiting for or receiving an answer.",
+            registry=self.registry,
+        )
+        self.broker_connected = Gauge(
+            "dispatcher_broker_connected",
+            "1 while the sender is connected to RabbitMQ.",
+            registry=self.registry,
+        )
+
+    def answered(self, model: str, token: str, status: int, priority: int, seconds: float) -> None:
+        self.requests.labels(model, token if self._token_label else "", str(status), str(priority)).inc()
+        self.duration.labels(model, str(priority)).observe(seconds)
+
+    def first_piece(self, model: str, priority: int, seconds: float) -> None:
+        self.first_byte.labels(model, str(priority)).observe(seconds)
+
+
+REJECTION_REASONS = {
+    "invalid_api_key": "auth",
+    "auth_unavailable": "auth_unavailable",
+    "queue_full": "threshold",
+    "model_unavailable": "no_consumer",
+    "model_not_found": "unknown_model",
+    "deadline_exceeded": "deadline",
+    "queue_unavailable": "broker",
+    "broker_unavailable": "broker",
+    "request_too_large": "bad_request",
+    "invalid_json": "bad_request",
+    "missing_model": "bad_request",
+    "invalid_priority": "bad_request",
+}

@@ -1,0 +1,65 @@
+"""Prometheus metrics of the sender and the consumer match the traffic sent through them."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import Processes, auth, unique, wait_listed
+from tools.stack import Service
+
+
+async def scrape(url: str) -> tuple[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]]:
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(url + "/metrics")).text
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return text, samples
+
+
+def total(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
+    return sum(
+        value
+        for (sample, sample_labels), value in samples.items()
+        if sample == name and set(labels.items()) <= set(sample_labels)
+    )
+
+
+async def test_counts_and_histograms_match_the_traffic(
+    processes: Processes, sender: Service, token: str
+) -> None:
+    model = unique("metered")
+    backend = processes.simulator(model)
+    consumer = processes.consumer(model, backend)
+    await wait_listed(sender, token, model)
+    ok = {"model": model, "prompt": "x", "max_tokens": 3}
+    async with httpx.AsyncClient(base_url=sender.url, headers=auth(token)) as http:
+        statuses = [(await http.post("/v1/completions", json=ok)).status_code for _ in range(3)]
+        statuses.append((await http.post("/v1/completions", json={**ok, "stream": True})).status_code)
+        statuses.append((await http.post("/v1/completions", json={**ok, "max_tokens": 10**6})).status_code)
+        statuses.append((await http.post("/v1/completions", json={**ok, "model": "nowhere"})).status_code)
+    assert statuses == [200, 200, 200, 200, 400, 404]
+    await asyncio.sleep(0.2)  # the consumer records a request just after its answer left
+
+    text, sent = await scrape(sender.url)
+    assert total(sent, "dispatcher_requests_total", model=model, status="200") == 4
+    assert total(sent, "dispatcher_requests_total", model=model, status="400") == 1
+    assert total(sent, "dispatcher_request_duration_seconds_count", model=model) == 5
+    assert total(sent, "dispatcher_time_to_first_byte_seconds_count", model=model) == 5
+    assert total(sent, "dispatcher_rejected_requests_total", reason="unknown_model") >= 1
+    assert total(sent, "dispatcher_broker_connected") == 1
+    assert token not in text
+
+    text, served = await scrape(consumer.url)
+    assert total(served, "consumer_requests_total", model=model, status="200", outcome="answered") == 4
+    assert total(served, "consumer_requests_total", model=model, status="400", outcome="answered") == 1
+    assert total(served, "consumer_queue_wait_seconds_count", model=model) == 5
+    assert total(served, "consumer_backend_healthy", model=model) == 1
+    assert total(served, "consumer_consuming", model=model) == 1
+    assert total(served, "consumer_flow_window", model=model) >= 1
+    async with httpx.AsyncClient() as http:
+        assert (await http.get(consumer.url + "/health")).status_code == 200
