@@ -38,13 +38,12 @@ def main() -> None:
             simulator = stack.start_simulator(log_dir, model=model)
             services.append(simulator)
             backend_url = simulator.url
-        services.append(
-            stack.start_consumer(log_dir, model=model, vllm_url=backend_url, rabbitmq_url=rabbitmq_url)
-        )
+        consumer = stack.start_consumer(log_dir, model=model, vllm_url=backend_url, rabbitmq_url=rabbitmq_url)
+        services.append(consumer)
         sender = stack.start_sender(log_dir, database_url=database_url, rabbitmq_url=rabbitmq_url, port=port)
         services.append(sender)
         secret = stack.add_token(database_url, "demo", priority=5, threshold=1000)
-        _print_banner(sender.url, secret, model, backend_url, log_dir)
+        _print_banner(sender.url, secret, model, backend_url, log_dir, consumer.url)
         while not stopping:
             dead = [s for s in services if not s.alive()]
             if dead:
@@ -57,10 +56,13 @@ def main() -> None:
             service.stop()
 
 
-def _print_banner(url: str, secret: str, model: str, backend_url: str, log_dir: Path) -> None:
+def _print_banner(
+    url: str, secret: str, model: str, backend_url: str, log_dir: Path, consumer_url: str
+) -> None:
     print(
         f"""
 The dispatcher is up: model "{model}" served by {backend_url}, logs in {log_dir}/.
+Prometheus metrics: {url}/metrics (sender) and {consumer_url}/metrics (consumer).
 Paste these two lines into a shell to point any OpenAI client at it:
 
 export OPENAI_BASE_URL={url}/v1
