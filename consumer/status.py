@@ -46,6 +46,19 @@ class ConsumerMetrics:
             buckets=WAIT_BUCKETS,
             registry=self.registry,
         )
+        self.prompt_tokens = Counter(
+            "consumer_prompt_tokens",
+            "Prompt tokens of answered requests, as the backend reports them.",
+            ["model"],
+            registry=self.registry,
+        )
+        self.completion_tokens = Counter(
+            "consumer_completion_tokens",
+            "Generated tokens of answered requests, as the backend reports them "
+            "(for streams, only when the client asked for usage).",
+            ["model"],
+            registry=self.registry,
+        )
         self.in_flight = Gauge(
             "consumer_requests_in_flight",
             "Requests taken and not yet answered.",

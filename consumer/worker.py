@@ -32,6 +32,7 @@ from aiohttp import web
 from pamqp.commands import Basic
 
 import contract
+from consumer import usage
 from consumer.backend import Backend, BackendFailed, BackendUnreachable
 from consumer.flow import Window
 from consumer.replies import ReplyWriter
@@ -421,12 +422,23 @@ class Worker:
         async with self.backend.post(request.path, body) as response:
             content_type = response.headers.get("Content-Type")
             if not request.stream or response.status != 200:
-                await writer.whole(response.status, content_type, await response.read())
+                answer = await response.read()
+                await writer.whole(response.status, content_type, answer)
+                if response.status == 200:
+                    self._count_tokens(usage.from_body(answer))
                 return
             writer.begin(response.status, content_type)
+            tail = b""
             async for chunk in response.content.iter_any():
                 await writer.feed(chunk)
+                tail = (tail + chunk)[-usage.TAIL_BYTES :]
         await writer.finish()
+        self._count_tokens(usage.from_stream_tail(tail))
+
+    def _count_tokens(self, counts: tuple[int, int] | None) -> None:
+        if counts is not None:
+            self.metrics.prompt_tokens.labels(self.settings.model).inc(counts[0])
+            self.metrics.completion_tokens.labels(self.settings.model).inc(counts[1])
 
     def _body_for_backend(self, request: Request) -> bytes:
         if not self.settings.forward_priority:

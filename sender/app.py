@@ -91,7 +91,7 @@ def create_app(settings: SenderSettings | None = None) -> ASGIApp:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         services = Services(settings)
-        await services.broker.connect(services.registry.receive)
+        await services.broker.connect(services.registry.receive, services.metrics.broker_reconnects.inc)
         # Consumers answer the roll call within milliseconds; waiting a moment
         # means the first /v1/models after start is already complete.
         await asyncio.sleep(settings.rollcall_wait_seconds)

@@ -123,10 +123,13 @@ class Broker:
     def connected(self) -> bool:
         return self._connection is not None and not self._connection.is_closed
 
-    async def connect(self, on_announcement: Callable[[bytes], None]) -> None:
+    async def connect(
+        self, on_announcement: Callable[[bytes], None], on_reconnect: Callable[[], None] = lambda: None
+    ) -> None:
         self._connection = await aio_pika.connect_robust(
             self._url, client_properties={"connection_name": f"sender-{self.instance_id}"}
         )
+        self._connection.reconnect_callbacks.add(lambda *_: on_reconnect())
         self._publish_channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
 
         reply_channel = await self._connection.channel(publisher_confirms=False)

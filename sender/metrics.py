@@ -47,6 +47,11 @@ class SenderMetrics:
             "Requests waiting for or receiving an answer.",
             registry=self.registry,
         )
+        self.broker_reconnects = Counter(
+            "dispatcher_broker_reconnects",
+            "Times the connection to RabbitMQ was re-established.",
+            registry=self.registry,
+        )
         self.broker_connected = Gauge(
             "dispatcher_broker_connected",
             "1 while the sender is connected to RabbitMQ.",
