@@ -64,9 +64,11 @@ class Services:
             max_entries=settings.token_cache_size,
         )
         self.registry = ModelRegistry()
-        self.broker = Broker(settings.rabbitmq_url, stats_ttl=settings.queue_stats_seconds)
-        self.dispatcher = Dispatcher(self.broker, settings)
         self.metrics = SenderMetrics(token_label=settings.metrics_token_label)
+        self.broker = Broker(
+            settings.rabbitmq_url, stats_ttl=settings.queue_stats_seconds, on_stats=self.metrics.queue_read
+        )
+        self.dispatcher = Dispatcher(self.broker, settings)
         self.metrics.broker_connected.set_function(lambda: 1.0 if self.broker.connected else 0.0)
         self._db_checked_at = 0.0
         self._db_ok = False

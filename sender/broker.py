@@ -98,9 +98,12 @@ class Broker:
     _STATS_WATCH_IDLE = 5.0
     """Seconds without a request after which a model's queue stats are no longer kept fresh."""
 
-    def __init__(self, url: str, *, stats_ttl: float) -> None:
+    def __init__(
+        self, url: str, *, stats_ttl: float, on_stats: Callable[[str, QueueStats], None] = lambda *_: None
+    ) -> None:
         self._url = url
         self._stats_ttl = stats_ttl
+        self._on_stats = on_stats
         self.instance_id = uuid.uuid4().hex[:12]
         self.reply_queue_name = contract.REPLY_QUEUE_PREFIX + self.instance_id
         self._connection: AbstractRobustConnection | None = None
@@ -303,6 +306,8 @@ class Broker:
                     consumers=declared.consumer_count or 0,
                 )
         self._stats[model] = (time.monotonic(), stats)
+        if stats.exists:
+            self._on_stats(model, stats)
         if len(self._stats) > 10_000:
             self._stats.clear()
             self._stats_used.clear()

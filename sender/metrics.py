@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from sender.broker import QueueStats
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 
@@ -47,6 +49,18 @@ class SenderMetrics:
             "Requests waiting for or receiving an answer.",
             registry=self.registry,
         )
+        self.queue_depth = Gauge(
+            "dispatcher_queue_depth",
+            "Requests waiting in the model's queue, as last read by this sender.",
+            ["model"],
+            registry=self.registry,
+        )
+        self.queue_consumers = Gauge(
+            "dispatcher_queue_consumers",
+            "Consumers attached to the model's queue, as last read by this sender.",
+            ["model"],
+            registry=self.registry,
+        )
         self.broker_reconnects = Counter(
             "dispatcher_broker_reconnects",
             "Times the connection to RabbitMQ was re-established.",
@@ -61,6 +75,10 @@ class SenderMetrics:
     def answered(self, model: str, token: str, status: int, priority: int, seconds: float) -> None:
         self.requests.labels(model, token if self._token_label else "", str(status), str(priority)).inc()
         self.duration.labels(model, str(priority)).observe(seconds)
+
+    def queue_read(self, model: str, stats: QueueStats) -> None:
+        self.queue_depth.labels(model).set(stats.messages)
+        self.queue_consumers.labels(model).set(stats.consumers)
 
     def first_piece(self, model: str, priority: int, seconds: float) -> None:
         self.first_byte.labels(model, str(priority)).observe(seconds)
