@@ -49,7 +49,7 @@ class Dispatcher:
             raise self._unavailable("the message broker is unreachable", "broker_unavailable") from exc
         if not stats.exists:
             raise model_not_found(model)
-        if stats.consumers == 0:
+        if stats.consumers == 0 and not self._settings.queue_without_consumers:
             raise self._unavailable(
                 f"no server is available for model `{model}` right now", "model_unavailable"
             )

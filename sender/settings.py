@@ -38,6 +38,10 @@ class SenderSettings(BaseSettings):
     token_cache_size: int = 10_000
     queue_stats_seconds: float = 0.25
     """How old the queue depth used for admission may be."""
+    queue_without_consumers: bool = False
+    """Queue requests for a model that has a queue but no live consumer, instead of answering 503:
+    with a model scaled to zero (KEDA), the queued request is what wakes it up, and it waits for
+    the first replica up to its deadline."""
     retry_after_seconds: int = 1
     """``Retry-After`` sent with 429 and 503."""
     rollcall_wait_seconds: float = 0.5
