@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test run bench lint format services clean
+.PHONY: install test chart-test run bench lint format services clean
 
 install: $(VENV)/.installed
 
@@ -18,6 +18,10 @@ services: install
 
 test: services
 	$(BIN)/python -m pytest
+
+# The deployment files only (chart, compose, Dockerfile): seconds, for editing them.
+chart-test: services
+	$(BIN)/python -m pytest tests/test_chart.py tests/test_compose_and_images.py tests/test_rabbitmq_definitions.py
 
 run: services
 	$(BIN)/python -m tools.run

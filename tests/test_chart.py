@@ -285,7 +285,7 @@ def test_keda_scales_each_model_on_its_queue() -> None:
         assert trigger["metadata"]["mode"] == "QueueLength"
         assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
         overrides = model.get("keda", {})
-        assert obj["spec"]["minReplicaCount"] == overrides.get("minReplicaCount", 0)
+        assert obj["spec"]["minReplicaCount"] == overrides.get("minReplicaCount", 1)
         assert obj["spec"]["maxReplicaCount"] == overrides.get("maxReplicaCount", 3)
         assert trigger["metadata"]["value"] == str(overrides.get("queueLength", 8))
     # Scaled to zero, a model is woken by the requests queued for it.
@@ -570,3 +570,26 @@ def test_notes_tell_how_to_get_a_token_and_call() -> None:
     default = notes({})
     assert "port-forward service/rel-llm-dispatcher-sender" in default
     assert "create secret generic" in default
+
+
+def test_zero_and_false_overrides_are_kept() -> None:
+    values = {
+        "consumer": {"env": {"CONSUMER_WAITING_TOLERANCE": 2}},
+        "models": [
+            {"name": "idle", "model": "x", "replicas": 0, "consumerEnv": {"CONSUMER_WAITING_TOLERANCE": 0}},
+            {"name": "busy", "model": "y"},
+        ],
+        "keda": {"minReplicaCount": 1},
+    }
+    objects = render(values)
+    idle = named(objects, "Deployment", "-model-idle")
+    assert idle["spec"]["replicas"] == 0
+    assert env(container(idle, "consumer"))["CONSUMER_WAITING_TOLERANCE"] == "0"
+    busy = named(objects, "Deployment", "-model-busy")
+    assert busy["spec"]["replicas"] == 1
+    assert env(container(busy, "consumer"))["CONSUMER_WAITING_TOLERANCE"] == "2"
+    values["keda"]["enabled"] = True
+    values["models"][0]["keda"] = {"minReplicaCount": 0}
+    scaled = {s["metadata"]["name"]: s["spec"] for s in of_kind(render(values), "ScaledObject")}
+    assert scaled["rel-llm-dispatcher-model-idle"]["minReplicaCount"] == 0
+    assert scaled["rel-llm-dispatcher-model-busy"]["minReplicaCount"] == 1

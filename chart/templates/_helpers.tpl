@@ -114,6 +114,16 @@ app.kubernetes.io/component: {{ index . 1 }}
       key: {{ if .Values.database.internal }}url{{ else }}{{ .Values.database.urlSecretKey }}{{ end }}
 {{- end }}
 
+{{/* A copy of the map (index 0) with the keys of the map (index 1) set over it. Unlike merge, a zero
+     or false override is kept. Returns YAML: use with fromYaml. */}}
+{{- define "dispatcher.overlay" -}}
+{{- $out := deepCopy (default dict (index . 0)) }}
+{{- range $key, $value := (default dict (index . 1)) }}
+{{- $_ := set $out $key $value }}
+{{- end }}
+{{- toYaml $out }}
+{{- end }}
+
 {{/* Settings given as a map, as container environment variables (values quoted: env values are strings). */}}
 {{- define "dispatcher.envMap" -}}
 {{- range $name, $value := . }}
