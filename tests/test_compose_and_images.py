@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -189,3 +190,48 @@ def test_compose_wiring() -> None:
         assert services[name]["environment"]["RABBITMQ_URL"].startswith(
             "amqp://dispatcher:dispatcher@rabbitmq:5672"
         )
+
+
+IMPORT_FROM_IMAGE_LAYOUT = """
+import importlib, sys
+# Forget the project's editable install: only what the image copies into /app may be found.
+sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]
+sys.path_importer_cache.clear()
+sys.path.insert(0, ".")
+for name in sys.argv[1:]:
+    importlib.import_module(name)
+"""
+
+
+def image_layout(target: str, app: Path) -> None:
+    """Copy what the target's stages COPY from the build context, as the image's /app holds it."""
+    for keyword, arguments in stage_chain(target):
+        if keyword == "COPY" and not arguments.startswith("--from"):
+            *sources, destination = arguments.split()
+            for source in sources:
+                path = ROOT / source
+                if path.is_dir():
+                    shutil.copytree(
+                        path, app / destination / "" if destination == "./" else app / destination
+                    )
+
+
+def import_in(app: Path, *modules: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", IMPORT_FROM_IMAGE_LAYOUT, *modules],
+        cwd=app,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_image_holds_what_its_service_imports(target: str, tmp_path: Path) -> None:
+    image_layout(target, tmp_path)
+    modules = [f"{target}.__main__", *(["sender.admin"] if target == "sender" else [])]
+    result = import_in(tmp_path, *modules)
+    assert result.returncode == 0, result.stderr
+    # The check has teeth: another service's package is not there.
+    other = next(name for name in TARGETS if name != target)
+    assert import_in(tmp_path, f"{other}.__main__").returncode != 0
