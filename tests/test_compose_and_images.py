@@ -235,3 +235,32 @@ def test_image_holds_what_its_service_imports(target: str, tmp_path: Path) -> No
     # The check has teeth: another service's package is not there.
     other = next(name for name in TARGETS if name != target)
     assert import_in(tmp_path, f"{other}.__main__").returncode != 0
+
+
+def test_dockerfile_follows_the_usual_rules() -> None:
+    """What hadolint (not installable here) would check first."""
+    instructions = [(k, a) for stage in stages().values() for k, a in stage]
+    assert not [a for k, a in instructions if k == "ADD"]  # COPY, never ADD
+    assert all(a.startswith("[") for k, a in instructions if k in {"CMD", "ENTRYPOINT"})  # exec form
+    env = " ".join(a for k, a in stage_chain("build") if k == "ENV")
+    assert "PIP_NO_CACHE_DIR=1" in env
+    assert all(not a.startswith("cd ") for k, a in instructions if k == "RUN")  # WORKDIR instead
+
+
+def third_party_images() -> list[str]:
+    images = [
+        s["image"] for s in compose()["services"].values() if not s["image"].startswith("llm-dispatcher-")
+    ]
+    values = yaml.safe_load((ROOT / "chart" / "values.yaml").read_text())
+    images += [
+        f"{values['vllm']['image']['repository']}:{values['vllm']['image']['tag']}",
+        values["rabbitmq"]["definitionsJobImage"],
+        values["database"]["postgres"]["image"],
+    ]
+    return images
+
+
+def test_third_party_images_are_pinned_to_releases() -> None:
+    for image in third_party_images():
+        name, _, tag = image.rpartition(":")
+        assert name and re.search(r"\d+\.\d+", tag) and "latest" not in tag, image
