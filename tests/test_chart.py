@@ -570,6 +570,7 @@ def test_notes_tell_how_to_get_a_token_and_call() -> None:
     default = notes({})
     assert "port-forward service/rel-llm-dispatcher-sender" in default
     assert "create secret generic" in default
+    assert "waits in its queue" in notes(case_values("three-models-keda-values"))
 
 
 def test_zero_and_false_overrides_are_kept() -> None:
