@@ -19,6 +19,7 @@ from tools.stack import free_port
 
 CONF = Path(__file__).resolve().parent.parent / "rabbitmq" / "rabbitmq.conf"
 BROKER_USER = "rabbitmq"
+SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"  # the Debian package's, without its root wrapper
 
 
 def rabbitmqctl(node: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -33,6 +34,10 @@ def setting(node: str, name: str) -> str:
 
 @pytest.fixture
 def private_node() -> Iterator[str]:
+    if os.geteuid() != 0 or not Path(SERVER).exists():
+        pytest.fail(
+            f"this test starts {SERVER} as {BROKER_USER}: it needs root and RabbitMQ installed locally"
+        )
     node = f"dispatch-conf-{RUN_ID}@localhost"
     broker = pwd.getpwnam(BROKER_USER)
     scratch = Path(tempfile.mkdtemp(prefix="dispatch-conf-"))
@@ -52,9 +57,7 @@ def private_node() -> Iterator[str]:
             "RABBITMQ_LOG_BASE": str(scratch / "log"),
             "HOME": broker.pw_dir,  # where the Erlang cookie shared with rabbitmqctl lives
         }
-        command = " ".join(
-            ["env", *(f"{k}={v}" for k, v in env.items()), "/usr/lib/rabbitmq/bin/rabbitmq-server"]
-        )
+        command = " ".join(["env", *(f"{k}={v}" for k, v in env.items()), SERVER])
         server = subprocess.Popen(
             ["su", BROKER_USER, "-s", "/bin/sh", "-c", command],
             cwd=scratch,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 import urllib.parse
@@ -22,6 +23,8 @@ DEFINITIONS = Path(__file__).resolve().parent.parent / "rabbitmq" / "definitions
 
 
 def rabbitmqctl(*args: str) -> str:
+    if not shutil.which("rabbitmqctl"):
+        pytest.fail("this test needs rabbitmqctl of the local RabbitMQ (policies cannot be set over AMQP)")
     result = subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
