@@ -161,7 +161,8 @@ def test_compose_db_init_runs_what_the_chart_job_runs() -> None:
     assert services["db-tokens"]["depends_on"]["db-init"]["condition"] == "service_completed_successfully"
     secret_file = token[token.index("--secret-file") + 1]
     assert secret_file == "/run/secrets/demo_token"
-    assert (ROOT / compose()["secrets"]["demo_token"]["file"]).read_text().strip().startswith("sk-")
+    demo_token = (ROOT / compose()["secrets"]["demo_token"]["file"]).read_text().strip()
+    assert demo_token.startswith("sk-") and f"`{demo_token}`" in (ROOT / "README.md").read_text()
     assert services["sender"]["depends_on"]["db-tokens"]["condition"] == "service_completed_successfully"
     assert case_values("one-model-values")["tokens"]  # the Job above does create tokens
 
