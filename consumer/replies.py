@@ -30,6 +30,9 @@ class ReplyWriter:
         self._lock = asyncio.Lock()
         self._timer: asyncio.Task[None] | None = None
         self.finished = False
+        self.usage: tuple[int, int] | None = None
+        """(prompt, completion) tokens as the backend reported them; sent with the last piece."""
+        self.queue_ms: int | None = None
 
     @property
     def status(self) -> int | None:
@@ -87,6 +90,9 @@ class ReplyWriter:
                 status=self._status if first else None,
                 content_type=self._content_type if first else None,
                 error=error,
+                prompt_tokens=self.usage[0] if last and self.usage else None,
+                completion_tokens=self.usage[1] if last and self.usage else None,
+                queue_ms=self.queue_ms if last else None,
             )
             self._seq += 1
             self._last_flush = time.monotonic()

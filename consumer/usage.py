@@ -1,11 +1,14 @@
-"""Token counts read from the backend's answers, for the consumer's metrics.
+"""Token counts read from the backend's answers, for the consumer's metrics and usage accounting.
 
 Only the ``usage`` object the backend itself reports is trusted: the whole
-body of a plain answer, or the usage chunk that ends a stream when the client
-asked for it (``stream_options.include_usage``).
+body of a plain answer, or the usage chunk that ends a stream
+(``stream_options.include_usage``), which the consumer asks for even when the
+client did not, and then removes from the client's stream.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import orjson
 
@@ -43,3 +46,67 @@ def _counts(usage: object) -> tuple[int, int] | None:
     if not isinstance(prompt, int):
         return None
     return prompt, completion if isinstance(completion, int) else 0
+
+
+USAGE_PATHS = ("/v1/chat/completions", "/v1/completions")
+"""Streamed endpoints that can end with a usage chunk."""
+
+
+def ask_for_usage(payload: dict[str, Any]) -> bool:
+    """Make a streamed request end with the backend's usage chunk; True if the client had not asked
+    for it (the chunk must then be removed from what the client receives)."""
+    options = payload.get("stream_options")
+    if isinstance(options, dict) and options.get("include_usage") is True:
+        return False
+    # Without include_usage vLLM ignores continuous_usage_stats: keep it that way.
+    payload["stream_options"] = {
+        **(options if isinstance(options, dict) else {}),
+        "include_usage": True,
+        "continuous_usage_stats": False,
+    }
+    return True
+
+
+class StreamUsage:
+    """Finds the usage of a streamed answer as it passes, and removes it when the client did not ask.
+
+    With ``strip``, events are relayed whole: a partial event waits for its end
+    (vLLM writes whole events, so nothing waits in practice). The usage chunk
+    (empty ``choices`` and a ``usage`` object) is dropped, and so is the
+    ``"usage":null`` vLLM adds to chat chunks once usage is asked for.
+    Without ``strip`` the stream passes untouched and only its tail is kept.
+    """
+
+    def __init__(self, *, strip: bool) -> None:
+        self._strip = strip
+        self._pending = b""
+        self._tail = b""
+        self.counts: tuple[int, int] | None = None
+
+    def feed(self, data: bytes) -> bytes:
+        if not self._strip:
+            self._tail = (self._tail + data)[-TAIL_BYTES:]
+            return data
+        self._pending += data
+        cut = self._pending.rfind(b"\n\n")
+        if cut < 0:
+            return b""
+        complete, self._pending = self._pending[: cut + 2], self._pending[cut + 2 :]
+        kept = []
+        for event in complete.split(b"\n\n")[:-1]:
+            if b'"usage":{' in event and b'"choices":[]' in event:
+                self.counts = from_stream_tail(event) or self.counts
+                continue
+            kept.append(
+                event.replace(b',"usage":null', b"") if b'"chat.completion.chunk"' in event else event
+            )
+            kept.append(b"\n\n")
+        return b"".join(kept)
+
+    def end(self) -> bytes:
+        """What is left at the end of the stream (an unterminated event, relayed as it is)."""
+        if not self._strip:
+            self.counts = from_stream_tail(self._tail)
+            return b""
+        rest, self._pending = self._pending, b""
+        return rest

@@ -325,6 +325,8 @@ class Worker:
         requeue = False
         outcome = "answered"
         started = time.time()
+        if request.sent:
+            writer.queue_ms = max(0, round((started - request.sent) * 1000))
         try:
             requeue = await self._answer(request, writer, redelivered=bool(message.redelivered))
         except asyncio.CancelledError:
@@ -386,10 +388,10 @@ class Worker:
                 type="timeout_error",
             )
             return False
-        body = self._body_for_backend(request)
+        body, strip_usage = self._body_for_backend(request)
         try:
             async with asyncio.timeout(remaining):
-                await self._call_backend(request, body, writer)
+                await self._call_backend(request, body, writer, strip_usage)
         except TimeoutError:
             if writer.started:
                 await writer.finish(error="the request ran past its deadline")
@@ -418,40 +420,51 @@ class Worker:
                 await self._fail(writer, 502, message, "backend_error")
         return False
 
-    async def _call_backend(self, request: Request, body: bytes, writer: ReplyWriter) -> None:
+    async def _call_backend(
+        self, request: Request, body: bytes, writer: ReplyWriter, strip_usage: bool
+    ) -> None:
         async with self.backend.post(request.path, body) as response:
             content_type = response.headers.get("Content-Type")
             if not request.stream or response.status != 200:
                 answer = await response.read()
-                await writer.whole(response.status, content_type, answer)
                 if response.status == 200:
-                    self._count_tokens(usage.from_body(answer))
+                    self._count_tokens(writer, usage.from_body(answer))
+                await writer.whole(response.status, content_type, answer)
                 return
             writer.begin(response.status, content_type)
-            tail = b""
+            watcher = usage.StreamUsage(strip=strip_usage)
             async for chunk in response.content.iter_any():
-                await writer.feed(chunk)
-                tail = (tail + chunk)[-usage.TAIL_BYTES :]
+                relayed = watcher.feed(chunk)
+                if relayed:
+                    await writer.feed(relayed)
+            rest = watcher.end()
+            if rest:
+                await writer.feed(rest)
+        self._count_tokens(writer, watcher.counts)
         await writer.finish()
-        self._count_tokens(usage.from_stream_tail(tail))
 
-    def _count_tokens(self, counts: tuple[int, int] | None) -> None:
+    def _count_tokens(self, writer: ReplyWriter, counts: tuple[int, int] | None) -> None:
         if counts is not None:
+            writer.usage = counts
             self.metrics.prompt_tokens.labels(self.settings.model).inc(counts[0])
             self.metrics.completion_tokens.labels(self.settings.model).inc(counts[1])
 
-    def _body_for_backend(self, request: Request) -> bytes:
-        if not self.settings.forward_priority:
-            return request.body
+    def _body_for_backend(self, request: Request) -> tuple[bytes, bool]:
+        """The body for the backend, and whether to strip the usage chunk the client did not ask for."""
+        wants_usage = request.stream and request.path in usage.USAGE_PATHS
+        if not self.settings.forward_priority and not wants_usage:
+            return request.body, False
         try:
             payload = orjson.loads(request.body)
         except orjson.JSONDecodeError:
-            return request.body  # the backend will answer 400 itself
+            return request.body, False  # the backend will answer 400 itself
         if not isinstance(payload, dict):
-            return request.body
-        # vLLM serves lower values first; our scale serves higher first.
-        payload["priority"] = self.settings.max_priority - request.priority
-        return orjson.dumps(payload)
+            return request.body, False
+        strip = usage.ask_for_usage(payload) if wants_usage else False
+        if self.settings.forward_priority:
+            # vLLM serves lower values first; our scale serves higher first.
+            payload["priority"] = self.settings.max_priority - request.priority
+        return orjson.dumps(payload), strip
 
     async def _fail(
         self, writer: ReplyWriter, status: int, message: str, code: str, *, type: str = "server_error"

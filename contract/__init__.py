@@ -41,6 +41,9 @@ H_SEQ = "seq"
 H_LAST = "last"
 H_STATUS = "status"
 H_ERROR = "error"
+H_PROMPT_TOKENS = "prompt-tokens"
+H_COMPLETION_TOKENS = "completion-tokens"
+H_QUEUE_MS = "queue-ms"
 
 REQUEST_TYPE = "request"
 REPLY_TYPE = "reply"
@@ -127,6 +130,8 @@ class Reply:
     answer is a single piece with ``last`` set. A streamed answer is several
     pieces of raw server-sent-event bytes, each holding one or more events; a
     stream that broke off ends with a last piece whose ``error`` says why.
+    The last piece also carries, for usage accounting, the token counts the
+    backend reported (when it did) and how long the request waited in the queue.
     """
 
     seq: int
@@ -135,6 +140,10 @@ class Reply:
     status: int | None = None
     content_type: str | None = None
     error: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    queue_ms: int | None = None
+    """Milliseconds between the sender's publish and the consumer's start (clocks of both hosts)."""
 
     def headers(self) -> dict[str, Any]:
         headers: dict[str, Any] = {H_SEQ: self.seq, H_LAST: self.last}
@@ -142,6 +151,12 @@ class Reply:
             headers[H_STATUS] = self.status
         if self.error is not None:
             headers[H_ERROR] = self.error
+        if self.prompt_tokens is not None:
+            headers[H_PROMPT_TOKENS] = self.prompt_tokens
+        if self.completion_tokens is not None:
+            headers[H_COMPLETION_TOKENS] = self.completion_tokens
+        if self.queue_ms is not None:
+            headers[H_QUEUE_MS] = self.queue_ms
         return headers
 
     @classmethod
@@ -153,9 +168,22 @@ class Reply:
             last = bool(headers[H_LAST])
             status = int(headers[H_STATUS]) if H_STATUS in headers else None
             error = _text(headers[H_ERROR]) if H_ERROR in headers else None
+            prompt_tokens = _count(headers.get(H_PROMPT_TOKENS))
+            completion_tokens = _count(headers.get(H_COMPLETION_TOKENS))
+            queue_ms = _count(headers.get(H_QUEUE_MS))
         except (KeyError, TypeError, ValueError) as exc:
             raise ContractError(f"reply header missing or invalid: {exc}") from exc
-        return cls(seq=seq, last=last, body=body, status=status, content_type=content_type, error=error)
+        return cls(
+            seq=seq,
+            last=last,
+            body=body,
+            status=status,
+            content_type=content_type,
+            error=error,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            queue_ms=queue_ms,
+        )
 
 
 @dataclass(slots=True)
@@ -206,6 +234,10 @@ class Announcement:
             )
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ContractError(f"bad announcement: {exc}") from exc
+
+
+def _count(value: Any) -> int | None:
+    return None if value is None else int(value)
 
 
 def _text(value: Any) -> str:

@@ -1,45 +1,246 @@
-"""``python -m sender.admin``: create the token table and add tokens.
+"""``python -m sender.admin``: manage the token database.
 
-The full token life cycle lives in ``db-init/``; this is what ``make run`` and
-the tests use to get a working token.
+Commands: migrate, schema-version, add-token, set-token, revoke-token,
+list-tokens, usage. ``--help`` after any command says more. Tables are
+printed for people; ``--json`` prints JSON for scripts. A generated secret
+is printed once, when the token is made, and is never stored or shown again.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
+import json
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from sender import token_admin
 from sender.app import async_database_url
+from sender.migrate import migrate, schema_version
 from sender.settings import SenderSettings
-from sender.tokens import add_token, create_schema
+from sender.token_admin import UNSET, TokenFields
+
+_DURATION = re.compile(r"^(\d+)([smhd])$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 
 
-async def _run(args: argparse.Namespace) -> None:
+def _optional_int(text: str) -> int | None:
+    return None if text.lower() == "none" else int(text)
+
+
+def _models(text: str) -> list[str] | None:
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    return None if text.lower() == "none" or not names else names
+
+
+def _when(text: str) -> str | None:
+    """Kept as text until the database's clock is known (durations count from its now)."""
+    if text.lower() == "none":
+        return None
+    if not _DURATION.match(text):
+        dt.datetime.fromisoformat(text)  # raises ValueError, which argparse reports
+    return text
+
+
+async def _resolve_when(engine: AsyncEngine, text: str | None) -> dt.datetime | None:
+    if text is None:
+        return None
+    match = _DURATION.match(text)
+    if match is None:
+        return dt.datetime.fromisoformat(text)
+    delta = dt.timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+    return await token_admin.database_now(engine) + delta
+
+
+def _read_secret(path: str) -> str:
+    text = sys.stdin.read() if path == "-" else Path(path).read_text()
+    secret = text.strip()
+    if not secret:
+        raise SystemExit(f"the secret file {path} is empty")
+    return secret
+
+
+def _print(rows: list[dict[str, Any]], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        print("(none)")
+        return
+    columns = list(rows[0])
+    cells = [[_cell(row[c]) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(line[i]) for line in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
+    for line in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip())
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, list):
+        return ",".join(value)
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
+async def _run(args: argparse.Namespace) -> int:
     engine = create_async_engine(async_database_url(args.database_url or SenderSettings().database_url))
     try:
-        await create_schema(engine)
-        if args.command == "add-token":
-            secret = await add_token(
-                engine, args.name, secret=args.secret, priority=args.priority, threshold=args.threshold
-            )
-            print(secret)
+        return await _command(engine, args)
     finally:
         await engine.dispose()
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m sender.admin", description=__doc__)
-    parser.add_argument("--database-url", help="defaults to DATABASE_URL")
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("init-db", help="create the token table if it is missing")
-    add = commands.add_parser("add-token", help="add (or replace) a token and print its secret once")
+async def _command(engine: AsyncEngine, args: argparse.Namespace) -> int:
+    if args.command in ("migrate", "init-db"):
+        applied = await migrate(engine, args.scripts_dir)
+        version = await schema_version(engine)
+        print(f"schema version {version}" + (f" (applied {applied})" if applied else " (already current)"))
+    elif args.command == "schema-version":
+        print(await schema_version(engine))
+    elif args.command == "add-token":
+        fields = TokenFields(
+            owner=args.owner,
+            priority=args.priority,
+            threshold=args.threshold,
+            expires_at=await _resolve_when(engine, args.expires),
+            models=args.models,
+            rpm=args.rpm,
+            tpm=args.tpm,
+        )
+        given = _read_secret(args.secret_file) if args.secret_file else None
+        secret = await token_admin.add_token(engine, args.name, secret=given, fields=fields)
+        if given is None:  # a generated secret is shown now or never
+            print(json.dumps({"name": args.name, "secret": secret}) if args.json else secret)
+        elif args.json:
+            print(json.dumps({"name": args.name}))
+    elif args.command == "set-token":
+        changes = {
+            "owner": args.owner,
+            "priority": args.priority,
+            "threshold": args.threshold,
+            "enabled": args.enabled,
+            "models": args.models,
+            "rpm": args.rpm,
+            "tpm": args.tpm,
+            "expires_at": UNSET if args.expires is UNSET else await _resolve_when(engine, args.expires),
+        }
+        if not await token_admin.set_token(engine, args.name, **changes):
+            print(f"no token named {args.name}", file=sys.stderr)
+            return 1
+    elif args.command == "revoke-token":
+        if not await token_admin.revoke_token(engine, args.name):
+            print(f"no token named {args.name}", file=sys.stderr)
+            return 1
+    elif args.command == "list-tokens":
+        _print(await token_admin.list_tokens(engine), args.json)
+    elif args.command == "usage":
+        rows = await token_admin.usage_report(
+            engine,
+            since=await _resolve_ago(engine, args.since),
+            until=await _resolve_ago(engine, args.until),
+            name=args.name,
+        )
+        _print(rows, args.json)
+    return 0
+
+
+async def _resolve_ago(engine: AsyncEngine, text: str | None) -> dt.datetime | None:
+    """``--since 2h`` means two hours ago; a date or time is taken as it is."""
+    if text is None:
+        return None
+    match = _DURATION.match(text)
+    if match is None:
+        return dt.datetime.fromisoformat(text)
+    delta = dt.timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+    return await token_admin.database_now(engine) - delta
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(
+        prog="python -m sender.admin", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    root.add_argument("--database-url", help="defaults to DATABASE_URL")
+    commands = root.add_subparsers(dest="command", required=True, metavar="command")
+
+    migrate_cmd = commands.add_parser(
+        "migrate", help="apply the db-init schema scripts this database lacks (safe to repeat)"
+    )
+    init_cmd = commands.add_parser("init-db", help="the same as migrate")
+    for command in (migrate_cmd, init_cmd):
+        command.add_argument(
+            "--scripts-dir", type=Path, help="the db-init folder (default: DB_INIT_DIR or ./db-init)"
+        )
+    commands.add_parser("schema-version", help="print the schema version of the database (0: empty)")
+
+    add = commands.add_parser(
+        "add-token",
+        help="create a token (or replace the one of the same name); prints a generated secret once",
+        description="Create a token, or replace the one of the same name (new secret, fields as given). "
+        "Without --secret-file a strong secret (sk-...) is generated and printed once: it is not stored.",
+    )
     add.add_argument("--name", required=True)
-    add.add_argument("--priority", type=int, default=0, help="higher is served first (0-9)")
+    add.add_argument("--priority", type=int, default=0, help="higher is served first, 0-9 (default 0)")
     add.add_argument("--threshold", type=int, default=100, help="queue depth at which requests get 429")
-    add.add_argument("--secret", help="use this secret instead of generating one")
-    asyncio.run(_run(parser.parse_args(argv)))
+    add.add_argument("--owner", help="person or team, for reports")
+    add.add_argument(
+        "--expires", type=_when, help="ISO date/time (database local time) or a duration: 30d, 12h"
+    )
+    add.add_argument("--models", type=_models, help="comma-separated models it may use (default: all)")
+    add.add_argument("--rpm", type=_optional_int, help="requests per minute (default: no limit)")
+    add.add_argument("--tpm", type=_optional_int, help="tokens per minute (default: no limit)")
+    add.add_argument("--secret-file", help="read the secret from this file ('-': standard input)")
+    add.add_argument("--json", action="store_true", help="print {name, secret} as JSON")
+
+    change = commands.add_parser(
+        "set-token",
+        help="change some fields of a token",
+        description="Change the fields given; the others stay. "
+        "'none' clears --expires, --models, --rpm, --tpm.",
+    )
+    change.add_argument("--name", required=True)
+    change.add_argument("--priority", type=int, default=UNSET)
+    change.add_argument("--threshold", type=int, default=UNSET)
+    change.add_argument("--owner", default=UNSET)
+    change.add_argument("--expires", type=_when, default=UNSET, help="date/time, duration (30d) or none")
+    change.add_argument("--models", type=_models, default=UNSET, help="comma-separated, or none for all")
+    change.add_argument("--rpm", type=_optional_int, default=UNSET, help="a number, or none")
+    change.add_argument("--tpm", type=_optional_int, default=UNSET, help="a number, or none")
+    enabled = change.add_mutually_exclusive_group()
+    enabled.add_argument("--enable", dest="enabled", action="store_true", default=UNSET)
+    enabled.add_argument("--disable", dest="enabled", action="store_false")
+
+    revoke = commands.add_parser(
+        "revoke-token",
+        help="disable a token (it stops working within SENDER_TOKEN_CACHE_SECONDS)",
+        description="Disable a token; its row and usage stay, and set-token --enable turns it back on.",
+    )
+    revoke.add_argument("--name", required=True)
+
+    listing = commands.add_parser("list-tokens", help="list tokens (never secrets, only a hash prefix)")
+    listing.add_argument("--json", action="store_true")
+
+    usage = commands.add_parser("usage", help="requests and tokens per token and model over a time range")
+    usage.add_argument(
+        "--since", help="date/time (database local time) or a duration ago: 2h, 7d (default 1d)"
+    )
+    usage.add_argument("--until", help="date/time or a duration ago (default: now)")
+    usage.add_argument("--name", help="one token only")
+    usage.add_argument("--json", action="store_true")
+    return root
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    raise SystemExit(asyncio.run(_run(args)))
 
 
 if __name__ == "__main__":

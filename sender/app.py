@@ -20,13 +20,15 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from sender.broker import Broker
+from sender.broker import Broker, PendingCall
 from sender.dispatch import Dispatcher, effective_priority, model_not_found
 from sender.errors import ApiError, error_response
+from sender.limits import RateLimiter
 from sender.metrics import REJECTION_REASONS, SenderMetrics
 from sender.registry import ModelRegistry
 from sender.settings import SenderSettings
-from sender.tokens import Token, TokenStore
+from sender.tokens import Token, TokenStore, TokenUnavailable
+from sender.usage import UsageRecorder
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +59,27 @@ class Services:
             pool_pre_ping=True,
             pool_recycle=1800,
         )
+        self.registry = ModelRegistry()
+        self.metrics = SenderMetrics(token_label=settings.metrics_token_label)
         self.tokens = TokenStore(
             self.engine,
             ttl=settings.token_cache_seconds,
             negative_ttl=settings.unknown_token_cache_seconds,
             max_entries=settings.token_cache_size,
+            stale_ttl=settings.token_stale_seconds,
+            timeout=settings.db_timeout_seconds,
+            on_query=self.metrics.token_queries.inc,
         )
-        self.registry = ModelRegistry()
-        self.metrics = SenderMetrics(token_label=settings.metrics_token_label)
+        self.limiter = RateLimiter(
+            self.engine, sync_seconds=settings.rate_sync_seconds, timeout=settings.db_timeout_seconds
+        )
+        self.usage = UsageRecorder(
+            self.engine,
+            flush_seconds=settings.usage_flush_seconds,
+            max_rows=settings.usage_buffer_rows,
+            on_dropped=self.metrics.usage_rows_dropped.inc,
+            on_written=self.metrics.usage_rows_written.inc,
+        )
         self.broker = Broker(
             settings.rabbitmq_url, stats_ttl=settings.queue_stats_seconds, on_stats=self.metrics.queue_read
         )
@@ -94,6 +109,8 @@ def create_app(settings: SenderSettings | None = None) -> ASGIApp:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         services = Services(settings)
         await services.broker.connect(services.registry.receive, services.metrics.broker_reconnects.inc)
+        services.limiter.start()
+        services.usage.start()
         # Consumers answer the roll call within milliseconds; waiting a moment
         # means the first /v1/models after start is already complete.
         await asyncio.sleep(settings.rollcall_wait_seconds)
@@ -102,6 +119,8 @@ def create_app(settings: SenderSettings | None = None) -> ASGIApp:
             yield
         finally:
             await services.broker.close()
+            await services.usage.close()
+            await services.limiter.close()
             await services.engine.dispose()
 
     app = FastAPI(title="LLM dispatcher", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
@@ -135,15 +154,16 @@ def create_app(settings: SenderSettings | None = None) -> ASGIApp:
     @app.get("/v1/models")
     async def list_models(request: Request) -> Response:
         services = _services(request)
-        await _authenticate(request, services)
-        return Response(orjson.dumps({"object": "list", "data": services.registry.cards()}), media_type=JSON)
+        token = await _authenticate(request, services)
+        cards = [card for card in services.registry.cards() if token.may_use(str(card.get("id")))]
+        return Response(orjson.dumps({"object": "list", "data": cards}), media_type=JSON)
 
     @app.get("/v1/models/{model:path}")
     async def get_model(model: str, request: Request) -> Response:
         services = _services(request)
-        await _authenticate(request, services)
+        token = await _authenticate(request, services)
         card = services.registry.card(model)
-        if card is None:
+        if card is None or not token.may_use(model):
             raise model_not_found(model)
         return Response(orjson.dumps(card), media_type=JSON)
 
@@ -198,6 +218,7 @@ class ForwardingFront:
             await send(message)
 
         code = None
+        request.state.call = None
         try:
             response = await _forward(request, scope["path"])
         except ApiError as exc:
@@ -210,6 +231,8 @@ class ForwardingFront:
         finally:
             metrics.in_flight.dec()
             self._account(request, response.status_code, code, started, first_piece_at)
+            if request.state.call is not None:
+                _record_usage(request, response.status_code, started)
 
     def _account(
         self, request: Request, status: int, code: str | None, started: float, first_piece_at: list[float]
@@ -235,6 +258,36 @@ class ForwardingFront:
             log.info("request", extra={"fields": fields})
 
 
+def _record_usage(request: Request, status: int, started: float) -> None:
+    """The usage row of a request that reached a model queue; its tokens count against the tpm limit."""
+    services = _services(request)
+    call: PendingCall = request.state.call
+    token: Token = request.state.token
+    final = call.final
+    prompt = (final.prompt_tokens or 0) if final is not None else 0
+    completion = (final.completion_tokens or 0) if final is not None else 0
+    services.limiter.spent(token, prompt + completion)
+    if not services.settings.usage_accounting:
+        return
+    fields = request.state.log
+    services.usage.record(
+        {
+            "token_id": token.id or None,
+            "token_name": token.name,
+            "model": fields["model"],
+            "path": request.url.path[:255],
+            "request_id": request.state.request_id,
+            "status": status,
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "queue_ms": final.queue_ms if final is not None else None,
+            "total_ms": round((time.perf_counter() - started) * 1000),
+            "priority": fields["priority"],
+            "streamed": fields["stream"],
+        }
+    )
+
+
 def _forwarded(path: str) -> bool:
     return path.startswith("/v1/") or path in ("/tokenize", "/detokenize")
 
@@ -247,10 +300,26 @@ async def _forward(request: Request, path: str) -> Response:
     model = payload.get("model")
     if not isinstance(model, str) or not model:
         raise ApiError(400, "you must provide a model parameter", code="missing_model", param="model")
+    if not token.may_use(model):
+        raise model_not_found(model)  # as if it did not exist: do not tell which models do
     stream = payload.get("stream") is True
     priority = effective_priority(token, request.headers.get("x-priority"), services.settings.max_priority)
     request.state.log = {"token": token.name, "model": model, "priority": priority, "stream": stream}
+    request.state.token = token
     await services.dispatcher.admit(model, token)
+    retry_after = await services.limiter.admit(token)
+    if retry_after is not None:
+        raise ApiError(
+            429,
+            "this token's rate limit is reached (requests or tokens per minute); retry later",
+            type="rate_limit_error",
+            code="rate_limit_exceeded",
+            retry_after=retry_after,
+        )
+
+    def remember(call: PendingCall) -> None:
+        request.state.call = call
+
     return await services.dispatcher.forward(
         model,
         path,
@@ -259,6 +328,7 @@ async def _forward(request: Request, path: str) -> Response:
         priority=priority,
         request_id=request.state.request_id,
         receive=request.receive,
+        on_call=remember,
     )
 
 
@@ -277,8 +347,8 @@ async def _authenticate(request: Request, services: Services) -> Token:
         )
     try:
         token = await services.tokens.lookup(secret)
-    except Exception as exc:
-        log.warning("token lookup failed: %s", type(exc).__name__)
+    except (TokenUnavailable, Exception) as exc:
+        log.warning("token lookup failed: %s", type(exc.__cause__ or exc).__name__)
         raise ApiError(
             503,
             "the token database is unreachable",
@@ -288,6 +358,10 @@ async def _authenticate(request: Request, services: Services) -> Token:
         ) from exc
     if token is None:
         raise ApiError(401, "invalid bearer token", code="invalid_api_key")
+    if not token.enabled:
+        raise ApiError(401, "this bearer token has been revoked", code="token_disabled")
+    if token.expired():
+        raise ApiError(401, "this bearer token has expired", code="token_expired")
     return token
 
 

@@ -59,6 +59,8 @@ class PendingCall:
         self.abandoned = False
         self.publish_error: str | None = None
         """Set when the broker refused the request; the call then ends without any reply."""
+        self.final: Reply | None = None
+        """The last piece of the answer, once it arrived (it carries the usage)."""
 
     def deliver(self, reply: Reply) -> None:
         self._replies.put_nowait(reply)
@@ -80,6 +82,8 @@ class PendingCall:
             return Reply(seq=reply.seq, last=True, error=f"reply piece {self._expected_seq} was lost")
         self._expected_seq += 1
         self.finished = reply.last
+        if reply.last:
+            self.final = reply
         return reply
 
     def abandon(self, reason: str = "the client went away") -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -72,6 +73,7 @@ class Dispatcher:
         priority: int,
         request_id: str,
         receive: Receive,
+        on_call: Callable[[PendingCall], None] = lambda _: None,
     ) -> Response:
         """Queue the request and answer with the backend's reply.
 
@@ -87,6 +89,7 @@ class Dispatcher:
             call = await self._broker.call(model, request)
         except PublishFailed as exc:
             raise self._unavailable("the request could not be queued", "queue_unavailable") from exc
+        on_call(call)
         watcher = asyncio.ensure_future(_watch_disconnect(receive, call))
         try:
             first = await call.next(deadline - time.time())

@@ -66,6 +66,21 @@ class SenderMetrics:
             "Times the connection to RabbitMQ was re-established.",
             registry=self.registry,
         )
+        self.token_queries = Counter(
+            "dispatcher_token_queries",
+            "Token lookups that went to the database (the rest came from the cache).",
+            registry=self.registry,
+        )
+        self.usage_rows_written = Counter(
+            "dispatcher_usage_rows_written",
+            "Usage rows written to the database.",
+            registry=self.registry,
+        )
+        self.usage_rows_dropped = Counter(
+            "dispatcher_usage_rows_dropped",
+            "Usage rows dropped because the buffer was full while the database was unreachable.",
+            registry=self.registry,
+        )
         self.broker_connected = Gauge(
             "dispatcher_broker_connected",
             "1 while the sender is connected to RabbitMQ.",
@@ -97,4 +112,7 @@ REJECTION_REASONS = {
     "invalid_json": "bad_request",
     "missing_model": "bad_request",
     "invalid_priority": "bad_request",
+    "token_disabled": "auth",
+    "token_expired": "auth",
+    "rate_limit_exceeded": "rate_limit",
 }

@@ -36,6 +36,18 @@ class SenderSettings(BaseSettings):
     """How long a token lookup is trusted; a revoked token works at most this long."""
     unknown_token_cache_seconds: float = 1.0
     token_cache_size: int = 10_000
+    token_stale_seconds: float = 3600.0
+    """While the token database is unreachable, tokens looked up within this time keep working."""
+    db_timeout_seconds: float = 2.0
+    """A token lookup or rate-limit query slower than this counts as a database failure."""
+    usage_accounting: bool = True
+    """Write a usage row per request (``usage_records``)."""
+    usage_flush_seconds: float = 1.0
+    """How often buffered usage rows are written (also on shutdown)."""
+    usage_buffer_rows: int = 100_000
+    """Usage rows kept while the database is unreachable; the oldest are dropped beyond this."""
+    rate_sync_seconds: float = 1.0
+    """How old the tokens-per-minute total may be, and how often this sender adds its own to it."""
     queue_stats_seconds: float = 0.25
     """How old the queue depth used for admission may be."""
     queue_without_consumers: bool = False

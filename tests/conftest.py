@@ -1,7 +1,9 @@
 """The test harness: real RabbitMQ and databases, the dispatcher's real processes, the simulator as GPU.
 
 Every name a test run creates (models, tokens) carries the run's id, so runs
-never see each other's queues; the model queues are deleted at the end.
+never see each other's queues; the model queues are deleted at the end. Each
+run also gets its own database on both servers (``dispatch_<run id>``), made
+with the ``db-init`` scripts and dropped at the end.
 """
 
 from __future__ import annotations
@@ -19,16 +21,19 @@ import pytest_asyncio
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 import contract
-from sender.tokens import add_token, create_schema
+from sender.token_admin import add_token
 from tools import stack
 
 RUN_ID = uuid.uuid4().hex[:8]
 
 RABBITMQ_URL = os.environ.get("RABBITMQ_URL", stack.DEFAULT_RABBITMQ_URL)
-DATABASE_URLS = {
+SERVER_URLS = {
     "postgres": os.environ.get("TEST_POSTGRES_URL", stack.DEFAULT_POSTGRES_URL),
     "mysql": os.environ.get("TEST_MYSQL_URL", stack.DEFAULT_MYSQL_URL),
 }
+RUN_DATABASE = f"dispatch_{RUN_ID}"
+DATABASE_URLS = {kind: stack.with_database(url, RUN_DATABASE) for kind, url in SERVER_URLS.items()}
+"""This run's own databases, migrated with the db-init scripts."""
 # Small enough that the whole suite runs in seconds, large enough to be measurable.
 FAST_SIMULATOR = {"ttft_ms": 5, "itl_ms": 2, "max_num_seqs": 16, "default_max_tokens": 8}
 
@@ -37,6 +42,15 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     problems = stack.missing_services()
     if problems:
         pytest.exit("services the tests need are down:\n  " + "\n  ".join(problems), returncode=3)
+    for url in SERVER_URLS.values():
+        stack.create_database(url, RUN_DATABASE)
+    for url in DATABASE_URLS.values():
+        stack.migrate(url)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    for url in SERVER_URLS.values():
+        stack.drop_database(url, RUN_DATABASE)
 
 
 def unique(name: str) -> str:
@@ -119,8 +133,6 @@ async def _delete_queues(models: set[str]) -> None:
 @pytest_asyncio.fixture(scope="session")
 async def engines() -> AsyncIterator[dict[str, AsyncEngine]]:
     made = {kind: create_async_engine(url) for kind, url in DATABASE_URLS.items()}
-    for engine in made.values():
-        await create_schema(engine)
     yield made
     for engine in made.values():
         await engine.dispose()

@@ -36,7 +36,14 @@ async def test_request_id_travels_from_sender_log_to_consumer_log(
     assert response.headers["x-request-id"] == request_id
     assert refused.headers["x-request-id"]
     for _ in range(50):  # log lines are written as the requests end
-        if request_lines(sender, request_id) and request_lines(consumer, request_id):
+        refused_id = refused.headers["x-request-id"]
+        if all(
+            (
+                request_lines(sender, request_id),
+                request_lines(consumer, request_id),
+                request_lines(sender, refused_id),
+            )
+        ):
             break
         await asyncio.sleep(0.05)
     [sent] = request_lines(sender, request_id)

@@ -60,9 +60,9 @@ async def test_counts_and_histograms_match_the_traffic(
     assert total(served, "consumer_requests_total", model=model, status="200", outcome="answered") == 5
     assert total(served, "consumer_requests_total", model=model, status="400", outcome="answered") == 1
     assert total(served, "consumer_queue_wait_seconds_count", model=model) == 6
-    # Usage as the simulator reports it: three plain answers and the stream that asked for usage.
-    assert total(served, "consumer_completion_tokens_total", model=model) == 4 * 3
-    assert total(served, "consumer_prompt_tokens_total", model=model) == 4 * len(b"x")
+    # Usage as the simulator reports it: the consumer asks for it on streams too, asked for or not.
+    assert total(served, "consumer_completion_tokens_total", model=model) == 5 * 3
+    assert total(served, "consumer_prompt_tokens_total", model=model) == 5 * len(b"x")
     assert total(served, "consumer_backend_healthy", model=model) == 1
     assert total(served, "consumer_consuming", model=model) == 1
     assert total(served, "consumer_flow_window", model=model) >= 1

@@ -1,7 +1,8 @@
 """``make run``: the whole dispatcher on this machine, against the local RabbitMQ and database.
 
 Starts a simulator (unless ``VLLM_URL`` and ``MODEL`` name a real backend), a
-consumer and the sender on 127.0.0.1:8080, creates a demo token and prints
+consumer and the sender on 127.0.0.1:8080, brings the database schema up to
+date (``db-init`` scripts), creates a demo token and prints
 the two lines that point any OpenAI client at it. Ctrl-C stops everything.
 """
 
@@ -40,6 +41,7 @@ def main() -> None:
             backend_url = simulator.url
         consumer = stack.start_consumer(log_dir, model=model, vllm_url=backend_url, rabbitmq_url=rabbitmq_url)
         services.append(consumer)
+        stack.migrate(database_url)
         sender = stack.start_sender(log_dir, database_url=database_url, rabbitmq_url=rabbitmq_url, port=port)
         services.append(sender)
         secret = stack.add_token(database_url, "demo", priority=5, threshold=1000)

@@ -162,26 +162,57 @@ def start_sender(
     return service
 
 
-def add_token(database_url: str, name: str, *, priority: int = 5, threshold: int = 1000) -> str:
-    """Create (or replace) a token through the admin command and return its secret."""
+def admin(database_url: str, *args: str, stdin: str | None = None) -> str:
+    """Run ``python -m sender.admin`` against ``database_url``; its standard output."""
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sender.admin",
-            "--database-url",
-            database_url,
-            "add-token",
-            "--name",
-            name,
-            "--priority",
-            str(priority),
-            "--threshold",
-            str(threshold),
-        ],
+        [sys.executable, "-m", "sender.admin", "--database-url", database_url, *args],
         cwd=ROOT,
         check=True,
         capture_output=True,
         text=True,
+        input=stdin,
     )
-    return result.stdout.strip()
+    return result.stdout
+
+
+def migrate(database_url: str) -> None:
+    """Bring the database's schema up to date with the db-init scripts."""
+    admin(database_url, "migrate")
+
+
+def add_token(
+    database_url: str, name: str, *, priority: int = 5, threshold: int = 1000, **fields: object
+) -> str:
+    """Create (or replace) a token through the admin command and return its secret."""
+    options = [f"--{key.replace('_', '-')}={value}" for key, value in fields.items()]
+    args = ["add-token", "--name", name, "--priority", str(priority), "--threshold", str(threshold), *options]
+    return admin(database_url, *args).strip()
+
+
+def with_database(url: str, database: str) -> str:
+    """``url`` pointing at another database on the same server."""
+    return url.rsplit("/", 1)[0] + "/" + database
+
+
+def _server_sql(url: str, statement: str) -> None:
+    """Run one statement on the server of ``url`` outside any transaction (CREATE/DROP DATABASE)."""
+    from sqlalchemy import create_engine
+
+    sync_url = url.replace("+aiomysql", "+pymysql")
+    engine = create_engine(sync_url, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            conn.exec_driver_sql(statement)
+    finally:
+        engine.dispose()
+
+
+def create_database(url: str, database: str) -> None:
+    _server_sql(url, f"CREATE DATABASE {database}")
+
+
+def drop_database(url: str, database: str) -> None:
+    if url.startswith("postgres"):
+        _server_sql(url, f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+    else:
+        _server_sql(url, f"DROP DATABASE IF EXISTS {database}")

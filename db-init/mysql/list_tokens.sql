@@ -1,0 +1,8 @@
+-- List tokens. Never shows secrets (they are not stored) and only the first 8 characters of a hash.
+--   mysql -e "SOURCE db-init/mysql/list_tokens.sql;"
+
+SELECT name, owner, priority, threshold, enabled, created_at, expires_at,
+       COALESCE(NULLIF(allowed_models, ''), '*') AS models, rpm_limit AS rpm, tpm_limit AS tpm,
+       CONCAT(LEFT(token_hash, 8), '...') AS hash_prefix
+FROM tokens
+ORDER BY name;

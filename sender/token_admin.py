@@ -1,0 +1,205 @@
+"""What an operator does with tokens, as functions: the admin CLI's and the tests' way in.
+
+The same operations exist as SQL scripts in ``db-init/`` for operators who
+only have ``psql`` or ``mysql``; both store exactly what the sender checks.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from sender.tables import tokens_table, usage_table
+from sender.tokens import hash_secret, new_secret
+
+UNSET: Any = object()
+"""A field left as it is by :func:`set_token` (None clears an optional field)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TokenFields:
+    """Everything about a token but its secret."""
+
+    owner: str | None = None
+    priority: int = 0
+    threshold: int = 100
+    enabled: bool = True
+    expires_at: dt.datetime | None = None
+    """In the database's local time, like every timestamp it stores."""
+    models: list[str] | None = None
+    rpm: int | None = None
+    tpm: int | None = None
+
+    def columns(self) -> dict[str, Any]:
+        return {
+            "owner": self.owner,
+            "priority": self.priority,
+            "threshold": self.threshold,
+            "enabled": self.enabled,
+            "expires_at": self.expires_at,
+            "allowed_models": join_models(self.models),
+            "rpm_limit": self.rpm,
+            "tpm_limit": self.tpm,
+        }
+
+
+def join_models(models: list[str] | None) -> str | None:
+    return ",".join(models) if models else None
+
+
+async def add_token(
+    engine: AsyncEngine,
+    name: str,
+    *,
+    secret: str | None = None,
+    priority: int = 0,
+    threshold: int = 100,
+    fields: TokenFields | None = None,
+) -> str:
+    """Store a token and return its secret (generated unless given).
+
+    A token of the same name is replaced: new secret, fields as given, enabled.
+    """
+    secret = secret or new_secret()
+    values = (fields or TokenFields(priority=priority, threshold=threshold)).columns()
+    values["token_hash"] = hash_secret(secret)
+    async with engine.begin() as conn:
+        existing = (
+            await conn.execute(sa.select(tokens_table.c.id).where(tokens_table.c.name == name))
+        ).scalar()
+        if existing is None:
+            await conn.execute(sa.insert(tokens_table).values(name=name, **values))
+        else:
+            await conn.execute(sa.update(tokens_table).where(tokens_table.c.id == existing).values(**values))
+    return secret
+
+
+async def set_token(engine: AsyncEngine, name: str, **changes: Any) -> bool:
+    """Change some fields of a token (keys of :class:`TokenFields`); False if there is no such token."""
+    columns = TokenFields().columns()
+    values: dict[str, Any] = {}
+    for key, value in changes.items():
+        if value is UNSET:
+            continue
+        if key == "models":
+            values["allowed_models"] = join_models(value)
+        elif key in ("rpm", "tpm"):
+            values[f"{key}_limit"] = value
+        elif key in columns:
+            values[key] = value
+        else:
+            raise ValueError(f"unknown token field {key}")
+    async with engine.begin() as conn:
+        found = (await conn.execute(sa.select(tokens_table.c.id).where(tokens_table.c.name == name))).scalar()
+        if found is None:
+            return False
+        if values:
+            await conn.execute(sa.update(tokens_table).where(tokens_table.c.id == found).values(**values))
+    return True
+
+
+async def revoke_token(engine: AsyncEngine, name: str) -> bool:
+    """Disable a token (its row and usage stay); False if there is no such token."""
+    return await set_token(engine, name, enabled=False)
+
+
+async def database_now(engine: AsyncEngine) -> dt.datetime:
+    """The database's local time, the clock every stored timestamp follows."""
+    async with engine.connect() as conn:
+        now: dt.datetime = (await conn.execute(sa.select(sa.func.localtimestamp()))).scalar_one()
+    return now
+
+
+async def list_tokens(engine: AsyncEngine) -> list[dict[str, Any]]:
+    """Every token without its hash (only its first 8 characters, to tell tokens apart)."""
+    t = tokens_table.c
+    statement = sa.select(
+        t.name,
+        t.owner,
+        t.priority,
+        t.threshold,
+        t.enabled,
+        t.created_at,
+        t.expires_at,
+        t.allowed_models,
+        t.rpm_limit,
+        t.tpm_limit,
+        t.token_hash,
+    ).order_by(t.name)
+    async with engine.connect() as conn:
+        rows = (await conn.execute(statement)).mappings().all()
+    return [
+        {
+            "name": row["name"],
+            "owner": row["owner"],
+            "priority": row["priority"],
+            "threshold": row["threshold"],
+            "enabled": bool(row["enabled"]),
+            "created": _iso(row["created_at"]),
+            "expires": _iso(row["expires_at"]),
+            "models": (row["allowed_models"] or "").split(",") if row["allowed_models"] else None,
+            "rpm": row["rpm_limit"],
+            "tpm": row["tpm_limit"],
+            "hash_prefix": row["token_hash"][:8],
+        }
+        for row in rows
+    ]
+
+
+async def usage_report(
+    engine: AsyncEngine,
+    *,
+    since: dt.datetime | None = None,
+    until: dt.datetime | None = None,
+    name: str | None = None,
+) -> list[dict[str, Any]]:
+    """Requests, errors and tokens per token and model between ``since`` and ``until``
+    (database local time; default: the last 24 hours)."""
+    u = usage_table.c
+    now = await database_now(engine)
+    since = since or now - dt.timedelta(days=1)
+    until = until or now + dt.timedelta(minutes=1)
+    statement = (
+        sa.select(
+            u.token_name,
+            u.model,
+            sa.func.count().label("requests"),
+            sa.func.sum(sa.case((u.status >= 400, 1), else_=0)).label("errors"),
+            sa.func.sum(u.prompt_tokens).label("prompt_tokens"),
+            sa.func.sum(u.completion_tokens).label("completion_tokens"),
+            sa.func.avg(u.queue_ms).label("avg_queue_ms"),
+            sa.func.avg(u.total_ms).label("avg_total_ms"),
+        )
+        .where(u.finished_at >= since, u.finished_at < until)
+        .group_by(u.token_name, u.model)
+        .order_by(u.token_name, u.model)
+    )
+    if name is not None:
+        statement = statement.where(u.token_name == name)
+    async with engine.connect() as conn:
+        rows = (await conn.execute(statement)).mappings().all()
+    return [
+        {
+            "token": row["token_name"],
+            "model": row["model"],
+            "requests": int(row["requests"]),
+            "errors": int(row["errors"] or 0),
+            "prompt_tokens": int(row["prompt_tokens"] or 0),
+            "completion_tokens": int(row["completion_tokens"] or 0),
+            "avg_queue_ms": _rounded(row["avg_queue_ms"]),
+            "avg_total_ms": _rounded(row["avg_total_ms"]),
+        }
+        for row in rows
+    ]
+
+
+def _iso(value: dt.datetime | None) -> str | None:
+    return value.isoformat(sep=" ", timespec="seconds") if value is not None else None
+
+
+def _rounded(value: Any) -> float | None:
+    return round(float(value), 1) if value is not None else None
