@@ -21,7 +21,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from sender import token_admin
-from sender.app import async_database_url
+from sender.database import async_database_url
 from sender.migrate import migrate, schema_version
 from sender.settings import SenderSettings
 from sender.token_admin import UNSET, TokenFields

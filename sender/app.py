@@ -21,6 +21,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sender.broker import Broker, PendingCall
+from sender.database import async_database_url
 from sender.dispatch import Dispatcher, effective_priority, model_not_found
 from sender.errors import ApiError, error_response
 from sender.limits import RateLimiter
@@ -33,19 +34,6 @@ from sender.usage import UsageRecorder
 log = logging.getLogger(__name__)
 
 JSON = "application/json"
-
-
-def async_database_url(url: str) -> str:
-    """Accept plain ``postgresql://`` and ``mysql://`` URLs and pick the async drivers for them."""
-    for plain, driver in (
-        ("postgresql://", "postgresql+psycopg://"),
-        ("postgres://", "postgresql+psycopg://"),
-        ("mysql://", "mysql+aiomysql://"),
-        ("mariadb://", "mysql+aiomysql://"),
-    ):
-        if url.startswith(plain):
-            return driver + url[len(plain) :]
-    return url
 
 
 class Services:

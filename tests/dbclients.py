@@ -1,0 +1,46 @@
+"""The stock database clients (``psql``, ``mysql``), run the way an operator runs them."""
+
+from __future__ import annotations
+
+import subprocess
+
+from sqlalchemy.engine import make_url
+
+from tools.stack import ROOT
+
+
+def psql(url: str, *args: str) -> str:
+    parts = make_url(url)
+    command = ["psql", "-X", "-h", parts.host or "127.0.0.1", "-p", str(parts.port or 5432)]
+    command += [
+        "-U",
+        parts.username or "postgres",
+        "-d",
+        parts.database or "postgres",
+        "-v",
+        "ON_ERROR_STOP=1",
+    ]
+    return _run([*command, *args])
+
+
+def mysql(url: str, *args: str) -> str:
+    parts = make_url(url)
+    command = ["mysql", "-h", parts.host or "127.0.0.1", "-P", str(parts.port or 3306)]
+    command += ["-u", parts.username or "root", *(["-p" + parts.password] if parts.password else [])]
+    return _run([*command, *args, parts.database or ""])
+
+
+def _run(command: list[str]) -> str:
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    if result.returncode != 0:
+        raise AssertionError(f"{command[0]} failed ({result.returncode}): {result.stderr}")
+    return result.stdout
+
+
+def apply_scripts(kind: str, url: str, scripts: list[str]) -> None:
+    """Apply schema scripts with the stock client of ``kind``."""
+    for script in scripts:
+        if kind == "postgres":
+            psql(url, "-q", "-f", script)
+        else:
+            mysql(url, "-e", f"SOURCE {script};")
