@@ -128,3 +128,30 @@ async def test_reply_writer_marks_a_broken_stream() -> None:
     await writer.finish()  # idempotent
     assert [r.seq for r in sent] == [0, 1]
     assert sent[1].body == b"data: 2\n\n" and sent[1].error == "backend went away" and sent[1].last
+
+
+def test_usage_is_asked_for_and_stripped_as_vllm_would_not_have_sent_it() -> None:
+    from consumer.usage import StreamUsage, ask_for_usage
+
+    payload: dict[str, object] = {"stream": True, "stream_options": {"continuous_usage_stats": True}}
+    assert ask_for_usage(payload)
+    assert payload["stream_options"] == {"include_usage": True, "continuous_usage_stats": False}
+    assert not ask_for_usage({"stream": True, "stream_options": {"include_usage": True}})
+
+    # vLLM's chat stream with include_usage: every chunk says "usage":null, a last chunk has the counts.
+    head = b'data: {"id":"c","object":"chat.completion.chunk","choices":'
+    chunk = head + b'[{"index":0,"delta":{"content":"%s"}}],"usage":null}\n\n'
+    usage = head + b'[],"usage":{"prompt_tokens":7,"completion_tokens":2}}\n\n'
+    sent = chunk % b"a" + chunk % b"b" + usage + b"data: [DONE]\n\n"
+    expected = (chunk % b"a" + chunk % b"b").replace(b',"usage":null', b"") + b"data: [DONE]\n\n"
+    for size in (1, 7, 50, len(sent)):
+        watcher = StreamUsage(strip=True)
+        out = b"".join(watcher.feed(sent[i : i + size]) for i in range(0, len(sent), size)) + watcher.end()
+        assert out == expected and watcher.counts == (7, 2)
+    kept = StreamUsage(strip=False)  # the client asked: untouched, still counted
+    assert kept.feed(sent) == sent and kept.end() == b"" and kept.counts == (7, 2)
+
+    # Completion chunks carry "usage":null with or without include_usage: it stays.
+    text = b'data: {"id":"t","object":"text_completion","choices":[{"text":"a"}],"usage":null}\n\n'
+    watcher = StreamUsage(strip=True)
+    assert watcher.feed(text + b"data: [DONE]\n\n") == text + b"data: [DONE]\n\n"
