@@ -124,14 +124,14 @@ def create_app(settings: SenderSettings | None = None) -> ASGIApp:
 
     @app.get("/health/ready")
     async def ready(request: Request) -> Response:
-        """Readiness: the broker is connected and the token database answers."""
+        """Readiness: the broker is connected and tokens can be checked: the token database
+        answers, or (during an outage) recently seen tokens are cached and keep working."""
         services = _services(request)
         broker_ok = services.broker.connected
         db_ok = await services.database_reachable()
-        body = orjson.dumps(
-            {"status": "ok" if broker_ok and db_ok else "unavailable", "broker": broker_ok, "database": db_ok}
-        )
-        return Response(body, status_code=200 if broker_ok and db_ok else 503, media_type=JSON)
+        ok = broker_ok and (db_ok or services.tokens.warm)
+        body = orjson.dumps({"status": "ok" if ok else "unavailable", "broker": broker_ok, "database": db_ok})
+        return Response(body, status_code=200 if ok else 503, media_type=JSON)
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:

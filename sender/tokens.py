@@ -103,6 +103,11 @@ class TokenStore:
         """hash -> (fresh until, usable until during an outage, token or None if unknown)"""
         self._inflight: dict[str, asyncio.Future[Token | None]] = {}
 
+    @property
+    def warm(self) -> bool:
+        """Whether some token is cached, so that traffic can go on while the database is away."""
+        return any(entry[2] is not None for entry in reversed(self._cache.values()))
+
     async def lookup(self, secret: str) -> Token | None:
         key = hash_secret(secret)
         entry = self._cache.get(key)

@@ -93,13 +93,14 @@ class Processes:
         self.services.append(service)
         return service
 
-    def sender(self, database: str, **options: object) -> stack.Service:
+    def sender(self, database: str, database_url: str | None = None, **options: object) -> stack.Service:
+        """A sender on this run's database of kind ``database`` (or at ``database_url``)."""
         options.setdefault("max_body_bytes", 1024 * 1024)
         options.setdefault("queue_stats_seconds", 0.02)
         options.setdefault("token_cache_seconds", 1.0)
         service = stack.start_sender(
             self.log_dir,
-            database_url=DATABASE_URLS[database],
+            database_url=database_url or DATABASE_URLS[database],
             rabbitmq_url=RABBITMQ_URL,
             name=f"sender-{database}-{len(self.services)}",
             **options,
