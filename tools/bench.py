@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
+import math
 import os
 import random
 import time
@@ -23,8 +25,13 @@ from typing import Any
 
 import aio_pika
 import aiohttp
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import create_async_engine
 
 import contract
+from sender.database import async_database_url
+from sender.tables import tokens_table, usage_table
+from sender.tokens import hash_secret, new_secret
 from tools import stack
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -131,9 +138,12 @@ class Bench:
         self.args = args
         self.log_dir = stack.ROOT / ".run" / "bench"
         self.rabbitmq_url = os.environ.get("RABBITMQ_URL", stack.DEFAULT_RABBITMQ_URL)
-        self.database_url = os.environ.get("DATABASE_URL", stack.DEFAULT_POSTGRES_URL)
+        self.server_url = os.environ.get("DATABASE_URL", stack.DEFAULT_POSTGRES_URL)
         self.services: list[stack.Service] = []
         self.tag = uuid.uuid4().hex[:6]
+        # A database of its own, made by the db-init scripts and dropped at the end.
+        self.database = f"bench_{self.tag}"
+        self.database_url = stack.with_database(self.server_url, self.database)
         self.results: list[dict[str, Any]] = []
 
     def emit(self, line: dict[str, Any]) -> None:
@@ -168,7 +178,9 @@ class Bench:
     async def main(self) -> None:
         model = f"bench-{self.tag}"
         prio_model = f"bench-prio-{self.tag}"
+        stack.create_database(self.server_url, self.database)
         try:
+            stack.migrate(self.database_url)
             direct = self.start_model(model, ttft_ms=20, itl_ms=10, max_num_seqs=64, default_max_tokens=16)
             prio_direct = self.start_model(
                 prio_model, ttft_ms=20, itl_ms=10, max_num_seqs=16, default_max_tokens=64
@@ -212,11 +224,97 @@ class Bench:
                 )
             if not self.args.only or "priority" in self.args.only:
                 await self.priority(prio_direct.url, sender.url, prio_model, high, low)
+            if not self.args.only or "tokens" in self.args.only:
+                await self.many_tokens(model, token, sender)
         finally:
             for service in reversed(self.services):
                 service.stop()
             await self.delete_queues([model, prio_model])
+            stack.drop_database(self.server_url, self.database)
         self.verdict()
+
+    async def many_tokens(self, model: str, token: str, sender: stack.Service) -> None:
+        """1,000 tokens used in turn with usage accounting on, against one cached token without it.
+
+        Both runs hit a sender with the 1,000 tokens in its table; the baseline
+        sender has accounting off. The database's token lookups are read from
+        the sender's own counter.
+        """
+        secrets_ = await insert_tokens(self.database_url, f"bench-many-{self.tag}", 1000)
+        ttl = 5.0
+        baseline = stack.start_sender(
+            self.log_dir,
+            database_url=self.database_url,
+            rabbitmq_url=self.rabbitmq_url,
+            name="sender-no-accounting",
+            log_level="warning",
+            usage_accounting="false",
+            token_cache_seconds=str(ttl),
+        )
+        self.services.append(baseline)
+        payload = {"model": model, "messages": [{"role": "user", "content": "Tell me something."}]}
+        turn = itertools.cycle(secrets_)
+
+        def one_token() -> tuple[str, dict[str, Any], str]:
+            return "all", payload, token
+
+        def many() -> tuple[str, dict[str, Any], str]:
+            return "all", payload, next(turn)
+
+        args = self.args
+        single_runs, many_runs, queries = [], [], []
+        for _ in range(2):  # alternate, so drift on a shared machine hits both alike
+            single_runs.append(
+                await drive(
+                    baseline.url + "/v1/chat/completions",
+                    one_token,
+                    concurrency=64,
+                    seconds=args.seconds,
+                    warmup=args.warmup,
+                    stream=False,
+                )
+            )
+            before = await token_queries(sender.url)
+            many_runs.append(
+                await drive(
+                    sender.url + "/v1/chat/completions",
+                    many,
+                    concurrency=64,
+                    seconds=args.seconds,
+                    warmup=args.warmup,
+                    stream=False,
+                )
+            )
+            queries.append(await token_queries(sender.url) - before)
+        single_rps = sum(r.throughput for r in single_runs) / len(single_runs)
+        many_rps = sum(r.throughput for r in many_runs) / len(many_runs)
+        run_seconds = args.seconds + args.warmup
+        # Each run starts with the 1,000 cached entries either fresh or expired: up to
+        # ceil(run / TTL) + 1 lookups per token are allowed by "one per token per TTL".
+        allowed = 1000 * (math.ceil(run_seconds / ttl) + 1)
+        self.emit(
+            {
+                "scenario": "tokens-c64",
+                "tokens": 1000,
+                "single_cached_token_no_accounting": {
+                    "rps": round(single_rps, 1),
+                    "runs_rps": [round(r.throughput, 1) for r in single_runs],
+                    "latency_ms": summary_ms([x for r in single_runs for x in r.all_latencies()]),
+                    "errors": sum(r.errors for r in single_runs),
+                },
+                "many_tokens_with_accounting": {
+                    "rps": round(many_rps, 1),
+                    "runs_rps": [round(r.throughput, 1) for r in many_runs],
+                    "latency_ms": summary_ms([x for r in many_runs for x in r.all_latencies()]),
+                    "errors": sum(r.errors for r in many_runs),
+                },
+                "throughput_ratio": round(many_rps / single_rps, 3) if single_rps else None,
+                "token_db_queries_per_run": queries,
+                "token_db_queries_allowed_per_run": allowed,
+                "token_cache_seconds": ttl,
+                "usage_rows": await count_usage_rows(self.database_url),
+            }
+        )
 
     async def delete_queues(self, models: list[str]) -> None:
         """The model queues are durable: remove this run's, or every run leaves two behind."""
@@ -365,6 +463,12 @@ class Bench:
         for name in ("whole-c64", "stream-c64"):
             if name in by_name:
                 checks[f"{name} cpu <= 3 ms per request"] = by_name[name]["cpu_ms_per_request"] <= 3
+        if "tokens-c64" in by_name:
+            t = by_name["tokens-c64"]
+            checks["1,000 tokens + accounting >= 95% of one token"] = (t["throughput_ratio"] or 0) >= 0.95
+            checks["token lookups <= one per token per TTL"] = all(
+                q <= t["token_db_queries_allowed_per_run"] for q in t["token_db_queries_per_run"]
+            )
         if "priority-overload-c128" in by_name:
             p = by_name["priority-overload-c128"]
             checks["high p50 <= 1.5x unloaded"] = p["high_p50_vs_unloaded"] <= 1.5
@@ -374,13 +478,49 @@ class Bench:
         print(json.dumps({"scenario": "targets", "met": all(checks.values()), "checks": checks}), flush=True)
 
 
+async def insert_tokens(database_url: str, prefix: str, count: int) -> list[str]:
+    """``count`` tokens in one insert; their secrets."""
+    secrets_ = [new_secret() for _ in range(count)]
+    rows = [
+        {"name": f"{prefix}-{i}", "token_hash": hash_secret(s), "priority": 5, "threshold": 100_000}
+        for i, s in enumerate(secrets_)
+    ]
+    engine = create_async_engine(async_database_url(database_url))
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(sa.insert(tokens_table), rows)
+    finally:
+        await engine.dispose()
+    return secrets_
+
+
+async def count_usage_rows(database_url: str) -> int:
+    engine = create_async_engine(async_database_url(database_url))
+    try:
+        async with engine.connect() as conn:
+            return int((await conn.execute(sa.select(sa.func.count()).select_from(usage_table))).scalar_one())
+    finally:
+        await engine.dispose()
+
+
+async def token_queries(url: str) -> int:
+    async with aiohttp.ClientSession() as session, session.get(url + "/metrics") as response:
+        text = await response.text()
+    for line in text.splitlines():
+        if line.startswith("dispatcher_token_queries_total "):
+            return int(float(line.split()[1]))
+    return 0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__)
     parser.add_argument("--seconds", type=float, default=8.0, help="measured seconds per run")
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each run")
     parser.add_argument("--priority-seconds", type=float, default=30.0)
     parser.add_argument("--priority-warmup", type=float, default=8.0)
-    parser.add_argument("--only", nargs="*", help="scenarios to run (e.g. whole-c64 stream-c64 priority)")
+    parser.add_argument(
+        "--only", nargs="*", help="scenarios to run (e.g. whole-c64 stream-c64 priority tokens)"
+    )
     args = parser.parse_args()
     problems = stack.missing_services(["RabbitMQ", "PostgreSQL"])
     if problems:
