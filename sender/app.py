@@ -97,6 +97,7 @@ def create_app(settings: SenderSettings | None = None) -> ASGIApp:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         services = Services(settings)
         await services.broker.connect(services.registry.receive, services.metrics.broker_reconnects.inc)
+        services.tokens.start()
         services.limiter.start()
         services.usage.start()
         # Consumers answer the roll call within milliseconds; waiting a moment
@@ -109,6 +110,7 @@ def create_app(settings: SenderSettings | None = None) -> ASGIApp:
             await services.broker.close()
             await services.usage.close()
             await services.limiter.close()
+            await services.tokens.close()
             await services.engine.dispose()
 
     app = FastAPI(title="LLM dispatcher", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)

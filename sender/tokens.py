@@ -9,6 +9,7 @@ both databases (``SHA2(x, 256)`` in MySQL, ``sha256()`` in PostgreSQL).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import secrets
@@ -71,14 +72,20 @@ class TokenUnavailable(Exception):
 class TokenStore:
     """Looks tokens up by hash, with a TTL cache in front of the database.
 
-    Concurrent lookups of the same token share one query. Unknown tokens are
-    cached too (shorter), so a client hammering with a bad key does not reach
-    the database on every request; the cache is bounded (LRU). When the
-    database cannot be reached, a token seen within ``stale_ttl`` keeps
-    working from its cached entry (retried at most every ``retry`` seconds),
-    so a short outage does not stop traffic; an unknown one raises
-    :class:`TokenUnavailable`.
+    Lookups that miss the cache are answered in batches: one query (``WHERE
+    token_hash IN (...)``) serves every miss that arrived while the previous
+    one ran. Tokens in use are re-read in the background shortly before their
+    entry expires (up to 500 in one query), so requests of known tokens never
+    wait for the database, a token is re-read about once per TTL, and a
+    change reaches the cache within the TTL. Unknown tokens are cached too (shorter), so a client
+    hammering with a bad key does not reach the database on every request;
+    the cache is bounded (LRU). When the database cannot be reached, a token
+    seen within ``stale_ttl`` keeps working from its cached entry (asked for
+    again at most every second), so a short outage does not stop traffic; an
+    unknown one raises :class:`TokenUnavailable`.
     """
+
+    MAX_BATCH = 500
 
     def __init__(
         self,
@@ -101,7 +108,24 @@ class TokenStore:
         self._on_query = on_query
         self._cache: OrderedDict[str, tuple[float, float, Token | None]] = OrderedDict()
         """hash -> (fresh until, usable until during an outage, token or None if unknown)"""
-        self._inflight: dict[str, asyncio.Future[Token | None]] = {}
+        self._waiting: dict[str, asyncio.Future[Token | None]] = {}
+        """Misses not yet answered: hash -> what their lookups await."""
+        self._queued: list[str] = []
+        """Misses for the next query."""
+        self._worker: asyncio.Task[None] | None = None
+        self._used: set[str] = set()
+        """Known tokens used since they were last read: re-read before they expire."""
+        self._refresher: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._refresher = asyncio.create_task(self._refresh_loop())
+
+    async def close(self) -> None:
+        for task in (self._refresher, self._worker):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     @property
     def warm(self) -> bool:
@@ -109,51 +133,97 @@ class TokenStore:
         return any(entry[2] is not None for entry in reversed(self._cache.values()))
 
     async def lookup(self, secret: str) -> Token | None:
+        """The token whose secret this is, None if there is none; :class:`TokenUnavailable` if the
+        database cannot say and nothing usable is cached."""
         key = hash_secret(secret)
         entry = self._cache.get(key)
         if entry is not None and entry[0] > time.monotonic():
+            if entry[2] is not None:
+                self._used.add(key)
             return entry[2]
-        pending = self._inflight.get(key)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[Token | None] = asyncio.get_running_loop().create_future()
-        self._inflight[key] = future
-        try:
-            token = await self._refresh(key, entry)
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # mark retrieved: waiters, if any, re-raise it themselves
-            raise
-        else:
-            future.set_result(token)
-            return token
-        finally:
-            del self._inflight[key]
+        future = self._waiting.get(key)
+        if future is None:
+            future = self._waiting[key] = asyncio.get_running_loop().create_future()
+            self._queued.append(key)
+            if self._worker is None:
+                self._worker = asyncio.create_task(self._answer_misses())
+        return await asyncio.shield(future)
 
-    async def _refresh(self, key: str, entry: tuple[float, float, Token | None] | None) -> Token | None:
+    async def _answer_misses(self) -> None:
         try:
-            async with asyncio.timeout(self._timeout):
-                token = await self._query(key)
-        except Exception as exc:
+            while self._queued:
+                keys, self._queued = self._queued[: self.MAX_BATCH], self._queued[self.MAX_BATCH :]
+                try:
+                    async with asyncio.timeout(self._timeout):
+                        found = await self._query(keys)
+                except Exception as exc:
+                    self._unreachable(keys, exc)
+                else:
+                    self._answer(keys, found)
+        finally:
+            self._worker = None
+
+    async def _refresh_loop(self) -> None:
+        period = min(1.0, self._ttl / 4)
+        while True:
+            await asyncio.sleep(period)
             now = time.monotonic()
-            if entry is None or entry[2] is None or entry[1] <= now:
-                raise TokenUnavailable(type(exc).__name__) from exc
-            log.warning("token database unreachable (%s); serving a cached token", type(exc).__name__)
-            self._cache[key] = (now + self._retry, entry[1], entry[2])
-            return entry[2]
+            # Those that would expire before the next round: re-read now, so no request waits.
+            due = [
+                key for key in self._used if (e := self._cache.get(key)) is not None and e[0] - now < period
+            ]
+            self._used.difference_update(due)
+            for start in range(0, len(due), self.MAX_BATCH):
+                keys = due[start : start + self.MAX_BATCH]
+                try:
+                    async with asyncio.timeout(self._timeout):
+                        found = await self._query(keys)
+                except Exception as exc:
+                    log.warning("token refresh failed: %s", type(exc).__name__)
+                    break  # the entries expire; lookups then go through the outage path
+                self._answer(keys, found)
+
+    def _answer(self, keys: list[str], found: dict[str, Token]) -> None:
         now = time.monotonic()
-        ttl = self._ttl if token is not None else self._negative_ttl
-        self._cache[key] = (now + ttl, now + self._stale_ttl, token)
-        self._cache.move_to_end(key)
+        for key in keys:
+            token = found.get(key)
+            ttl = self._ttl if token is not None else self._negative_ttl
+            self._cache[key] = (now + ttl, now + self._stale_ttl, token)
+            self._cache.move_to_end(key)
+            self._settle(key, token)
         while len(self._cache) > self._max_entries:
             self._cache.popitem(last=False)
-        return token
 
-    async def _query(self, key: str) -> Token | None:
+    def _unreachable(self, keys: list[str], exc: Exception) -> None:
+        now = time.monotonic()
+        served = 0
+        for key in keys:
+            entry = self._cache.get(key)
+            if entry is None or entry[2] is None or entry[1] <= now:
+                self._settle(key, TokenUnavailable(type(exc).__name__))
+                continue
+            self._cache[key] = (now + self._retry, entry[1], entry[2])
+            self._settle(key, entry[2])
+            served += 1
+        if served:
+            log.warning("token database unreachable (%s); serving cached tokens", type(exc).__name__)
+
+    def _settle(self, key: str, outcome: Token | Exception | None) -> None:
+        future = self._waiting.pop(key, None)
+        if future is None or future.done():
+            return
+        if isinstance(outcome, Exception):
+            future.set_exception(outcome)
+            future.exception()  # retrieved by whoever awaits it; do not warn when nobody does
+        else:
+            future.set_result(outcome)
+
+    async def _query(self, keys: list[str]) -> dict[str, Token]:
         t = tokens_table.c
         statement = sa.select(
             t.id,
             t.name,
+            t.token_hash,
             t.priority,
             t.threshold,
             t.enabled,
@@ -162,24 +232,25 @@ class TokenStore:
             t.rpm_limit,
             t.tpm_limit,
             sa.func.localtimestamp().label("db_now"),
-        ).where(t.token_hash == key)
+        ).where(t.token_hash.in_(keys))
         self._on_query()
         async with self._engine.connect() as conn:
-            row = (await conn.execute(statement)).first()
-        if row is None:
-            return None
-        expires = None
-        if row.expires_at is not None:
-            # Both times come from the database's clock and zone, so their difference is exact.
-            expires = time.monotonic() + (row.expires_at - row.db_now).total_seconds()
-        return Token(
-            id=row.id,
-            name=row.name,
-            priority=row.priority,
-            threshold=row.threshold,
-            enabled=bool(row.enabled),
-            expires=expires,
-            models=parse_models(row.allowed_models),
-            rpm=row.rpm_limit,
-            tpm=row.tpm_limit,
-        )
+            rows = (await conn.execute(statement)).all()
+        found = {}
+        for row in rows:
+            expires = None
+            if row.expires_at is not None:
+                # Both times come from the database's clock and zone, so their difference is exact.
+                expires = time.monotonic() + (row.expires_at - row.db_now).total_seconds()
+            found[row.token_hash] = Token(
+                id=row.id,
+                name=row.name,
+                priority=row.priority,
+                threshold=row.threshold,
+                enabled=bool(row.enabled),
+                expires=expires,
+                models=parse_models(row.allowed_models),
+                rpm=row.rpm_limit,
+                tpm=row.tpm_limit,
+            )
+        return found
