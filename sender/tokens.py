@@ -116,6 +116,7 @@ class TokenStore:
         self._used: set[str] = set()
         """Known tokens used since they were last read: re-read before they expire."""
         self._refresher: asyncio.Task[None] | None = None
+        self._warned_at = float("-inf")
 
     def start(self) -> None:
         self._refresher = asyncio.create_task(self._refresh_loop())
@@ -179,7 +180,7 @@ class TokenStore:
                     async with asyncio.timeout(self._timeout):
                         found = await self._query(keys)
                 except Exception as exc:
-                    log.warning("token refresh failed: %s", type(exc).__name__)
+                    self._warn(exc)
                     break  # the entries expire; lookups then go through the outage path
                 self._answer(keys, found)
 
@@ -206,6 +207,13 @@ class TokenStore:
             self._settle(key, entry[2])
             served += 1
         if served:
+            self._warn(exc)
+
+    def _warn(self, exc: Exception) -> None:
+        """At most one warning every 10 s: an outage must not flood the log."""
+        now = time.monotonic()
+        if now - self._warned_at > 10:
+            self._warned_at = now
             log.warning("token database unreachable (%s); serving cached tokens", type(exc).__name__)
 
     def _settle(self, key: str, outcome: Token | Exception | None) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -47,6 +48,7 @@ class UsageRecorder:
         self._on_written = on_written
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
+        self._warned_at = float("-inf")
 
     @property
     def pending(self) -> int:
@@ -82,9 +84,11 @@ class UsageRecorder:
                     await self.flush()
                 await self.flush()
             except Exception as exc:
-                log.warning(
-                    "usage rows not written yet (%d waiting): %s", len(self._rows), type(exc).__name__
-                )
+                if time.monotonic() - self._warned_at > 10:  # once in a while, not every flush
+                    self._warned_at = time.monotonic()
+                    log.warning(
+                        "usage rows not written yet (%d waiting): %s", len(self._rows), type(exc).__name__
+                    )
 
     async def flush(self) -> None:
         """Insert up to one batch of buffered rows; they stay buffered if the insert fails."""
