@@ -26,6 +26,7 @@ from sender.dispatch import Dispatcher, effective_priority, model_not_found
 from sender.errors import ApiError, error_response
 from sender.limits import RateLimiter
 from sender.metrics import REJECTION_REASONS, SenderMetrics
+from sender.migrate import kind_of, schema_scripts, schema_version
 from sender.registry import ModelRegistry
 from sender.settings import SenderSettings
 from sender.tokens import Token, TokenStore, TokenUnavailable
@@ -97,6 +98,7 @@ def create_app(settings: SenderSettings | None = None) -> ASGIApp:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         services = Services(settings)
         await services.broker.connect(services.registry.receive, services.metrics.broker_reconnects.inc)
+        await _check_schema(services.engine)
         services.tokens.start()
         services.limiter.start()
         services.usage.start()
@@ -172,6 +174,24 @@ def create_app(settings: SenderSettings | None = None) -> ASGIApp:
         return await _forward(request, "/detokenize")
 
     return ForwardingFront(app)
+
+
+async def _check_schema(engine: AsyncEngine) -> None:
+    """Say plainly when the database was not migrated: every lookup would fail otherwise, unexplained."""
+    try:
+        async with asyncio.timeout(5):
+            version = await schema_version(engine)
+        expected = schema_scripts(kind_of(engine))[-1].version
+    except Exception as exc:
+        log.warning("could not read the token database's schema version: %s", type(exc).__name__)
+        return
+    if version < expected:
+        log.error(
+            "the token database is at schema version %d, this sender needs %d: "
+            "run `python -m sender.admin migrate`",
+            version,
+            expected,
+        )
 
 
 class ForwardingFront:

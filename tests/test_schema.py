@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,7 +14,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from sender.migrate import schema_scripts
 from sender.tables import metadata
-from tests.conftest import RUN_ID, SERVER_URLS
+from tests.conftest import RUN_ID, SERVER_URLS, Processes
 from tests.dbclients import apply_scripts, mysql, psql
 from tools import stack
 
@@ -115,3 +116,13 @@ async def test_migrate_twice_and_upgrade_from_the_first_schema(fresh_database: t
     await _check_models_match(url)
     listed = stack.admin(url, "list-tokens", "--json")
     assert '"name": "old"' in listed and '"enabled": true' in listed
+
+
+@pytest.mark.parametrize("fresh_database", ["postgres"], indirect=True)
+async def test_a_sender_on_an_unmigrated_database_says_so(
+    fresh_database: tuple[str, str], processes: Processes
+) -> None:
+    _, url = fresh_database
+    front = await asyncio.to_thread(processes.sender, "postgres", database_url=url)
+    await asyncio.to_thread(front.stop)
+    assert "run `python -m sender.admin migrate`" in front.log_path.read_text()
