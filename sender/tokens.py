@@ -74,18 +74,21 @@ class TokenStore:
 
     Lookups that miss the cache are answered in batches: one query (``WHERE
     token_hash IN (...)``) serves every miss that arrived while the previous
-    one ran. Tokens in use are re-read in the background shortly before their
-    entry expires (up to 500 in one query), so requests of known tokens never
-    wait for the database, a token is re-read about once per TTL, and a
-    change reaches the cache within the TTL. Unknown tokens are cached too (shorter), so a client
-    hammering with a bad key does not reach the database on every request;
-    the cache is bounded (LRU). When the database cannot be reached, a token
-    seen within ``stale_ttl`` keeps working from its cached entry (asked for
-    again at most every second), so a short outage does not stop traffic; an
-    unknown one raises :class:`TokenUnavailable`.
+    one ran. Tokens used within the last minute are re-read in the background
+    shortly before their entry expires (up to 500 in one query), so requests
+    of known tokens do not wait for the database, a token is re-read about
+    once per TTL, and a change reaches the cache within the TTL. Unknown
+    tokens are cached too (shorter), so a client hammering with a bad key does
+    not reach the database on every request; the cache is bounded (LRU).
+    When the database cannot be reached, a token seen within ``stale_ttl``
+    keeps working from its cached entry (asked for again at most every
+    second), so a short outage does not stop traffic; an unknown one raises
+    :class:`TokenUnavailable`.
     """
 
     MAX_BATCH = 500
+    KEEP_WARM = 60.0
+    """Seconds after its last use that a token is still kept fresh in the background."""
 
     def __init__(
         self,
@@ -113,8 +116,8 @@ class TokenStore:
         self._queued: list[str] = []
         """Misses for the next query."""
         self._worker: asyncio.Task[None] | None = None
-        self._used: set[str] = set()
-        """Known tokens used since they were last read: re-read before they expire."""
+        self._used: dict[str, float] = {}
+        """Known tokens -> when last used; those used within ``KEEP_WARM`` are re-read before they expire."""
         self._refresher: asyncio.Task[None] | None = None
         self._warned_at = float("-inf")
 
@@ -138,9 +141,10 @@ class TokenStore:
         database cannot say and nothing usable is cached."""
         key = hash_secret(secret)
         entry = self._cache.get(key)
-        if entry is not None and entry[0] > time.monotonic():
+        now = time.monotonic()
+        if entry is not None and entry[0] > now:
             if entry[2] is not None:
-                self._used.add(key)
+                self._used[key] = now
             return entry[2]
         future = self._waiting.get(key)
         if future is None:
@@ -170,10 +174,15 @@ class TokenStore:
             await asyncio.sleep(period)
             now = time.monotonic()
             # Those that would expire before the next round: re-read now, so no request waits.
-            due = [
-                key for key in self._used if (e := self._cache.get(key)) is not None and e[0] - now < period
-            ]
-            self._used.difference_update(due)
+            due, idle = [], []
+            for key, used in self._used.items():
+                entry = self._cache.get(key)
+                if entry is None or now - used > self.KEEP_WARM:
+                    idle.append(key)
+                elif entry[0] - now < period:
+                    due.append(key)
+            for key in idle:
+                del self._used[key]
             for start in range(0, len(due), self.MAX_BATCH):
                 keys = due[start : start + self.MAX_BATCH]
                 try:
@@ -191,6 +200,8 @@ class TokenStore:
             ttl = self._ttl if token is not None else self._negative_ttl
             self._cache[key] = (now + ttl, now + self._stale_ttl, token)
             self._cache.move_to_end(key)
+            if token is not None and key in self._waiting:
+                self._used[key] = now  # asked for by a request, not only refreshed
             self._settle(key, token)
         while len(self._cache) > self._max_entries:
             self._cache.popitem(last=False)
