@@ -29,7 +29,7 @@ from sender.metrics import REJECTION_REASONS, SenderMetrics
 from sender.migrate import kind_of, schema_scripts, schema_version
 from sender.registry import ModelRegistry
 from sender.settings import SenderSettings
-from sender.tokens import Token, TokenStore, TokenUnavailable
+from sender.tokens import Token, TokenStore
 from sender.usage import UsageRecorder
 
 log = logging.getLogger(__name__)
@@ -357,7 +357,7 @@ async def _authenticate(request: Request, services: Services) -> Token:
         )
     try:
         token = await services.tokens.lookup(secret)
-    except (TokenUnavailable, Exception) as exc:
+    except Exception as exc:  # TokenUnavailable, or anything the lookup could not survive
         log.warning("token lookup failed: %s", type(exc.__cause__ or exc).__name__)
         raise ApiError(
             503,
