@@ -65,6 +65,8 @@ class Service:
     log_path: Path
     url: str = ""
     env: dict[str, str] = field(default_factory=dict)
+    group: bool = False
+    """The process leads its own process group (it has children), which is signalled as a whole."""
 
     @property
     def pid(self) -> int:
@@ -81,28 +83,86 @@ class Service:
 
     def stop(self, timeout: float = 15.0) -> None:
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+            self._signal(signal.SIGTERM)
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
-                self.process.kill()
+                self._signal(signal.SIGKILL)
                 self.process.wait(5)
+        if self.group:
+            # Children that outlived their parent (a crashed vLLM's engine) go with it.
+            self._signal(signal.SIGKILL)
 
     def kill(self) -> None:
         if self.process.poll() is None:
-            self.process.kill()
+            self._signal(signal.SIGKILL)
             self.process.wait(5)
+
+    def _signal(self, signum: int) -> None:
+        try:
+            if self.group:
+                os.killpg(self.process.pid, signum)
+            else:
+                self.process.send_signal(signum)
+        except ProcessLookupError:
+            pass
 
 
 def start(name: str, module: str, env: dict[str, str], log_dir: Path, url: str = "") -> Service:
+    return start_command(name, [sys.executable, "-m", module], env, log_dir, url=url)
+
+
+def start_command(
+    name: str, argv: list[str], env: dict[str, str], log_dir: Path, url: str = "", group: bool = False
+) -> Service:
+    """Start any program as a service of the stack (``group``: in its own process group)."""
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
     full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
     with log_path.open("ab") as log_file:
         process = subprocess.Popen(
-            [sys.executable, "-m", module], cwd=ROOT, env=full_env, stdout=log_file, stderr=subprocess.STDOUT
+            argv,
+            cwd=ROOT,
+            env=full_env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=group,
         )
-    return Service(name=name, process=process, log_path=log_path, url=url, env=env)
+    return Service(name=name, process=process, log_path=log_path, url=url, env=env, group=group)
+
+
+def start_vllm_cpu(
+    log_dir: Path,
+    *,
+    names: list[str],
+    model_dir: Path | None = None,
+    name: str = "vllm",
+    timeout: float = 300.0,
+    max_num_seqs: int | None = None,
+    extra_args: list[str] | None = None,
+) -> Service:
+    """vLLM's CPU build serving ``model_dir`` (default: the tiny model) under ``names``, once healthy.
+
+    ``tools.vllm_cpu.setup()`` must have run first.
+    """
+    from tools import vllm_cpu
+
+    port = free_port()
+    argv, env = vllm_cpu.serve_command(
+        model_dir or vllm_cpu.tiny_model_dir(),
+        names=names,
+        port=port,
+        max_num_seqs=max_num_seqs,
+        extra_args=extra_args,
+    )
+    service = start_command(name, argv, env, log_dir, url=f"http://127.0.0.1:{port}", group=True)
+    try:
+        wait_http(service, "/health", timeout=timeout)
+    except RuntimeError:
+        service.stop()
+        raise
+    vllm_cpu.yield_to_server(service.pid)
+    return service
 
 
 def wait_http(service: Service, path: str, timeout: float = 30.0) -> None:
