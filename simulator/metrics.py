@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from simulator.engine import Engine
 
-CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+CONTENT_TYPE = b"text/plain; version=1.0.0; charset=utf-8"
 
 # (name, type, help, extra labels), in the order ``MetricsRenderer.render`` gives the values.
+# vLLM 0.32 does not count requests its clients abandoned in any ``request_success_total``
+# (its ``abort`` sample stays 0): they only stop generating, so the simulator leaves them out too.
 _SERIES = (
     ("vllm:num_requests_running", "gauge", "Number of requests in model execution batches.", ""),
     ("vllm:num_requests_waiting", "gauge", "Number of requests waiting to be processed.", ""),
@@ -43,9 +45,10 @@ class MetricsRenderer:
 
     def __init__(self, engine: Engine, model: str) -> None:
         self._engine = engine
-        labels = f'engine="0",model_name="{_label(model)}"'
+        # Labels in vLLM's (alphabetical) order: engine, any extra one, model_name.
+        model_label = f'model_name="{_label(model)}"'
         self._prefixes = [
-            f"# HELP {name} {doc}\n# TYPE {name} {kind}\n{name}{{{labels}{extra}}} "
+            f'# HELP {name} {doc}\n# TYPE {name} {kind}\n{name}{{engine="0"{extra},{model_label}}} '
             for name, kind, doc, extra in _SERIES
         ]
 

@@ -1,9 +1,10 @@
 """Reading and checking request bodies the way vLLM's OpenAI server does, in the same order.
 
 vLLM validates field types first, then the model name, then the prompt
-length, then the engine-level options (``priority``); the first failure is
-the answer. Messages follow vLLM's wording where a client or proxy might look
-at them.
+length; the first failure is the answer. A ``priority`` is silently ignored
+unless the priority policy is on. Messages, types and ``param`` follow vLLM
+0.32 (checked against the real server by tests/test_vllm.py) where a client
+or proxy might look at them.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any, Literal
 import orjson
 
 from simulator import tokenizer
-from simulator.errors import bad_request, model_not_found
+from simulator.errors import bad_request, invalid_field, model_not_found
 from simulator.settings import SimulatorSettings
 
 Kind = Literal["chat", "completion"]
@@ -39,9 +40,9 @@ def parse_object(body: bytes) -> dict[str, Any]:
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise bad_request(f"JSON decode error: {exc}") from None
+        raise invalid_field("1", f"valid JSON ({exc})") from None
     if not isinstance(data, dict):
-        raise bad_request("Input should be a valid dictionary or object to extract fields from")
+        raise invalid_field("", "a valid dictionary or object to extract fields from", data)
     return data
 
 
@@ -52,7 +53,7 @@ def _is_int(value: Any) -> bool:
 def _optional(data: dict[str, Any], name: str, kind: type | tuple[type, ...], what: str) -> Any:
     value = data.get(name)
     if value is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
-        raise bad_request(f"{name}: Input should be {what}")
+        raise invalid_field(name, what, value)
     return value
 
 
@@ -60,14 +61,14 @@ def check_model(data: dict[str, Any], settings: SimulatorSettings) -> str:
     """The served model name; a missing ``model`` means the served one, as in vLLM."""
     model = _optional(data, "model", str, "a valid string")
     if model is not None and model != settings.model:
-        raise model_not_found(model)
+        raise model_not_found(model, settings.model)
     return settings.model
 
 
 def parse_messages(data: dict[str, Any]) -> list[dict[str, Any]]:
     messages = data.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise bad_request("messages: Field required and should be a non-empty list of messages")
+        raise invalid_field("messages", "a valid non-empty list", messages)
     for index, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise bad_request(f"messages.{index}: each message should be an object with a string `role`")
@@ -89,9 +90,9 @@ def _prompt(data: dict[str, Any]) -> str:
     elif isinstance(prompt, list) and len(prompt) > 1:
         raise bad_request("prompt: the simulator serves one prompt per request")
     else:
-        raise bad_request("prompt: Field required and should be a string or a list of token ids (0-255)")
+        raise bad_request("Either prompt or prompt_embeds must be provided and non-empty.", "prompt")
     if not text:
-        raise bad_request("The decoder prompt cannot be empty")
+        raise bad_request("Either prompt or prompt_embeds must be provided and non-empty.", "prompt")
     return text
 
 
@@ -100,27 +101,35 @@ def _max_tokens(data: dict[str, Any], kind: Kind) -> int | None:
     if kind == "chat":
         value = _optional(data, "max_completion_tokens", int, "a valid integer") or value
     if value is not None and value < 1:
-        raise bad_request(f"max_tokens must be at least 1, got {value}.")
+        raise bad_request(f"max_tokens must be at least 1, got {value}.", "max_tokens", value)
     return value
 
 
 def _check_length(prompt_tokens: int, max_tokens: int | None, settings: SimulatorSettings) -> int:
-    """The completion length to generate, or vLLM's context-length error."""
+    """The completion length to generate, or vLLM's context-length errors.
+
+    As vLLM 0.32 does, a completion that would not fit after the prompt is
+    shortened to fit rather than refused; only a prompt that fills the context
+    or a ``max_tokens`` beyond ``max_model_len`` itself is an error.
+    """
     limit = settings.max_model_len
     if prompt_tokens >= limit:
         raise bad_request(
-            f"This model's maximum context length is {limit} tokens. However, your request has "
-            f"{prompt_tokens} input tokens. Please reduce the length of the input messages."
+            f"This model's maximum context length is {limit} tokens. However, your prompt contains at "
+            f"least {limit + 1} input tokens, which exceeds this limit even without any output tokens. "
+            "Please reduce the length of the input prompt.",
+            "input_tokens",
+            limit + 1,
         )
-    if max_tokens is None:
-        return min(settings.default_max_tokens, limit - prompt_tokens)
-    if prompt_tokens + max_tokens > limit:
+    if max_tokens is not None and max_tokens > limit:
         raise bad_request(
-            f"This model's maximum context length is {limit} tokens. However, you requested "
-            f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, {max_tokens} in the "
-            "completion). Please reduce the length of the messages or completion."
+            f"max_tokens={max_tokens} cannot be greater than max_model_len={limit}. "
+            "Please request fewer output tokens.",
+            "max_tokens",
+            max_tokens,
         )
-    return max_tokens
+    wanted = settings.default_max_tokens if max_tokens is None else max_tokens
+    return min(wanted, limit - prompt_tokens)
 
 
 def parse_generation(data: dict[str, Any], kind: Kind, settings: SimulatorSettings) -> Generation:
@@ -129,16 +138,16 @@ def parse_generation(data: dict[str, Any], kind: Kind, settings: SimulatorSettin
     max_tokens = _max_tokens(data, kind)
     stream = bool(_optional(data, "stream", bool, "a valid boolean"))
     options = _optional(data, "stream_options", dict, "a valid dictionary")
-    if options is not None and not stream:
-        raise bad_request("Stream options can only be defined when `stream=True`.")
+    if options and not stream:
+        raise bad_request("Stream options can only be defined when `stream=True`.", "stream_options")
     options = options or {}
     include_usage = bool(options.get("include_usage"))
     priority = _optional(data, "priority", int, "a valid integer") or 0
     model = check_model(data, settings)
     prompt_tokens = tokenizer.count_tokens(prompt)
     generated = _check_length(prompt_tokens, max_tokens, settings)
-    if priority and settings.scheduling_policy != "priority":
-        raise bad_request(f"Got priority {priority} but Priority scheduling is not enabled.")
+    if settings.scheduling_policy != "priority":
+        priority = 0  # vLLM ignores it silently then
     return Generation(
         kind=kind,
         model=model,
@@ -184,7 +193,7 @@ def parse_tokenize_prompt(data: dict[str, Any]) -> str:
 def parse_token_ids(data: dict[str, Any]) -> list[int]:
     tokens = data.get("tokens")
     if not isinstance(tokens, list) or not all(_is_int(t) for t in tokens):
-        raise bad_request("tokens: Field required and should be a list of integers")
+        raise invalid_field("tokens", "a valid list of integers", tokens)
     if any(not 0 <= t < 256 for t in tokens):
         raise bad_request("Token id out of vocabulary: the simulator's ids are bytes, 0 to 255")
     return tokens

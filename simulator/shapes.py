@@ -1,8 +1,9 @@
 """The JSON objects vLLM's OpenAI server answers with, field for field.
 
-Chat chunks carry only the fields vLLM sets (it serialises them with
-``exclude_unset``), completion chunks carry all of theirs (``usage: null``
-included), so a client or proxy sees the same keys as from vLLM.
+The keys are vLLM 0.32's, checked against the real server by
+tests/test_vllm.py: chunks carry only the fields vLLM sets, the usage chunk
+has just the three counts and the system fingerprint, so a client or proxy
+sees the same keys as from vLLM.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from simulator.protocol import Generation
 
 EMBEDDING_DIMENSION = 8
 DONE = b"data: [DONE]\n\n"
+SYSTEM_FINGERPRINT = "vllm-0.32.0-simulator"
+"""vLLM 0.32 names its version (and a hash of its configuration) here."""
 
 
 def random_id() -> str:
@@ -27,11 +30,19 @@ def random_id() -> str:
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    """The usage of a whole answer; a stream's usage chunk has only the three counts."""
+    return {
+        **counts(prompt_tokens, completion_tokens),
+        "prompt_tokens_details": None,
+        "completion_tokens_details": None,
+    }
+
+
+def counts(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
     return {
         "prompt_tokens": prompt_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
         "completion_tokens": completion_tokens,
-        "prompt_tokens_details": None,
     }
 
 
@@ -52,7 +63,8 @@ class Reply:
 
     def full(self, text: str, completion_tokens: int) -> dict[str, Any]:
         choice: dict[str, Any]
-        if self.generation.kind == "chat":
+        chat = self.generation.kind == "chat"
+        if chat:
             message: dict[str, Any] = {
                 "role": "assistant",
                 "content": text,
@@ -60,31 +72,31 @@ class Reply:
                 "annotations": None,
                 "audio": None,
                 "function_call": None,
-                "tool_calls": [],
-                "reasoning_content": None,
+                "reasoning": None,
             }
             choice = {"index": 0, "message": message, "logprobs": None}
-            obj = "chat.completion"
         else:
             choice = {"index": 0, "text": text, "logprobs": None}
-            obj = "text_completion"
-        choice.update(finish_reason="length", stop_reason=None)
-        if self.generation.kind == "completion":
-            choice["prompt_logprobs"] = None
-        return {
+        choice.update(finish_reason="length", stop_reason=None, token_ids=None)
+        if not chat:
+            choice.update(prompt_logprobs=None, prompt_token_ids=None)
+        choice["routed_experts"] = None
+        answer = {
             "id": self.id,
-            "object": obj,
+            "object": "chat.completion" if chat else "text_completion",
             "created": self.created,
             "model": self.generation.model,
             "choices": [choice],
             "service_tier": None,
-            "system_fingerprint": None,
+            "system_fingerprint": SYSTEM_FINGERPRINT,
             "usage": usage(self.generation.prompt_tokens, completion_tokens),
-            "prompt_logprobs": None,
-            "kv_transfer_params": None,
         }
+        if chat:
+            answer.update(prompt_logprobs=None, prompt_token_ids=None, prompt_text=None)
+        answer.update(kv_transfer_params=None, ec_transfer_params=None, metrics=None)
+        return answer
 
-    def _chunk(self, choices: list[dict[str, Any]], produced: int | None) -> bytes:
+    def _chunk(self, choices: list[dict[str, Any]], produced: int | None, **extra: Any) -> bytes:
         chat = self.generation.kind == "chat"
         chunk: dict[str, Any] = {
             "id": self.id,
@@ -94,9 +106,10 @@ class Reply:
             "choices": choices,
         }
         if produced is not None:
-            chunk["usage"] = usage(self.generation.prompt_tokens, produced)
-        elif not chat:
-            chunk["usage"] = None
+            chunk["usage"] = counts(self.generation.prompt_tokens, produced)
+            if chat:
+                chunk["usage"]["completion_tokens_details"] = None
+        chunk.update(extra)
         return event(chunk)
 
     def first_chunks(self) -> bytes:
@@ -105,7 +118,8 @@ class Reply:
             return b""
         delta = {"role": "assistant", "content": ""}
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
-        return self._chunk([choice], 0 if self.generation.continuous_usage else None)
+        produced = 0 if self.generation.continuous_usage else None
+        return self._chunk([choice], produced, prompt_token_ids=None, prompt_text=None)
 
     def token_chunk(self, text: str, produced: int, last: bool) -> bytes:
         choice: dict[str, Any]
@@ -113,16 +127,31 @@ class Reply:
             choice = {"index": 0, "delta": {"content": text}, "logprobs": None, "finish_reason": None}
             if last:
                 choice.update(finish_reason="length", stop_reason=None)
+            choice["token_ids"] = None
         else:
             choice = {"index": 0, "text": text, "logprobs": None}
             choice.update(finish_reason="length" if last else None, stop_reason=None)
-        return self._chunk([choice], produced if self.generation.continuous_usage else None)
+            choice.update(prompt_token_ids=None, token_ids=None)
+        # Without a usage chunk to carry it, the last token's chunk names the system.
+        extra = (
+            {"system_fingerprint": SYSTEM_FINGERPRINT} if last and not self.generation.include_usage else {}
+        )
+        return self._chunk([choice], produced if self.generation.continuous_usage else None, **extra)
 
     def closing_chunks(self, produced: int) -> bytes:
         """The usage chunk when asked for, then ``[DONE]``."""
         if not self.generation.include_usage:
             return DONE
-        return self._chunk([], produced) + DONE
+        usage_chunk: dict[str, Any] = {
+            "id": self.id,
+            "object": "chat.completion.chunk" if self.generation.kind == "chat" else "text_completion",
+            "created": self.created,
+            "model": self.generation.model,
+            "choices": [],
+            "usage": counts(self.generation.prompt_tokens, produced),
+            "system_fingerprint": SYSTEM_FINGERPRINT,
+        }
+        return event(usage_chunk) + DONE
 
 
 def embedding(text: str) -> list[float]:
@@ -147,7 +176,7 @@ def embeddings(model: str, texts: list[str], encoding_format: str) -> dict[str, 
         "created": int(time.time()),
         "model": model,
         "data": data,
-        "usage": usage(prompt_tokens, 0),
+        "usage": {**counts(prompt_tokens, 0), "prompt_tokens_details": None},
     }
 
 

@@ -121,6 +121,7 @@ async def test_chat_and_completion_usage() -> None:
         "completion_tokens": 3,
         "total_tokens": prompt_tokens + 3,
         "prompt_tokens_details": None,
+        "completion_tokens_details": None,
     }
     assert by_new_name.json()["usage"]["completion_tokens"] == 2
     text = completion.json()
@@ -162,7 +163,10 @@ async def test_streamed_chat_is_vllm_sse() -> None:
         "".join(t["choices"][0]["delta"]["content"] for t in tokens)
         == whole["choices"][0]["message"]["content"]
     )
-    assert usage["choices"] == [] and usage["usage"] == whole["usage"]
+    assert usage["choices"] == [] and usage["system_fingerprint"] == whole["system_fingerprint"]
+    counts = ("prompt_tokens", "total_tokens", "completion_tokens")
+    assert usage["usage"] == {key: whole["usage"][key] for key in counts}
+    assert all("system_fingerprint" not in t for t in tokens)
 
 
 async def test_streamed_completion_without_usage() -> None:
@@ -174,8 +178,10 @@ async def test_streamed_completion_without_usage() -> None:
     assert done == b"[DONE]"
     parsed = [orjson.loads(chunk) for chunk in chunks]
     assert len(parsed) == 3
-    assert all(c["object"] == "text_completion" and c["usage"] is None for c in parsed)
+    assert all(c["object"] == "text_completion" and "usage" not in c for c in parsed)
     assert [c["choices"][0]["finish_reason"] for c in parsed] == [None, None, "length"]
+    # With no usage chunk to carry it, the last chunk names the system, as vLLM's does.
+    assert ["system_fingerprint" in c for c in parsed] == [False, False, True]
     assert len("".join(c["choices"][0]["text"] for c in parsed).split()) == 3
 
 
@@ -184,47 +190,62 @@ def error_of(response: httpx.Response, status: int) -> dict[str, Any]:
     assert response.headers["content-type"] == "application/json"
     error: dict[str, Any] = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["code"] == status
-    assert error["param"] is None
     return error
 
 
 async def test_errors_have_vllm_shapes() -> None:
     async with serve(max_model_len=100) as client:
-        too_long = await client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 90})
+        too_long = await client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 101})
+        shortened = await client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 90})
         prompt_too_long = await client.post("/v1/completions", json={"prompt": "x" * 100})
         wrong_model = await client.post("/v1/chat/completions", json={**CHAT, "model": "other"})
         priority = await client.post("/v1/chat/completions", json={**CHAT, "priority": 3})
+        stream_options = await client.post("/v1/completions", json={"prompt": "x", "stream_options": {}})
         bad = [
+            await client.post("/v1/completions", json={"model": "sim"}),
+            await client.post("/v1/completions", json={"prompt": "x", "max_tokens": 0}),
+            await client.post("/v1/completions", json={"prompt": "x", "stream_options": {"a": 1}}),
+        ]
+        invalid = [
             await client.post("/v1/chat/completions", content=b"{not json"),
             await client.post("/v1/chat/completions", content=b"[1, 2]"),
             await client.post("/v1/chat/completions", json={"model": "sim"}),
-            await client.post("/v1/completions", json={"model": "sim"}),
-            await client.post("/v1/completions", json={"prompt": "x", "max_tokens": 0}),
+            await client.post("/v1/chat/completions", json={"model": "sim", "messages": "x"}),
             await client.post("/v1/completions", json={"prompt": "x", "max_tokens": "5"}),
-            await client.post("/v1/completions", json={"prompt": "x", "stream_options": {}}),
+            await client.post("/v1/completions", json={"prompt": "x", "priority": "high"}),
         ]
         unknown = await client.get("/v1/nowhere")
         wrong_method = await client.get("/v1/chat/completions")
         still_served = await client.post("/v1/chat/completions", json=CHAT)
     prompt_tokens = len(chat_prompt(CHAT["messages"]).encode())
-    message = error_of(too_long, 400)["message"]
-    assert message == (
-        f"This model's maximum context length is 100 tokens. However, you requested {prompt_tokens + 90} "
-        f"tokens ({prompt_tokens} in the messages, 90 in the completion). "
-        "Please reduce the length of the messages or completion."
-    )
-    assert error_of(too_long, 400)["type"] == "BadRequestError"
-    assert "maximum context length is 100 tokens" in error_of(prompt_too_long, 400)["message"]
+    assert error_of(too_long, 400) == {
+        "message": "max_tokens=101 cannot be greater than max_model_len=100. Please request fewer output "
+        "tokens. (parameter=max_tokens, value=101)",
+        "type": "BadRequestError",
+        "param": "max_tokens",
+        "code": 400,
+    }
+    # Like vLLM 0.32: a completion that does not fit after the prompt is shortened, not refused.
+    assert shortened.status_code == 200
+    assert shortened.json()["usage"]["completion_tokens"] == 100 - prompt_tokens
+    long_prompt = error_of(prompt_too_long, 400)
+    assert "maximum context length is 100 tokens" in long_prompt["message"]
+    assert long_prompt["param"] == "input_tokens"
     missing = error_of(wrong_model, 404)
     assert missing == {
-        "message": "The model `other` does not exist.",
+        "message": "The model `other` does not exist. Valid aliases: sim.",
         "type": "NotFoundError",
-        "param": None,
+        "param": "model",
         "code": 404,
     }
-    assert "Priority scheduling is not enabled" in error_of(priority, 400)["message"]
+    # Without the priority policy, vLLM ignores a request's priority.
+    assert priority.status_code == 200
+    assert stream_options.status_code == 200
     for response in bad:
         assert error_of(response, 400)["type"] == "BadRequestError"
+    for response in invalid:
+        error = error_of(response, 400)
+        assert error["type"] == "Bad Request" and error["param"].startswith("body")
     assert unknown.status_code == 404 and unknown.json() == {"detail": "Not Found"}
     assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"
     assert still_served.status_code == 200
