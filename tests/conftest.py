@@ -78,6 +78,12 @@ class Processes:
         self.services.append(service)
         return service
 
+    def vllm_cpu(self, names: list[str], max_num_seqs: int | None = None) -> stack.Service:
+        """A real vLLM (CPU build, already set up) serving the tiny model under ``names``."""
+        service = stack.start_vllm_cpu(self.log_dir, names=names, max_num_seqs=max_num_seqs)
+        self.services.append(service)
+        return service
+
     def consumer(
         self, model: str, backend: stack.Service, name: str | None = None, **options: object
     ) -> stack.Service:
