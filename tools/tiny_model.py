@@ -19,7 +19,12 @@ from pathlib import Path
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 VOCAB_SIZE = 1024
-MAX_POSITIONS = 2048
+HIDDEN, LAYERS = 1024, 4
+"""About 50 M parameters (200 MB): still made in seconds, but each token costs the engine a few
+milliseconds, so vLLM's API server, which handles every token in Python, is not swamped by hundreds
+of tokens a second on a small machine."""
+MAX_POSITIONS = 8192
+"""Long enough for a request to hold vLLM's only slot for many seconds (the tests need that)."""
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
     "<|{{ message['role'] }}|>\n{{ message['content'] }}\n"
@@ -70,11 +75,11 @@ def build_model(output: Path, vocab_size: int) -> None:
     ids = {entry["content"]: entry["id"] for entry in tokens}
     config = LlamaConfig(
         vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
+        hidden_size=HIDDEN,
+        intermediate_size=4 * HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HIDDEN // 32,
+        num_key_value_heads=HIDDEN // 32,
         head_dim=32,
         max_position_embeddings=MAX_POSITIONS,
         bos_token_id=ids[BOS],
