@@ -6,8 +6,8 @@ on the machines this project is tested on, so the real-vLLM tests serve a
 model made here in a few seconds. Its answers are gibberish, but everything
 vLLM says about them (chunks, usage, errors, metrics) has its real shape.
 
-The sizes are the smallest vLLM's CPU backend takes: its attention kernels
-want a head width divisible by 32 (or 16).
+Heads are 32 wide: vLLM's CPU attention wants a head width divisible by 32
+(or 16). The model is not as small as it could be on purpose (see HIDDEN).
 """
 
 from __future__ import annotations
