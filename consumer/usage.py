@@ -81,6 +81,9 @@ class StreamUsage:
         self._strip = strip
         self._pending = b""
         self._tail = b""
+        self._finishing: bytes | None = None
+        """The chunk that ends a choice, held until the usage chunk: vLLM sends its
+        ``system_fingerprint`` on the usage chunk when usage was asked for, else on this one."""
         self.counts: tuple[int, int] | None = None
 
     def feed(self, data: bytes) -> bytes:
@@ -96,11 +99,18 @@ class StreamUsage:
         for event in complete.split(b"\n\n")[:-1]:
             if b'"usage":{' in event and b'"choices":[]' in event:
                 self.counts = from_stream_tail(event) or self.counts
+                if self._finishing is not None:
+                    self._finishing = _with_fingerprint(self._finishing, event)
                 continue
-            kept.append(
-                event.replace(b',"usage":null', b"") if b'"chat.completion.chunk"' in event else event
-            )
-            kept.append(b"\n\n")
+            if self._finishing is not None:
+                kept.append(self._finishing + b"\n\n")
+                self._finishing = None
+            if b'"chat.completion.chunk"' in event:
+                event = event.replace(b',"usage":null', b"")
+            if b'"finish_reason":"' in event:
+                self._finishing = event
+                continue
+            kept.append(event + b"\n\n")
         return b"".join(kept)
 
     def end(self) -> bytes:
@@ -108,5 +118,17 @@ class StreamUsage:
         if not self._strip:
             self.counts = from_stream_tail(self._tail)
             return b""
-        rest, self._pending = self._pending, b""
-        return rest
+        held = b"" if self._finishing is None else self._finishing + b"\n\n"
+        rest, self._pending, self._finishing = self._pending, b"", None
+        return held + rest
+
+
+def _with_fingerprint(event: bytes, usage_event: bytes) -> bytes:
+    """``event`` with the usage chunk's ``system_fingerprint``, where vLLM puts it without usage."""
+    try:
+        fingerprint = orjson.loads(usage_event[len(b"data: ") :]).get("system_fingerprint")
+    except (orjson.JSONDecodeError, AttributeError):
+        return event
+    if fingerprint is None or b'"system_fingerprint"' in event or not event.endswith(b"}"):
+        return event
+    return event[:-1] + b',"system_fingerprint":' + orjson.dumps(fingerprint) + b"}"

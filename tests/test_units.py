@@ -155,3 +155,21 @@ def test_usage_is_asked_for_and_stripped_as_vllm_would_not_have_sent_it() -> Non
     text = b'data: {"id":"t","object":"text_completion","choices":[{"text":"a"}],"usage":null}\n\n'
     watcher = StreamUsage(strip=True)
     assert watcher.feed(text + b"data: [DONE]\n\n") == text + b"data: [DONE]\n\n"
+
+
+def test_stripped_usage_leaves_the_system_fingerprint_where_vllm_puts_it_without_usage() -> None:
+    from consumer.usage import StreamUsage
+
+    # vLLM 0.32: with include_usage the fingerprint is on the usage chunk, without it on the last chunk.
+    head = b'data: {"id":"t","object":"text_completion","choices":'
+    token = head + b'[{"index":0,"text":"a","finish_reason":null}]}\n\n'
+    last = head + b'[{"index":0,"text":"b","finish_reason":"length"}]}\n\n'
+    usage = head + b'[],"usage":{"prompt_tokens":3,"completion_tokens":2},"system_fingerprint":"vllm-x"}\n\n'
+    sent = token + last + usage + b"data: [DONE]\n\n"
+    without = token + last[:-3] + b',"system_fingerprint":"vllm-x"}\n\n' + b"data: [DONE]\n\n"
+    for size in (1, 9, len(sent)):
+        watcher = StreamUsage(strip=True)
+        out = b"".join(watcher.feed(sent[i : i + size]) for i in range(0, len(sent), size)) + watcher.end()
+        assert out == without and watcher.counts == (3, 2)
+    cut_short = StreamUsage(strip=True)  # a stream that ends before its usage chunk loses nothing
+    assert cut_short.feed(token + last) + cut_short.end() == token + last
