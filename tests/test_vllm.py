@@ -189,20 +189,27 @@ async def test_stream_is_vllms_stream(
         assert with_usage == []
 
 
-async def test_raw_stream_has_vllms_events(http: httpx.AsyncClient, vllm: Service, tiny: str) -> None:
+@pytest.mark.parametrize("include_usage", [True, False])
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+async def test_raw_stream_has_vllms_events(
+    http: httpx.AsyncClient, vllm: Service, tiny: str, path: str, include_usage: bool
+) -> None:
     """Byte for byte but for ids and timestamps: same events, same keys, same ``[DONE]``."""
-    body = {
+    body: dict[str, Any] = {
         "model": tiny,
-        "prompt": "Raw",
         "stream": True,
-        "stream_options": {"include_usage": True},
         "temperature": 0,
         "max_tokens": 5,
         "ignore_eos": True,
     }
-    relayed = await http.post("/v1/completions", json=body)
+    body.update(
+        {"prompt": "Raw"} if "chat" not in path else {"messages": [{"role": "user", "content": "Raw"}]}
+    )
+    if include_usage:
+        body["stream_options"] = {"include_usage": True}
+    relayed = await http.post(path, json=body)
     async with httpx.AsyncClient(timeout=60) as plain:
-        expected = await plain.post(vllm.url + "/v1/completions", json=body)
+        expected = await plain.post(vllm.url + path, json=body)
     assert relayed.status_code == expected.status_code == 200
     assert relayed.headers["content-type"] == expected.headers["content-type"]
 
