@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from tests.chart_render import HELPER_VARIABLES, ROOT, SETTINGS, case_values, of_kind, render_case
+from tools.vllm_cpu import VERSION as TESTED_VLLM
 
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
@@ -265,3 +266,9 @@ def test_third_party_images_are_pinned_to_releases() -> None:
     for image in third_party_images():
         name, _, tag = image.rpartition(":")
         assert name and re.search(r"\d+\.\d+", tag) and "latest" not in tag, image
+
+
+def test_deployed_vllm_is_the_release_the_end_to_end_tests_run() -> None:
+    vllm_images = [image for image in third_party_images() if image.startswith("vllm/vllm-openai:")]
+    assert len(vllm_images) == 2  # compose's gpu profile and the chart
+    assert all(image.endswith(f":v{TESTED_VLLM}") for image in vllm_images), vllm_images
