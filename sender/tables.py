@@ -35,6 +35,7 @@ tokens_table = sa.Table(
     sa.Column("allowed_models", sa.Text, nullable=True),
     sa.Column("rpm_limit", sa.Integer, nullable=True),
     sa.Column("tpm_limit", sa.Integer, nullable=True),
+    sa.Column("max_seconds", sa.Double, sa.CheckConstraint("max_seconds > 0"), nullable=True),
 )
 
 usage_table = sa.Table(

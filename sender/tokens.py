@@ -57,6 +57,16 @@ class Token:
     """Models this token may use; None means all."""
     rpm: int | None = None
     tpm: int | None = None
+    max_seconds: float | None = None
+    """The longest a request of this token may take; None: the server's deadline."""
+
+    def deadline_seconds(self, server_default: float) -> float:
+        """How long a request of this token may take: the token can shorten the server's
+        deadline (a batch client that would rather give up early) but never extend it, so
+        one token cannot hold a GPU slot or a reply queue longer than the operator allows."""
+        if self.max_seconds is None or not self.max_seconds > 0:  # NaN or <= 0: not a usable limit
+            return server_default
+        return min(server_default, self.max_seconds)
 
     def expired(self, now: float | None = None) -> bool:
         return self.expires is not None and (time.monotonic() if now is None else now) >= self.expires
@@ -250,6 +260,7 @@ class TokenStore:
             t.allowed_models,
             t.rpm_limit,
             t.tpm_limit,
+            t.max_seconds,
             sa.func.localtimestamp().label("db_now"),
         ).where(t.token_hash.in_(keys))
         self._on_query()
@@ -271,5 +282,6 @@ class TokenStore:
                 models=parse_models(row.allowed_models),
                 rpm=row.rpm_limit,
                 tpm=row.tpm_limit,
+                max_seconds=row.max_seconds,
             )
         return found

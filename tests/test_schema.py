@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -43,6 +44,8 @@ def _generic(column_type: Any) -> tuple[str, int | None]:
         return "bigint", None
     if isinstance(column_type, sa.Integer):
         return "int", None
+    if isinstance(column_type, sa.Float):
+        return "float", None
     if isinstance(column_type, sa.Text) or (
         isinstance(column_type, sa.String) and column_type.length is None
     ):
@@ -111,11 +114,35 @@ async def test_migrate_twice_and_upgrade_from_the_first_schema(fresh_database: t
     insert = "INSERT INTO tokens (name, token_hash) VALUES ('old', 'abc')"
     psql(url, "-c", insert) if kind == "postgres" else mysql(url, "-e", insert)
     assert stack.admin(url, "schema-version").strip() == "1"
-    assert "applied [2, 3]" in stack.admin(url, "migrate")
+    assert "applied [2, 3, 4]" in stack.admin(url, "migrate")
     assert "already current" in stack.admin(url, "migrate")
     await _check_models_match(url)
     listed = stack.admin(url, "list-tokens", "--json")
     assert '"name": "old"' in listed and '"enabled": true' in listed
+
+
+@pytest.mark.parametrize("fresh_database", KINDS, indirect=True)
+async def test_the_token_deadline_upgrade_keeps_tokens_and_refuses_nonsense(
+    fresh_database: tuple[str, str],
+) -> None:
+    kind, url = fresh_database
+    scripts = [str(s.path.relative_to(stack.ROOT)) for s in schema_scripts(kind)]
+    assert scripts[3].endswith("004_token_deadline.sql")
+    apply_scripts(kind, url, scripts[:3])  # a database of schema 3, holding a token
+    run = (lambda sql: psql(url, "-c", sql)) if kind == "postgres" else (lambda sql: mysql(url, "-e", sql))
+    run("INSERT INTO tokens (name, token_hash) VALUES ('old', 'abc')")
+    assert "applied [4]" in stack.admin(url, "migrate")
+    apply_scripts(kind, url, scripts[3:])  # again, with the stock client: nothing changes, nothing fails
+    assert "already current" in stack.admin(url, "migrate")
+    await _check_models_match(url)
+    [old] = json.loads(stack.admin(url, "list-tokens", "--json"))
+    assert old["name"] == "old" and old["max_seconds"] is None  # the server's deadline, as before
+    run("UPDATE tokens SET max_seconds = 2.5 WHERE name = 'old'")
+    for nonsense in ("0", "-1"):
+        with pytest.raises(AssertionError):  # the client fails: the CHECK constraint refuses it
+            run(f"UPDATE tokens SET max_seconds = {nonsense} WHERE name = 'old'")
+    [old] = json.loads(stack.admin(url, "list-tokens", "--json"))
+    assert old["max_seconds"] == 2.5
 
 
 @pytest.mark.parametrize("fresh_database", ["postgres"], indirect=True)

@@ -1,4 +1,4 @@
-"""Pure logic: the message contract, the flow window and reply batching."""
+"""Pure logic: the message contract, the flow window, reply batching and token deadlines."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import contract
 from consumer.flow import BackendLoad, Window, parse_vllm_metrics
 from consumer.replies import ReplyWriter
 from contract import Announcement, ContractError, Reply, Request
+from sender.tokens import Token
 
 
 def test_request_round_trip() -> None:
@@ -173,3 +174,22 @@ def test_stripped_usage_leaves_the_system_fingerprint_where_vllm_puts_it_without
         assert out == without and watcher.counts == (3, 2)
     cut_short = StreamUsage(strip=True)  # a stream that ends before its usage chunk loses nothing
     assert cut_short.feed(token + last) + cut_short.end() == token + last
+
+
+@pytest.mark.parametrize(
+    ("max_seconds", "expected"),
+    [
+        (None, 600.0),
+        (60.0, 60.0),
+        (0.5, 0.5),
+        (900.0, 600.0),
+        (600.0, 600.0),
+        (0.0, 600.0),
+        (float("nan"), 600.0),
+    ],
+)
+def test_a_token_can_shorten_the_deadline_but_never_extend_it(
+    max_seconds: float | None, expected: float
+) -> None:
+    token = Token(name="batch", priority=0, threshold=100, max_seconds=max_seconds)
+    assert token.deadline_seconds(600.0) == expected
