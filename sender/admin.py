@@ -34,6 +34,16 @@ def _optional_int(text: str) -> int | None:
     return None if text.lower() == "none" else int(text)
 
 
+def _optional_seconds(text: str) -> float | None:
+    """A positive number of seconds, or none; the database refuses the rest too, less clearly."""
+    if text.lower() == "none":
+        return None
+    seconds = float(text)
+    if not seconds > 0 or seconds == float("inf"):
+        raise ValueError(text)
+    return seconds
+
+
 def _models(text: str) -> list[str] | None:
     names = [part.strip() for part in text.split(",") if part.strip()]
     return None if text.lower() == "none" or not names else names
@@ -115,6 +125,7 @@ async def _command(engine: AsyncEngine, args: argparse.Namespace) -> int:
             models=args.models,
             rpm=args.rpm,
             tpm=args.tpm,
+            max_seconds=args.max_seconds,
         )
         given = _read_secret(args.secret_file) if args.secret_file else None
         secret = await token_admin.add_token(engine, args.name, secret=given, fields=fields)
@@ -131,6 +142,7 @@ async def _command(engine: AsyncEngine, args: argparse.Namespace) -> int:
             "models": args.models,
             "rpm": args.rpm,
             "tpm": args.tpm,
+            "max_seconds": args.max_seconds,
             "expires_at": UNSET if args.expires is UNSET else await _resolve_when(engine, args.expires),
         }
         if not await token_admin.set_token(engine, args.name, **changes):
@@ -197,6 +209,11 @@ def parser() -> argparse.ArgumentParser:
     add.add_argument("--models", type=_models, help="comma-separated models it may use (default: all)")
     add.add_argument("--rpm", type=_optional_int, help="requests per minute (default: no limit)")
     add.add_argument("--tpm", type=_optional_int, help="tokens per minute (default: no limit)")
+    add.add_argument(
+        "--max-seconds",
+        type=_optional_seconds,
+        help="seconds a request may take at most, below SENDER_DEADLINE_SECONDS (default: that)",
+    )
     add.add_argument("--secret-file", help="read the secret from this file ('-': standard input)")
     add.add_argument("--json", action="store_true", help="print {name, secret} as JSON")
 
@@ -204,7 +221,7 @@ def parser() -> argparse.ArgumentParser:
         "set-token",
         help="change some fields of a token",
         description="Change the fields given; the others stay. "
-        "'none' clears --expires, --models, --rpm, --tpm.",
+        "'none' clears --expires, --models, --rpm, --tpm, --max-seconds.",
     )
     change.add_argument("--name", required=True)
     change.add_argument("--priority", type=int, default=UNSET)
@@ -214,6 +231,9 @@ def parser() -> argparse.ArgumentParser:
     change.add_argument("--models", type=_models, default=UNSET, help="comma-separated, or none for all")
     change.add_argument("--rpm", type=_optional_int, default=UNSET, help="a number, or none")
     change.add_argument("--tpm", type=_optional_int, default=UNSET, help="a number, or none")
+    change.add_argument(
+        "--max-seconds", type=_optional_seconds, default=UNSET, help="seconds (> 0), or none for the server's"
+    )
     enabled = change.add_mutually_exclusive_group()
     enabled.add_argument("--enable", dest="enabled", action="store_true", default=UNSET)
     enabled.add_argument("--disable", dest="enabled", action="store_false")

@@ -33,6 +33,8 @@ class TokenFields:
     models: list[str] | None = None
     rpm: int | None = None
     tpm: int | None = None
+    max_seconds: float | None = None
+    """Seconds a request of this token may take at most; None: the server's deadline."""
 
     def columns(self) -> dict[str, Any]:
         return {
@@ -44,6 +46,7 @@ class TokenFields:
             "allowed_models": join_models(self.models),
             "rpm_limit": self.rpm,
             "tpm_limit": self.tpm,
+            "max_seconds": self.max_seconds,
         }
 
 
@@ -128,6 +131,7 @@ async def list_tokens(engine: AsyncEngine) -> list[dict[str, Any]]:
         t.allowed_models,
         t.rpm_limit,
         t.tpm_limit,
+        t.max_seconds,
         t.token_hash,
     ).order_by(t.name)
     async with engine.connect() as conn:
@@ -144,6 +148,7 @@ async def list_tokens(engine: AsyncEngine) -> list[dict[str, Any]]:
             "models": (row["allowed_models"] or "").split(",") if row["allowed_models"] else None,
             "rpm": row["rpm_limit"],
             "tpm": row["tpm_limit"],
+            "max_seconds": row["max_seconds"],
             "hash_prefix": row["token_hash"][:8],
         }
         for row in rows

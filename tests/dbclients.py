@@ -20,21 +20,25 @@ def psql(url: str, *args: str) -> str:
         "-v",
         "ON_ERROR_STOP=1",
     ]
-    return _run([*command, *args])
+    return _run([*command, *args]).stdout
 
 
 def mysql(url: str, *args: str) -> str:
     parts = make_url(url)
     command = ["mysql", "-h", parts.host or "127.0.0.1", "-P", str(parts.port or 3306)]
     command += ["-u", parts.username or "root", *(["-p" + parts.password] if parts.password else [])]
-    return _run([*command, *args, parts.database or ""])
+    result = _run([*command, *args, parts.database or ""])
+    # A statement failing inside `SOURCE file` is reported but leaves the exit status 0.
+    if any(line.startswith("ERROR ") for line in result.stderr.splitlines()):
+        raise AssertionError(f"mysql failed: {result.stderr}")
+    return result.stdout
 
 
-def _run(command: list[str]) -> str:
+def _run(command: list[str]) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
     if result.returncode != 0:
         raise AssertionError(f"{command[0]} failed ({result.returncode}): {result.stderr}")
-    return result.stdout
+    return result
 
 
 def apply_scripts(kind: str, url: str, scripts: list[str]) -> None:

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import io
 import json
+import subprocess
 
 import httpx
 import pytest
@@ -15,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from sender.admin import parser
 from sender.token_admin import usage_report
-from sender.tokens import hash_secret
+from sender.tokens import TokenStore, hash_secret
 from tests.conftest import DATABASE_URLS, Processes, auth, unique
 from tests.dbclients import mysql, psql
 from tools import stack
@@ -138,6 +139,59 @@ async def test_admin_cli_manages_tokens(
     assert out == ""
     await until_status(front, chosen, ready_model, 200)
     await until_status(front, secret, ready_model, 401)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_max_seconds_is_set_and_cleared_by_scripts_and_cli_and_looked_up(
+    kind: str, engines: dict[str, AsyncEngine]
+) -> None:
+    url = DATABASE_URLS[kind]
+    name = unique(f"deadline-{kind}")
+    secret = f"sk-deadline-{kind}-{unique('s')}"
+
+    async def looked_up() -> float | None:
+        """The sender's own lookup, uncached (a new store each time)."""
+        store = TokenStore(engines[kind], ttl=60, negative_ttl=60, max_entries=10)
+        try:
+            token = await store.lookup(secret)
+        finally:
+            await store.close()
+        assert token is not None
+        return token.max_seconds
+
+    def listed() -> object:
+        return {r["name"]: r for r in json.loads(stack.admin(url, "list-tokens", "--json"))}[name][
+            "max_seconds"
+        ]
+
+    sql_script(kind, "add_token.sql", name=name, secret=secret, max_seconds=60)
+    assert await looked_up() == 60
+    sql_script(kind, "set_token.sql", name=name, max_seconds="2.5")
+    assert await looked_up() == 2.5
+    line = next(line for line in sql_script(kind, "list_tokens.sql").splitlines() if name in line)
+    assert "2.5" in line
+    sql_script(kind, "set_token.sql", name=name, priority=3)  # fields not given stay
+    assert await looked_up() == 2.5
+    sql_script(kind, "set_token.sql", name=name, max_seconds="none")
+    assert await looked_up() is None
+    with pytest.raises(AssertionError):  # refused by the database, whichever way it comes
+        sql_script(kind, "set_token.sql", name=name, max_seconds=0)
+    assert await looked_up() is None
+
+    stack.admin(url, "set-token", "--name", name, "--max-seconds", "90")
+    assert listed() == 90 and await looked_up() == 90
+    stack.admin(url, "set-token", "--name", name, "--priority", "4")
+    assert listed() == 90
+    assert "max_seconds" in stack.admin(url, "list-tokens").splitlines()[0]
+    stack.admin(url, "set-token", "--name", name, "--max-seconds", "none")
+    assert listed() is None and await looked_up() is None
+    for nonsense in ("0", "-5", "soon"):
+        with pytest.raises(subprocess.CalledProcessError):
+            stack.admin(url, "set-token", "--name", name, "--max-seconds", nonsense)
+    stack.admin(url, "add-token", "--name", name, "--max-seconds", "30", "--secret-file", "-", stdin=secret)
+    assert listed() == 30 and await looked_up() == 30
+    stack.admin(url, "add-token", "--name", name, "--secret-file", "-", stdin=secret)  # replaced: cleared
+    assert listed() is None and await looked_up() is None
 
 
 def test_every_command_has_help() -> None:

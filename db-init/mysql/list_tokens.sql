@@ -2,7 +2,7 @@
 --   mysql -e "SOURCE db-init/mysql/list_tokens.sql;"
 
 SELECT name, owner, priority, threshold, enabled, created_at, expires_at,
-       COALESCE(NULLIF(allowed_models, ''), '*') AS models, rpm_limit AS rpm, tpm_limit AS tpm,
+       COALESCE(NULLIF(allowed_models, ''), '*') AS models, rpm_limit AS rpm, tpm_limit AS tpm, max_seconds,
        CONCAT(LEFT(token_hash, 8), '...') AS hash_prefix
 FROM tokens
 ORDER BY name;

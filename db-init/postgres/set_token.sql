@@ -1,7 +1,8 @@
 -- Change a token's fields; fields not given stay as they are, `none` clears an optional one.
 --   psql -v name=alice -v priority=7 -v rpm=120 -v expires=none -f db-init/postgres/set_token.sql
 -- Fields: owner, priority, threshold, enabled (true/false), expires ('2027-01-01 00:00' or none),
---         models (comma-separated, or none for all), rpm, tpm (a number, or none for no limit).
+--         models (comma-separated, or none for all), rpm, tpm (a number, or none for no limit),
+--         max_seconds (seconds a request may take, or none for the server's deadline).
 \set ON_ERROR_STOP on
 \if :{?owner} \else \set owner '' \endif
 \if :{?priority} \else \set priority '' \endif
@@ -11,6 +12,7 @@
 \if :{?models} \else \set models '' \endif
 \if :{?rpm} \else \set rpm '' \endif
 \if :{?tpm} \else \set tpm '' \endif
+\if :{?max_seconds} \else \set max_seconds '' \endif
 
 UPDATE tokens SET
     owner = CASE :'owner' WHEN '' THEN owner WHEN 'none' THEN NULL ELSE :'owner' END,
@@ -23,5 +25,7 @@ UPDATE tokens SET
     rpm_limit = CASE :'rpm' WHEN '' THEN rpm_limit WHEN 'none' THEN NULL
                 ELSE CAST(NULLIF(NULLIF(:'rpm', ''), 'none') AS INTEGER) END,
     tpm_limit = CASE :'tpm' WHEN '' THEN tpm_limit WHEN 'none' THEN NULL
-                ELSE CAST(NULLIF(NULLIF(:'tpm', ''), 'none') AS INTEGER) END
+                ELSE CAST(NULLIF(NULLIF(:'tpm', ''), 'none') AS INTEGER) END,
+    max_seconds = CASE :'max_seconds' WHEN '' THEN max_seconds WHEN 'none' THEN NULL
+                  ELSE CAST(NULLIF(NULLIF(:'max_seconds', ''), 'none') AS DOUBLE PRECISION) END
 WHERE name = :'name';
