@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test chart-test run run-vllm-cpu vllm-cpu bench lint format services clean
+.PHONY: install test chart-test run run-vllm-cpu vllm-cpu bench soak lint format services clean
 
 install: $(VENV)/.installed
 
@@ -35,6 +35,9 @@ vllm-cpu: install
 
 bench: services
 	$(BIN)/python -m tools.bench
+
+soak: services
+	$(BIN)/python -m tools.soak
 
 lint: install
 	$(BIN)/ruff check .

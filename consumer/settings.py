@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from contract import DEFAULT_MAX_PRIORITY
+from contract import DEAD_LETTER_QUEUE, DEFAULT_MAX_PRIORITY
 
 
 class ConsumerSettings(BaseSettings):
@@ -54,3 +54,7 @@ class ConsumerSettings(BaseSettings):
     flush_interval: float = 0.05
     """Streamed answers are sent at most this often (the first piece at once), to spare the broker."""
     flush_bytes: int = 64 * 1024
+    dead_letter_queue: str = DEAD_LETTER_QUEUE
+    """Durable queue where unreadable request messages are kept for inspection."""
+    reconnect_interval: float = 1.0
+    """Seconds between attempts to reconnect to the broker after losing it."""

@@ -16,6 +16,8 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Coroutine
+from typing import Any
 
 import aio_pika
 import aiohttp
@@ -46,6 +48,11 @@ _JSON = "application/json"
 _CANCEL_MEMORY = 900.0
 """Seconds a cancellation without a deadline is remembered for a request not seen yet."""
 _CANCEL_MEMORY_SIZE = 100_000
+
+
+_BROKER_GONE = (aio_pika.exceptions.AMQPError, aiormq.exceptions.AMQPError, ConnectionError, RuntimeError)
+"""What a publish raises when the connection or channel under it is gone (aiormq's
+``ChannelInvalidStateError`` is a ``RuntimeError``)."""
 
 
 def error_body(message: str, *, type: str, code: str) -> bytes:
@@ -89,6 +96,10 @@ class Worker:
         self._serving: dict[str, asyncio.Task[object]] = {}
         """correlation id -> the task serving it, for cancellation."""
         self._client_gone: set[str] = set()
+        self._delivery_lost: set[str] = set()
+        """Requests whose broker connection dropped: the broker gives them to another consumer."""
+        self._liveness = ""
+        """This connection's liveness queue (see the contract); a new one after each reconnect."""
         self._cancelled: dict[str, float] = {}
         """Cancelled before they reached this consumer: correlation id -> forget after (monotonic)."""
 
@@ -165,9 +176,15 @@ class Worker:
 
     async def _connect(self) -> None:
         self._connection = await aio_pika.connect_robust(
-            self.settings.rabbitmq_url, client_properties={"connection_name": f"consumer-{self.consumer_id}"}
+            self.settings.rabbitmq_url,
+            client_properties={"connection_name": f"consumer-{self.consumer_id}"},
+            reconnect_interval=self.settings.reconnect_interval,
         )
+        self._connection.close_callbacks.add(self._on_connection_lost)
+        self._connection.reconnect_callbacks.add(self._on_reconnected)
         self._reply_channel = await self._connection.channel(publisher_confirms=False)
+        await self._declare_liveness()
+        await self._reply_channel.declare_queue(self.settings.dead_letter_queue, durable=True)
         self._control = await self._reply_channel.declare_exchange(
             contract.CONTROL_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
         )
@@ -182,6 +199,33 @@ class Worker:
             durable=True,
             arguments=contract.model_queue_arguments(self.settings.max_priority),
         )
+
+    async def _declare_liveness(self) -> None:
+        """A server-named exclusive queue: it lives exactly as long as this connection.
+
+        Declared outside aio-pika's robust bookkeeping so that a reconnect makes
+        a new name: pieces sent on the old connection then name a queue that is
+        gone, and the sender knows their answer will not continue.
+        """
+        assert self._reply_channel is not None
+        channel = await self._reply_channel.get_underlay_channel()
+        declared = await channel.queue_declare("", exclusive=True, auto_delete=True)
+        assert declared is not None and declared.queue is not None
+        self._liveness = declared.queue
+
+    def _on_connection_lost(self, *_: object) -> None:
+        """The broker hands the unacked requests to another consumer: stop serving them here."""
+        for correlation_id, task in list(self._serving.items()):
+            self._delivery_lost.add(correlation_id)
+            task.cancel()
+        if self._serving:
+            log.warning("broker connection lost; %d requests in flight given back", len(self._serving))
+
+    async def _on_reconnected(self, *_: object) -> None:
+        try:
+            await self._declare_liveness()
+        except _BROKER_GONE as exc:
+            log.warning("could not declare the liveness queue after reconnecting: %s", exc)
 
     async def _choose_flow(self) -> bool:
         if self.settings.flow == "fixed":
@@ -209,7 +253,7 @@ class Worker:
     async def _stop_consuming(self) -> None:
         tag, self._consumer_tag = self._consumer_tag, None
         if tag is not None and self._queue is not None:
-            with contextlib.suppress(aio_pika.exceptions.AMQPError, ConnectionError):
+            with contextlib.suppress(*_BROKER_GONE):
                 await self._queue.cancel(tag)
             await self._announce(Announcement.PAUSED)
 
@@ -218,16 +262,19 @@ class Worker:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._check_now.wait(), self.settings.health_interval)
             self._check_now.clear()
-            if await self.backend.healthy():
-                if not self._healthy.is_set():
-                    log.info("backend is back; consuming again")
-                    self._healthy.set()
-                await self._start_consuming()
-            else:
-                if self._healthy.is_set():
-                    log.warning("backend %s is unhealthy; pausing consumption", self.settings.vllm_url)
-                    self._healthy.clear()
-                await self._stop_consuming()
+            await _survive(self._health_step(), "health check")
+
+    async def _health_step(self) -> None:
+        if await self.backend.healthy():
+            if not self._healthy.is_set():
+                log.info("backend is back; consuming again")
+                self._healthy.set()
+            await self._start_consuming()
+        else:
+            if self._healthy.is_set():
+                log.warning("backend %s is unhealthy; pausing consumption", self.settings.vllm_url)
+                self._healthy.clear()
+            await self._stop_consuming()
 
     async def _flow_loop(self) -> None:
         # Reading /metrics costs CPU on both sides, so it is read often only while
@@ -243,12 +290,14 @@ class Worker:
             last_read = now
             load = await self.backend.load()
             if load is not None:
-                await self._apply_prefetch(self.window.update(load, self.inflight))
+                await _survive(self._apply_prefetch(self.window.update(load, self.inflight)), "flow window")
 
     async def _announce_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.announce_interval)
-            await self._announce(Announcement.READY if self.consuming else Announcement.PAUSED)
+            await _survive(
+                self._announce(Announcement.READY if self.consuming else Announcement.PAUSED), "announcement"
+            )
 
     async def _on_control(self, message: AbstractIncomingMessage) -> None:
         if message.routing_key == contract.CANCEL_KEY:
@@ -280,7 +329,7 @@ class Worker:
             ttl=self.settings.announce_interval * 3,
             card=dict(self.card),
         )
-        with contextlib.suppress(aio_pika.exceptions.AMQPError, ConnectionError):
+        with contextlib.suppress(*_BROKER_GONE):
             await self._control.publish(
                 aio_pika.Message(announcement.encode(), content_type=_JSON),
                 routing_key=contract.ANNOUNCE_KEY,
@@ -314,8 +363,8 @@ class Worker:
             if not message.reply_to or not message.correlation_id:
                 raise ContractError("request has no reply_to or correlation_id")
         except ContractError as exc:
-            log.error("rejecting malformed request message: %s", exc)
-            await _settle(message.reject(requeue=False))
+            log.error("malformed request message moved to %s: %s", self.settings.dead_letter_queue, exc)
+            await self._dead_letter(message, str(exc))
             return
         writer = ReplyWriter(
             self._publisher(message.reply_to, message.correlation_id),
@@ -330,13 +379,19 @@ class Worker:
         try:
             requeue = await self._answer(request, writer, redelivered=bool(message.redelivered))
         except asyncio.CancelledError:
-            if message.correlation_id not in self._client_gone:
+            correlation_id = message.correlation_id
+            if correlation_id in self._delivery_lost:
+                # Not settled: the broker took it back when the connection dropped.
+                self._delivery_lost.discard(correlation_id)
+                outcome = "given back"
+            elif correlation_id in self._client_gone:
+                self._client_gone.discard(correlation_id)
+                outcome = "cancelled"
+            else:
                 raise
-            self._client_gone.discard(message.correlation_id)
             task = asyncio.current_task()
             if task is not None:
                 task.uncancel()
-            outcome = "cancelled"
         except Exception:
             log.exception("request %s failed in the consumer", request.request_id)
             outcome = "failed"
@@ -345,7 +400,9 @@ class Worker:
                     writer, 500, "the dispatcher failed while serving this request", "internal_error"
                 )
         finally:
-            if requeue:
+            if outcome == "given back":
+                pass
+            elif requeue:
                 outcome = "requeued"
                 await _settle(message.nack(requeue=True))
             else:
@@ -473,7 +530,37 @@ class Worker:
 
     def _publisher(self, reply_to: str, correlation_id: str) -> ReplyPublisher:
         assert self._reply_channel is not None
-        return ReplyPublisher(self._reply_channel, reply_to, correlation_id)
+        return ReplyPublisher(self._reply_channel, reply_to, correlation_id, self._liveness)
+
+    async def _dead_letter(self, message: AbstractIncomingMessage, reason: str) -> None:
+        """Keep an unreadable message for inspection, then settle it: never a crash, never a loop."""
+        assert self._reply_channel is not None
+        headers: dict[str, Any] = {
+            key: value
+            for key, value in (message.headers or {}).items()
+            if isinstance(value, str | bytes | int | float | bool)
+        }
+        headers[contract.H_REJECTED] = reason[:500]
+        try:
+            channel = await self._reply_channel.get_underlay_channel()
+            await channel.basic_publish(
+                message.body,
+                routing_key=self.settings.dead_letter_queue,
+                properties=Basic.Properties(
+                    headers=headers,
+                    content_type=message.content_type,
+                    correlation_id=message.correlation_id,
+                    delivery_mode=2,
+                ),
+            )
+        except _BROKER_GONE as exc:
+            # Rejected instead: a broker policy with a dead-letter exchange may still keep it.
+            log.warning("could not dead-letter a malformed message: %s", exc)
+            await _settle(message.reject(requeue=False))
+        else:
+            # Acked, not rejected: the copy is kept, and a dead-letter policy must not keep a second.
+            await _settle(message.ack())
+        self.metrics.requests.labels(self.settings.model, "", "rejected").inc()
 
 
 class ReplyPublisher:
@@ -484,19 +571,22 @@ class ReplyPublisher:
     cost of each.
     """
 
-    def __init__(self, channel: AbstractChannel, reply_to: str, correlation_id: str) -> None:
+    def __init__(self, channel: AbstractChannel, reply_to: str, correlation_id: str, consumer: str) -> None:
         self._channel = channel
         self._reply_to = reply_to
         self._correlation_id = correlation_id
+        self._consumer = consumer
 
     async def __call__(self, reply: Reply) -> None:
+        headers = reply.headers()
+        headers[contract.H_CONSUMER] = self._consumer
         properties = Basic.Properties(
-            headers=reply.headers(),
+            headers=headers,
             content_type=reply.content_type,
             correlation_id=self._correlation_id,
             message_type=contract.REPLY_TYPE,
         )
-        with contextlib.suppress(aio_pika.exceptions.AMQPError, aiormq.exceptions.AMQPError, ConnectionError):
+        with contextlib.suppress(*_BROKER_GONE):
             channel = await self._channel.get_underlay_channel()
             # Not mandatory: a reply to a sender that is gone has nobody to go to.
             await channel.basic_publish(reply.body, routing_key=self._reply_to, properties=properties)
@@ -508,3 +598,20 @@ async def _settle(operation: object) -> None:
         await operation  # type: ignore[misc]
     except (aio_pika.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
         log.warning("could not settle message: %s", exc)
+
+
+async def _survive(step: Coroutine[Any, Any, None], what: str) -> None:
+    """Run one step of a background loop so that no failure ends the loop.
+
+    aiormq cancels the calls under way when its connection drops; the
+    ``CancelledError`` that reaches the loop then is not a request to stop.
+    """
+    try:
+        await step
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling() > 0:
+            raise
+        log.warning("%s interrupted: the broker connection dropped", what)
+    except Exception:
+        log.exception("%s failed; trying again later", what)

@@ -13,6 +13,7 @@ exchange, requests whose client went away.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +28,8 @@ ANNOUNCE_KEY = "announce"
 ROLLCALL_KEY = "rollcall"
 CANCEL_KEY = "cancel"
 REPLY_QUEUE_PREFIX = "dispatch.reply."
+DEAD_LETTER_QUEUE = "dispatch.dead-letter"
+"""Default durable queue where consumers put request messages they cannot read, instead of dropping them."""
 
 DEFAULT_MAX_PRIORITY = 9
 
@@ -44,6 +47,8 @@ H_ERROR = "error"
 H_PROMPT_TOKENS = "prompt-tokens"
 H_COMPLETION_TOKENS = "completion-tokens"
 H_QUEUE_MS = "queue-ms"
+H_CONSUMER = "consumer"
+H_REJECTED = "rejected"
 
 REQUEST_TYPE = "request"
 REPLY_TYPE = "reply"
@@ -57,6 +62,18 @@ class ContractError(ValueError):
 def model_queue(model: str) -> str:
     """Name of the durable queue that holds the requests for ``model``."""
     return QUEUE_PREFIX + model
+
+
+_QUEUE_NAME = re.compile(r"[a-zA-Z0-9\-_.:@#,/+ ]*")
+
+
+def servable_model_name(model: str) -> bool:
+    """Whether ``model`` can name a queue at all (letters, digits, ``-_.:@#,/+`` and space, 255 bytes).
+
+    A name that cannot is a model no consumer can serve: the sender answers 404 without asking
+    the broker.
+    """
+    return len(QUEUE_PREFIX) + len(model) <= 255 and _QUEUE_NAME.fullmatch(model) is not None
 
 
 def model_queue_arguments(max_priority: int = DEFAULT_MAX_PRIORITY) -> dict[str, Any]:
@@ -144,6 +161,9 @@ class Reply:
     completion_tokens: int | None = None
     queue_ms: int | None = None
     """Milliseconds between the sender's publish and the consumer's start (clocks of both hosts)."""
+    consumer: str | None = None
+    """Liveness queue of the consumer connection that sent it: the sender ignores pieces from any
+    other (a redelivered request served twice) and ends the answer if that queue disappears."""
 
     def headers(self) -> dict[str, Any]:
         headers: dict[str, Any] = {H_SEQ: self.seq, H_LAST: self.last}
@@ -157,6 +177,8 @@ class Reply:
             headers[H_COMPLETION_TOKENS] = self.completion_tokens
         if self.queue_ms is not None:
             headers[H_QUEUE_MS] = self.queue_ms
+        if self.consumer is not None:
+            headers[H_CONSUMER] = self.consumer
         return headers
 
     @classmethod
@@ -171,6 +193,7 @@ class Reply:
             prompt_tokens = _count(headers.get(H_PROMPT_TOKENS))
             completion_tokens = _count(headers.get(H_COMPLETION_TOKENS))
             queue_ms = _count(headers.get(H_QUEUE_MS))
+            consumer = _text(headers[H_CONSUMER]) if H_CONSUMER in headers else None
         except (KeyError, TypeError, ValueError) as exc:
             raise ContractError(f"reply header missing or invalid: {exc}") from exc
         return cls(
@@ -183,6 +206,7 @@ class Reply:
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             queue_ms=queue_ms,
+            consumer=consumer,
         )
 
 

@@ -22,11 +22,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sender.broker import Broker, PendingCall
 from sender.database import async_database_url
-from sender.dispatch import Dispatcher, effective_priority, model_not_found
+from sender.dispatch import Dispatcher, effective_priority, model_not_found, request_timeout
 from sender.errors import ApiError, error_response
 from sender.limits import RateLimiter
 from sender.metrics import REJECTION_REASONS, SenderMetrics
 from sender.migrate import kind_of, schema_scripts, schema_version
+from sender.openapi import AUTHENTICATED, FORWARDED, add_security_scheme
 from sender.registry import ModelRegistry
 from sender.settings import SenderSettings
 from sender.tokens import Token, TokenStore
@@ -70,7 +71,11 @@ class Services:
             on_written=self.metrics.usage_rows_written.inc,
         )
         self.broker = Broker(
-            settings.rabbitmq_url, stats_ttl=settings.queue_stats_seconds, on_stats=self.metrics.queue_read
+            settings.rabbitmq_url,
+            stats_ttl=settings.queue_stats_seconds,
+            on_stats=self.metrics.queue_read,
+            reconnect_interval=settings.broker_reconnect_seconds,
+            liveness_interval=settings.liveness_seconds,
         )
         self.dispatcher = Dispatcher(self.broker, settings)
         self.metrics.broker_connected.set_function(lambda: 1.0 if self.broker.connected else 0.0)
@@ -143,14 +148,14 @@ def create_app(settings: SenderSettings | None = None) -> ASGIApp:
         registry = _services(request).metrics.registry
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", openapi_extra=AUTHENTICATED)
     async def list_models(request: Request) -> Response:
         services = _services(request)
         token = await _authenticate(request, services)
         cards = [card for card in services.registry.cards() if token.may_use(str(card.get("id")))]
         return Response(orjson.dumps({"object": "list", "data": cards}), media_type=JSON)
 
-    @app.get("/v1/models/{model:path}")
+    @app.get("/v1/models/{model:path}", openapi_extra=AUTHENTICATED)
     async def get_model(model: str, request: Request) -> Response:
         services = _services(request)
         token = await _authenticate(request, services)
@@ -160,20 +165,26 @@ def create_app(settings: SenderSettings | None = None) -> ASGIApp:
         return Response(orjson.dumps(card), media_type=JSON)
 
     # Declared for the OpenAPI description; requests reach them through ForwardingFront.
-    @app.post("/v1/{endpoint:path}")
+    @app.post("/v1/{endpoint:path}", openapi_extra=FORWARDED)
     async def openai_call(endpoint: str, request: Request) -> Response:
         """Any OpenAI call whose JSON body names a ``model``: chat, completions, embeddings, ..."""
         return await _forward(request, "/v1/" + endpoint)
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", openapi_extra=FORWARDED)
     async def tokenize(request: Request) -> Response:
         return await _forward(request, "/tokenize")
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", openapi_extra=FORWARDED)
     async def detokenize(request: Request) -> Response:
         return await _forward(request, "/detokenize")
 
-    return ForwardingFront(app)
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = add_security_scheme(FastAPI.openapi(app))
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return ForwardingFront(app, settings.max_header_bytes)
 
 
 async def _check_schema(engine: AsyncEngine) -> None:
@@ -203,10 +214,17 @@ class ForwardingFront:
     the raw body and answer raw bytes.
     """
 
-    def __init__(self, app: FastAPI) -> None:
+    def __init__(self, app: FastAPI, max_header_bytes: int) -> None:
         self.app = app
+        self.max_header_bytes = max_header_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and _header_bytes(scope) > self.max_header_bytes:
+            response = error_response(
+                431, "the request headers are too large", code="request_header_fields_too_large"
+            )
+            await response(scope, receive, send)
+            return
         if scope["type"] == "http" and scope["method"] == "POST" and _forwarded(scope["path"]):
             await self._forward(scope, receive, send)
             return
@@ -296,6 +314,8 @@ def _record_usage(request: Request, status: int, started: float) -> None:
             "streamed": fields["stream"],
         }
     )
+def _header_bytes(scope: Scope) -> int:
+    return sum(len(name) + len(value) for name, value in scope["headers"])
 
 
 def _forwarded(path: str) -> bool:
@@ -314,6 +334,9 @@ async def _forward(request: Request, path: str) -> Response:
         raise model_not_found(model)  # as if it did not exist: do not tell which models do
     stream = payload.get("stream") is True
     priority = effective_priority(token, request.headers.get("x-priority"), services.settings.max_priority)
+    timeout = request_timeout(
+        request.headers.get("x-request-timeout"), token.deadline_seconds(services.settings.deadline_seconds)
+    )
     request.state.log = {"token": token.name, "model": model, "priority": priority, "stream": stream}
     request.state.token = token
     await services.dispatcher.admit(model, token)
@@ -339,6 +362,7 @@ async def _forward(request: Request, path: str) -> Response:
         request_id=request.state.request_id,
         receive=request.receive,
         on_call=remember,
+        timeout=timeout,
     )
 
 

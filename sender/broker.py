@@ -4,6 +4,13 @@ One robust connection holds three channels: one that publishes with
 publisher confirms (a request the broker did not take is an error, never a
 silent loss), one that consumes this sender's reply queue, and one for passive
 declares, which the broker closes whenever a queue does not exist.
+
+Requests are persistent and the reply queue durable, so a broker restart
+loses neither the requests waiting for a consumer nor the replies sent to a
+sender still reconnecting. A streamed answer names the consumer connection
+that serves it; a watchdog checks that connection's liveness queue, so a
+consumer that dies mid-answer ends the answer with an error at once rather
+than at the deadline.
 """
 
 from __future__ import annotations
@@ -54,8 +61,11 @@ class PendingCall:
         self._replies: asyncio.Queue[Reply] = asyncio.Queue()
         self._on_done = on_done
         self._expected_seq = 0
+        self.owner: str | None = None
+        """Liveness queue of the consumer serving the answer, from its first piece."""
         self.finished = False
         """Whether the last piece of the answer arrived."""
+        self.owner_gone = False
         self.abandoned = False
         self.publish_error: str | None = None
         """Set when the broker refused the request; the call then ends without any reply."""
@@ -75,9 +85,19 @@ class PendingCall:
         A gap in the sequence means a piece was lost in the broker: the answer
         cannot be trusted any more, so it ends with an error instead.
         """
-        reply = await asyncio.wait_for(self._replies.get(), max(wait, 0.0))
-        if self.abandoned or self.publish_error is not None:
-            return reply
+        async with asyncio.timeout(max(wait, 0.0)):
+            while True:
+                reply = await self._replies.get()
+                if self.abandoned or self.publish_error is not None:
+                    return reply
+                if reply.consumer is not None:
+                    if self.owner is None:
+                        self.owner = reply.consumer
+                    elif reply.consumer != self.owner:
+                        continue  # a redelivered copy served by another consumer: the first answer stands
+                return self._check(reply)
+
+    def _check(self, reply: Reply) -> Reply:
         if reply.seq != self._expected_seq:
             return Reply(seq=reply.seq, last=True, error=f"reply piece {self._expected_seq} was lost")
         self._expected_seq += 1
@@ -85,6 +105,18 @@ class PendingCall:
         if reply.last:
             self.final = reply
         return reply
+
+    def consumer_gone(self) -> None:
+        """The consumer serving the answer lost its broker connection: the answer will not go on."""
+        self.owner_gone = True
+        self.deliver(
+            Reply(
+                seq=self._expected_seq,
+                last=True,
+                error="the model server stopped in the middle of the answer",
+                consumer=self.owner,
+            )
+        )
 
     def abandon(self, reason: str = "the client went away") -> None:
         """Nobody will read the answer: end the wait for it now."""
@@ -103,9 +135,20 @@ class Broker:
     """Seconds without a request after which a model's queue stats are no longer kept fresh."""
 
     def __init__(
-        self, url: str, *, stats_ttl: float, on_stats: Callable[[str, QueueStats], None] = lambda *_: None
+        self,
+        url: str,
+        *,
+        stats_ttl: float,
+        on_stats: Callable[[str, QueueStats], None] = lambda *_: None,
+        reconnect_interval: float = 1.0,
+        liveness_interval: float = 1.0,
+        confirm_timeout: float = 10.0,
     ) -> None:
         self._url = url
+        self._reconnect_interval = reconnect_interval
+        self._confirm_timeout = confirm_timeout
+        self._liveness_interval = liveness_interval
+        self._liveness_task: asyncio.Task[None] | None = None
         self._stats_ttl = stats_ttl
         self._on_stats = on_stats
         self.instance_id = uuid.uuid4().hex[:12]
@@ -128,13 +171,16 @@ class Broker:
 
     @property
     def connected(self) -> bool:
-        return self._connection is not None and not self._connection.is_closed
+        connection = self._connection
+        return connection is not None and connection.connected.is_set() and not connection.is_closed
 
     async def connect(
         self, on_announcement: Callable[[bytes], None], on_reconnect: Callable[[], None] = lambda: None
     ) -> None:
         self._connection = await aio_pika.connect_robust(
-            self._url, client_properties={"connection_name": f"sender-{self.instance_id}"}
+            self._url,
+            client_properties={"connection_name": f"sender-{self.instance_id}"},
+            reconnect_interval=self._reconnect_interval,
         )
         self._connection.reconnect_callbacks.add(lambda *_: on_reconnect())
         self._publish_channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
@@ -142,9 +188,11 @@ class Broker:
         reply_channel = await self._connection.channel(publisher_confirms=False)
         await reply_channel.set_qos(prefetch_count=0)
         # Not exclusive: an exclusive queue dies with its connection, and with it
-        # every reply in flight during a reconnect. x-expires cleans it up instead.
+        # every reply in flight during a reconnect. Durable: replies sent while the
+        # broker restarted and this sender had not yet reconnected still land here.
+        # x-expires removes it once this sender is gone for good.
         await reply_channel.declare_queue(
-            self.reply_queue_name, durable=False, arguments={"x-expires": 60_000}
+            self.reply_queue_name, durable=True, arguments={"x-expires": 60_000}
         )
         # Replies are consumed straight through aiormq (no aio-pika message object
         # and one task less per piece); re-subscribed whenever the channel reopens.
@@ -164,8 +212,11 @@ class Broker:
 
         await self._announce_queue.consume(announcement, no_ack=True)
         await control.publish(aio_pika.Message(b""), routing_key=contract.ROLLCALL_KEY, mandatory=False)
+        self._liveness_task = asyncio.create_task(self._watch_liveness())
 
     async def close(self) -> None:
+        if self._liveness_task is not None:
+            self._liveness_task.cancel()
         for watcher in list(self._stats_watchers.values()):
             watcher.cancel()
         for call in list(self._pending.values()):
@@ -194,17 +245,26 @@ class Broker:
             reply_to=self.reply_queue_name,
             expiration=request.ttl_ms() / 1000,
             type=contract.REQUEST_TYPE,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         )
+        try:
+            exchange = self._publish_channel.default_exchange
+        except (aio_pika.exceptions.AMQPError, RuntimeError) as exc:
+            self._pending.pop(correlation_id, None)
+            raise PublishFailed(type(exc).__name__) from exc
         confirm = asyncio.ensure_future(
-            self._publish_channel.default_exchange.publish(
-                message, routing_key=contract.model_queue(model), mandatory=True
-            )
+            exchange.publish(message, routing_key=contract.model_queue(model), mandatory=True)
         )
-        confirm.add_done_callback(lambda done: self._confirmed(pending, done))
+        # A confirm lost with its connection must not leave the client waiting until the deadline.
+        overdue = asyncio.get_running_loop().call_later(self._confirm_timeout, confirm.cancel)
+        confirm.add_done_callback(lambda done: self._confirmed(pending, done, overdue))
         self._note_published(model)
         return pending
 
-    def _confirmed(self, pending: PendingCall, confirm: asyncio.Future[Any]) -> None:
+    def _confirmed(
+        self, pending: PendingCall, confirm: asyncio.Future[Any], overdue: asyncio.TimerHandle
+    ) -> None:
+        overdue.cancel()
         if confirm.cancelled():
             pending.publish_failed("publishing was cancelled")
             return
@@ -215,7 +275,10 @@ class Broker:
 
     def _forget(self, call: PendingCall) -> None:
         self._pending.pop(call.correlation_id, None)
-        if not call.finished and call.publish_error is None and self._control is not None:
+        # Also after a failed publish: a confirm lost with the connection may hide a request
+        # the broker did take.
+        # And when the consumer died mid-answer: the broker hands its copy to another consumer.
+        if (not call.finished or call.owner_gone) and self._control is not None:
             task = asyncio.ensure_future(self._send_cancel(call))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
@@ -227,7 +290,9 @@ class Broker:
             headers={contract.H_DEADLINE: int(call.deadline * 1000)},
             type=contract.CANCEL_TYPE,
         )
-        with contextlib.suppress(aio_pika.exceptions.AMQPError, aiormq.exceptions.AMQPError, ConnectionError):
+        with contextlib.suppress(
+            aio_pika.exceptions.AMQPError, aiormq.exceptions.AMQPError, ConnectionError, RuntimeError
+        ):
             await self._control.publish(message, routing_key=contract.CANCEL_KEY, mandatory=False)
 
     async def _consume_replies(self) -> None:
@@ -246,6 +311,57 @@ class Broker:
             log.warning("malformed reply dropped: %s", exc)
             reply = Reply(seq=-1, last=True, error="malformed reply from consumer")
         pending.deliver(reply)
+
+    async def _watch_liveness(self) -> None:
+        """End the answers whose consumer connection is gone (its liveness queue no longer exists)."""
+        while True:
+            await asyncio.sleep(self._liveness_interval)
+            owners = {call.owner for call in self._pending.values() if call.owner and not call.finished}
+            if not owners:
+                continue
+            try:
+                async with asyncio.timeout(max(2.0, self._liveness_interval * 2)):
+                    gone = await self._gone(owners)
+            except asyncio.CancelledError:
+                if _really_cancelled():
+                    raise
+                continue  # the connection dropped under the check: again next round
+            except Exception as exc:  # disconnected: check again next round
+                log.info("liveness check skipped: %s", type(exc).__name__)
+                continue
+            for owner in gone:
+                log.warning("a consumer lost its broker connection in the middle of answers")
+                for call in list(self._pending.values()):
+                    if call.owner == owner and not call.finished:
+                        call.consumer_gone()
+
+    async def _gone(self, owners: set[str]) -> list[str]:
+        """Which of these liveness queues no longer exist.
+
+        Checked on a plain channel of its own, opened for the round: the broker
+        closes a channel on every missing queue, and the robust channels' own
+        reopening must not get in the way.
+        """
+        if self._connection is None or self._connection.transport is None or not self.connected:
+            raise PublishFailed("not connected to the broker")
+        connection = self._connection.transport.connection
+        gone = []
+        channel = None
+        try:
+            for owner in owners:
+                if channel is None or channel.is_closed:
+                    channel = await connection.channel()
+                try:
+                    await channel.queue_declare(owner, passive=True, timeout=2)
+                except aiormq.exceptions.ChannelNotFoundEntity:
+                    gone.append(owner)
+                except aiormq.exceptions.ChannelLockedResource:
+                    pass  # RESOURCE_LOCKED: the queue exists, held by its consumer's live connection
+        finally:
+            if channel is not None and not channel.is_closed:
+                with contextlib.suppress(Exception):
+                    await channel.close()
+        return gone
 
     async def queue_stats(self, model: str, *, fresh: bool = False) -> QueueStats:
         """Depth and consumer count of the model's queue, about ``stats_ttl`` old.
@@ -295,6 +411,17 @@ class Broker:
             self._stats[model] = (cached[0], QueueStats(stats.exists, stats.messages + 1, stats.consumers))
 
     async def _fetch_stats(self, model: str) -> QueueStats:
+        try:
+            return await self._read_stats(model)
+        except asyncio.CancelledError:
+            if _really_cancelled():
+                raise
+            raise PublishFailed("connection lost") from None
+        except (aiormq.exceptions.AMQPError, aio_pika.exceptions.AMQPError, RuntimeError) as exc:
+            # A connection or channel closed under us: the broker is out of reach for now.
+            raise PublishFailed(type(exc).__name__) from exc
+
+    async def _read_stats(self, model: str) -> QueueStats:
         async with self._stats_lock:
             channel = await self._stats_underlay()
             try:
@@ -319,7 +446,7 @@ class Broker:
 
     async def _stats_underlay(self) -> aiormq.abc.AbstractChannel:
         if self._stats_channel is None or self._stats_channel.is_closed:
-            if self._connection is None:
+            if self._connection is None or not self.connected:
                 raise PublishFailed("not connected to the broker")
             self._stats_channel = await self._connection.channel(publisher_confirms=False)
         return await self._stats_channel.get_underlay_channel()
@@ -330,3 +457,10 @@ class Broker:
         if channel is not None:
             with contextlib.suppress(Exception):  # already closed by the broker
                 await channel.close()
+
+
+def _really_cancelled() -> bool:
+    """Whether this task was cancelled, rather than an AMQP call's future when its connection dropped
+    (aiormq cancels those, which would otherwise end the task that awaited it)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0

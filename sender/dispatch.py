@@ -14,7 +14,7 @@ from collections.abc import Callable
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from contract import Reply, Request
+from contract import Reply, Request, servable_model_name
 from sender.broker import Broker, PendingCall, PublishFailed
 from sender.errors import ApiError, sse_error_event
 from sender.settings import SenderSettings
@@ -34,6 +34,22 @@ def effective_priority(token: Token, requested: str | None, max_priority: int) -
     return max(0, min(value, ceiling))
 
 
+def request_timeout(requested: str | None, ceiling: float) -> float:
+    """Seconds the request may take in all: the server's deadline, or the shorter one the client
+    asks for with ``X-Request-Timeout`` (a client that gives up sooner should not keep a GPU busy)."""
+    if requested is None:
+        return ceiling
+    try:
+        value = float(requested.strip())
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise ApiError(
+            400, "X-Request-Timeout must be a positive number of seconds", code="invalid_request_timeout"
+        )
+    return min(value, ceiling)
+
+
 class Dispatcher:
     def __init__(self, broker: Broker, settings: SenderSettings) -> None:
         self._broker = broker
@@ -41,6 +57,8 @@ class Dispatcher:
 
     async def admit(self, model: str, token: Token) -> None:
         """Raise the error the client should get if ``model`` cannot take this request now."""
+        if not servable_model_name(model):
+            raise model_not_found(model)
         try:
             stats = await self._broker.queue_stats(model)
             if not stats.exists or stats.consumers == 0:
@@ -53,6 +71,11 @@ class Dispatcher:
         if stats.consumers == 0 and not self._settings.queue_without_consumers:
             raise self._unavailable(
                 f"no server is available for model `{model}` right now", "model_unavailable"
+            )
+        if stats.messages >= self._settings.max_queued_per_model:
+            raise self._unavailable(
+                f"the dispatcher is overloaded: too many requests are waiting for model `{model}`",
+                "overloaded",
             )
         if stats.messages >= token.threshold:
             raise ApiError(
@@ -74,6 +97,7 @@ class Dispatcher:
         request_id: str,
         receive: Receive,
         on_call: Callable[[PendingCall], None] = lambda _: None,
+        timeout: float,
     ) -> Response:
         """Queue the request and answer with the backend's reply.
 
@@ -81,7 +105,7 @@ class Dispatcher:
         away before the answer starts, the request is cancelled (skipped if still
         queued, aborted if running) rather than served to nobody.
         """
-        deadline = time.time() + self._settings.deadline_seconds
+        deadline = time.time() + timeout
         request = Request(
             path=path, body=body, stream=stream, priority=priority, deadline=deadline, request_id=request_id
         )
@@ -133,6 +157,9 @@ async def _watch_disconnect(receive: Receive, call: PendingCall) -> None:
     call.abandon()
 
 
+_END_OF_STREAM = b"data: [DONE]\n\n"
+
+
 class RelayResponse(Response):
     """A streamed answer, relayed piece by piece as the replies arrive.
 
@@ -160,9 +187,13 @@ class RelayResponse(Response):
                 {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
             )
             reply = self._first
+            complete = False
             while not call.abandoned:
                 chunk = reply.body
-                if reply.error is not None:
+                # Once the backend's own end of stream went out, a late error (the consumer lost
+                # its connection before saying "last") changes nothing for the client.
+                complete = complete or chunk.endswith(_END_OF_STREAM)
+                if reply.error is not None and not complete:
                     chunk += sse_error_event(reply.error, code="stream_interrupted")
                 if chunk:
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
@@ -171,6 +202,8 @@ class RelayResponse(Response):
                 try:
                     reply = await call.next(self._deadline - time.time())
                 except TimeoutError:
+                    if complete:
+                        break
                     event = sse_error_event("the request ran past its deadline", code="deadline_exceeded")
                     await send({"type": "http.response.body", "body": event, "more_body": True})
                     break

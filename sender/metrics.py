@@ -115,4 +115,7 @@ REJECTION_REASONS = {
     "token_disabled": "auth",
     "token_expired": "auth",
     "rate_limit_exceeded": "rate_limit",
+    "invalid_request_timeout": "bad_request",
+    "overloaded": "overloaded",
+    "request_header_fields_too_large": "bad_request",
 }

@@ -28,10 +28,19 @@ class SenderSettings(BaseSettings):
 
     max_body_bytes: int = 16 * 1024 * 1024
     """Larger request bodies are refused with 413."""
+    max_header_bytes: int = 64 * 1024
+    """Requests whose headers add up to more get 431."""
     max_priority: int = DEFAULT_MAX_PRIORITY
     """Top of the priority scale; it must match the consumers' ``x-max-priority``."""
     deadline_seconds: float = 600.0
-    """How long a request may wait and run in all before the client gets 504."""
+    """How long a request may wait and run in all before the client gets 504; a request may
+    shorten its own with ``X-Request-Timeout`` (seconds), never lengthen it."""
+    max_queued_per_model: int = 10_000
+    """Requests waiting in one model's queue beyond which every token gets 503 ``overloaded``."""
+    broker_reconnect_seconds: float = 1.0
+    """Pause between attempts to reconnect to RabbitMQ."""
+    liveness_seconds: float = 1.0
+    """How often the consumers serving streamed answers are checked to be still connected."""
     token_cache_seconds: float = 5.0
     """How long a token lookup is trusted; a revoked token works at most this long."""
     unknown_token_cache_seconds: float = 1.0

@@ -25,6 +25,7 @@ from sender.token_admin import add_token
 from tools import stack
 
 RUN_ID = uuid.uuid4().hex[:8]
+DEAD_LETTER_QUEUE = f"{contract.DEAD_LETTER_QUEUE}-{RUN_ID}"
 
 RABBITMQ_URL = os.environ.get("RABBITMQ_URL", stack.DEFAULT_RABBITMQ_URL)
 SERVER_URLS = {
@@ -85,21 +86,34 @@ class Processes:
         return service
 
     def consumer(
-        self, model: str, backend: stack.Service, name: str | None = None, **options: object
+        self,
+        model: str,
+        backend: stack.Service,
+        name: str | None = None,
+        rabbitmq_url: str = RABBITMQ_URL,
+        **options: object,
     ) -> stack.Service:
-        self.models.add(model)
+        if rabbitmq_url == RABBITMQ_URL:
+            self.models.add(model)
+        options.setdefault("dead_letter_queue", DEAD_LETTER_QUEUE)
         service = stack.start_consumer(
             self.log_dir,
             model=model,
             vllm_url=backend.url,
-            rabbitmq_url=RABBITMQ_URL,
+            rabbitmq_url=rabbitmq_url,
             name=name or f"consumer-{model}",
             **options,
         )
         self.services.append(service)
         return service
 
-    def sender(self, database: str, database_url: str | None = None, **options: object) -> stack.Service:
+    def sender(
+        self,
+        database: str,
+        database_url: str | None = None,
+        rabbitmq_url: str = RABBITMQ_URL,
+        **options: object,
+    ) -> stack.Service:
         """A sender on this run's database of kind ``database`` (or at ``database_url``)."""
         options.setdefault("max_body_bytes", 1024 * 1024)
         options.setdefault("queue_stats_seconds", 0.02)
@@ -107,7 +121,7 @@ class Processes:
         service = stack.start_sender(
             self.log_dir,
             database_url=database_url or DATABASE_URLS[database],
-            rabbitmq_url=RABBITMQ_URL,
+            rabbitmq_url=rabbitmq_url,
             name=f"sender-{database}-{len(self.services)}",
             **options,
         )
@@ -135,6 +149,7 @@ async def _delete_queues(models: set[str]) -> None:
         channel = await connection.channel()
         for model in models:
             await channel.queue_delete(contract.model_queue(model))
+        await channel.queue_delete(DEAD_LETTER_QUEUE)
 
 
 @pytest_asyncio.fixture(scope="session")

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 
 import aio_pika
 import httpx
+import orjson
 
 import contract
-from tests.conftest import RABBITMQ_URL, Processes, auth, unique, wait_listed
-from tests.test_priority import queue_depth, wait_running
-from tools.stack import Service
+from sender.broker import Broker
+from tests.conftest import DEAD_LETTER_QUEUE, RABBITMQ_URL, Processes, auth, unique, wait_listed
+from tests.test_priority import queue_depth, wait_depth, wait_running
+from tools.stack import Service, wait_http
 
 
 async def aborted_requests(backend: Service) -> float:
@@ -72,6 +75,16 @@ async def test_malformed_message_is_rejected_and_the_consumer_keeps_serving(
         await asyncio.sleep(0.1)
     assert await queue_depth(model) == 0
     assert consumer.alive()
+    # Kept for inspection in the dead-letter queue, each with the reason it was refused.
+    connection = await aio_pika.connect(RABBITMQ_URL)
+    async with connection:
+        channel = await connection.channel()
+        dead = await channel.declare_queue(DEAD_LETTER_QUEUE, durable=True)
+        kept = []
+        while (message := await dead.get(no_ack=True, fail=False)) is not None:
+            kept.append(message)
+    assert [m.body for m in kept] == [b"not even json", b"{}", b"{}"]
+    assert all(m.headers[contract.H_REJECTED] for m in kept)
     async with httpx.AsyncClient(base_url=sender.url, headers=auth(token)) as http:
         response = await http.post("/v1/completions", json={"model": model, "prompt": "x", "max_tokens": 2})
     assert response.status_code == 200
@@ -182,3 +195,132 @@ async def test_sigterm_drains_the_requests_in_flight(
         assert await queue_depth(model) == 1  # the waiting request stays for another consumer
         processes.consumer(model, backend, name=f"consumer-{model}-next")
         assert (await queued).status_code == 200
+
+
+async def test_consumer_killed_mid_stream_ends_the_answer_with_an_error_at_once(
+    processes: Processes, sender: Service, token: str
+) -> None:
+    """The sender notices the dead consumer (its liveness queue is gone), not the deadline;
+    the copy the broker hands to another consumer is not relayed (no duplicate text) and is stopped."""
+    model = unique("mid-stream")
+    first_backend = processes.simulator(model, max_num_seqs=1, ttft_ms=5, itl_ms=5)
+    first = processes.consumer(model, first_backend, flow="fixed", max_inflight=1, name=f"consumer-{model}-a")
+    await wait_listed(sender, token, model)
+    second_backend = processes.simulator(model, name=f"simulator-{model}-b", ttft_ms=5, itl_ms=5)
+    body = {"model": model, "prompt": "x", "max_tokens": 2000, "stream": True}  # 10 s if nobody stops it
+    # The deadline is far; the client's own timeout only turns a hang into a failure.
+    async with httpx.AsyncClient(base_url=sender.url, headers=auth(token), timeout=60) as http:
+        async with asyncio.timeout(30):
+            async with http.stream(
+                "POST", "/v1/completions", json=body, headers={"X-Request-Timeout": "120"}
+            ) as response:
+                assert response.status_code == 200
+                received = b""
+                async for chunk in response.aiter_bytes():
+                    received += chunk
+                    if first.alive() and received.count(b"\n\n") >= 5:
+                        second = processes.consumer(model, second_backend, name=f"consumer-{model}-b")
+                        await asyncio.to_thread(wait_http, second, "/health")
+                        # A stream the live consumer serves meanwhile: checking its liveness queue
+                        # (exclusive, so RESOURCE_LOCKED to anyone else) must not hide the dead one.
+                        other = asyncio.create_task(read_stream(http, {**body, "max_tokens": 400}))
+                        await wait_running(second_backend)
+                        first.kill()
+            other_answer = await other
+    assert other_answer.endswith(b"data: [DONE]\n\n")  # the live consumer's stream was not disturbed
+    events = [e.removeprefix(b"data: ") for e in received.split(b"\n\n") if e.strip()]
+    assert b"[DONE]" not in events
+    error = orjson.loads(events[-1])["error"]
+    assert error["code"] == "stream_interrupted"
+    texts = [orjson.loads(e)["choices"][0]["text"] for e in events[:-1]]
+    assert 5 <= len(texts) < 2000
+    # The redelivered copy started on the second consumer, and was stopped rather than served to nobody.
+    assert await wait_counter(second_backend, "simulator:requests_aborted_total", 1, timeout=20) == 1
+
+
+async def read_stream(http: httpx.AsyncClient, body: dict[str, object]) -> bytes:
+    async with http.stream("POST", "/v1/completions", json=body) as response:
+        return await response.aread()
+
+
+async def test_request_timeout_header_shortens_the_deadline(
+    processes: Processes, sender: Service, token: str
+) -> None:
+    model = unique("timeout-header")
+    backend = processes.simulator(model, max_num_seqs=1, ttft_ms=5, itl_ms=5)
+    processes.consumer(model, backend, flow="fixed", max_inflight=1)
+    await wait_listed(sender, token, model)
+    long = {"model": model, "prompt": "x", "max_tokens": 2000}  # 10 s of generation
+    async with httpx.AsyncClient(base_url=sender.url, headers=auth(token), timeout=60) as http:
+        short = await http.post("/v1/completions", json=long, headers={"X-Request-Timeout": "0.5"})
+        assert short.status_code == 504, short.text
+        assert short.json()["error"]["code"] == "deadline_exceeded"
+        for bad in ("soon", "0", "-1", "nan", "inf"):
+            refused = await http.post("/v1/completions", json=long, headers={"X-Request-Timeout": bad})
+            assert refused.status_code == 400, bad
+            assert refused.json()["error"]["code"] == "invalid_request_timeout"
+        quick = {"model": model, "prompt": "x", "max_tokens": 2}
+        fine = await http.post("/v1/completions", json=quick, headers={"X-Request-Timeout": "1e9"})
+        assert fine.status_code == 200  # longer than the server's deadline: capped, not refused
+    assert await wait_counter(backend, "simulator:requests_aborted_total", 1) == 1
+
+
+async def test_global_cap_on_waiting_requests(processes: Processes, token: str) -> None:
+    sender = processes.sender("postgres", max_queued_per_model=2)
+    model = unique("capped")
+    backend = processes.simulator(model, max_num_seqs=1, ttft_ms=5, itl_ms=5)
+    processes.consumer(model, backend, flow="fixed", max_inflight=1)
+    await wait_listed(sender, token, model)
+    request = {"model": model, "prompt": "x", "max_tokens": 100}
+    async with httpx.AsyncClient(base_url=sender.url, headers=auth(token), timeout=30) as http:
+        blocker = asyncio.create_task(http.post("/v1/completions", json=request))
+        await wait_running(backend)
+        queued = []
+        for depth in (1, 2):
+            queued.append(asyncio.create_task(http.post("/v1/completions", json=request)))
+            await wait_depth(model, depth)
+            await asyncio.sleep(0.2)  # the sender's depth is a cached read: let it catch up
+        refused = await http.post("/v1/completions", json=request)
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["error"]["code"] == "overloaded"
+        assert int(refused.headers["retry-after"]) >= 1
+        for response in await asyncio.gather(blocker, *queued):
+            assert response.status_code == 200, response.text
+
+
+async def test_hung_backend_ends_in_504_and_the_consumer_pauses_until_it_is_back(
+    processes: Processes, sender: Service, token: str
+) -> None:
+    model = unique("hung")
+    backend = processes.simulator(model)
+    processes.consumer(model, backend, health_interval=0.2)
+    await wait_listed(sender, token, model)
+    request = {"model": model, "prompt": "x", "max_tokens": 2}
+    async with httpx.AsyncClient(base_url=sender.url, headers=auth(token), timeout=30) as http:
+        backend.process.send_signal(signal.SIGSTOP)  # alive but answering nothing, like a wedged GPU
+        try:
+            stuck = await http.post("/v1/completions", json=request, headers={"X-Request-Timeout": "1"})
+            assert stuck.status_code == 504
+            assert stuck.json()["error"]["code"] == "deadline_exceeded"
+            await wait_listed(sender, token, model, listed=False)  # health checks time out: paused
+        finally:
+            backend.process.send_signal(signal.SIGCONT)
+        await wait_listed(sender, token, model)
+        assert (await http.post("/v1/completions", json=request)).status_code == 200
+
+
+async def test_liveness_tells_a_live_consumer_from_a_gone_one() -> None:
+    """A live consumer's liveness queue is exclusive, so a passive declare from the sender is
+    refused (RESOURCE_LOCKED) rather than answered: that still means alive."""
+    holder = await aio_pika.connect(RABBITMQ_URL)
+    broker = Broker(RABBITMQ_URL, stats_ttl=1.0)
+    try:
+        channel = await holder.channel()
+        live = await channel.declare_queue(exclusive=True, auto_delete=True)
+        await broker.connect(lambda _: None)
+        gone = unique("amq-gone-liveness")
+        assert await broker._gone({live.name, gone}) == [gone]
+        assert await broker._gone({live.name}) == []
+    finally:
+        await broker.close()
+        await holder.close()

@@ -193,3 +193,35 @@ def test_a_token_can_shorten_the_deadline_but_never_extend_it(
 ) -> None:
     token = Token(name="batch", priority=0, threshold=100, max_seconds=max_seconds)
     assert token.deadline_seconds(600.0) == expected
+def test_reply_names_its_consumer() -> None:
+    reply = Reply(seq=0, last=False, body=b"x", status=200, consumer="amq.gen-abc")
+    decoded = Reply.from_amqp(reply.headers(), reply.body, "text/event-stream")
+    assert decoded.consumer == "amq.gen-abc"
+    assert Reply.from_amqp(Reply(seq=1, last=True).headers(), b"", None).consumer is None
+
+
+@pytest.mark.parametrize(
+    ("model", "servable"),
+    [
+        ("meta-llama/Llama-3.1-8B-Instruct", True),
+        ("qwen2.5:7b", True),
+        ("\u00e9t\u00e9", False),
+        ("a\nb", False),
+        ("x" * 300, False),
+    ],
+)
+def test_model_names_that_can_be_queues(model: str, servable: bool) -> None:
+    assert contract.servable_model_name(model) is servable
+
+
+def test_request_timeout_only_shortens_the_deadline() -> None:
+    from sender.dispatch import request_timeout
+    from sender.errors import ApiError
+
+    assert request_timeout(None, 600) == 600
+    assert request_timeout(" 2.5 ", 600) == 2.5
+    assert request_timeout("9999", 600) == 600
+    for bad in ("", "x", "0", "-3", "nan", "inf"):
+        with pytest.raises(ApiError) as raised:
+            request_timeout(bad, 600)
+        assert raised.value.status == 400 and raised.value.code == "invalid_request_timeout"

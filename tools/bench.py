@@ -144,6 +144,7 @@ class Bench:
         # A database of its own, made by the db-init scripts and dropped at the end.
         self.database = f"bench_{self.tag}"
         self.database_url = stack.with_database(self.server_url, self.database)
+        self.dead_letter_queue = f"{contract.DEAD_LETTER_QUEUE}-bench-{self.tag}"
         self.results: list[dict[str, Any]] = []
 
     def emit(self, line: dict[str, Any]) -> None:
@@ -160,6 +161,7 @@ class Bench:
             name=f"consumer-{model}",
             max_inflight=512,
             log_level="warning",
+            dead_letter_queue=self.dead_letter_queue,
         )
         self.services += [backend, consumer]
         return backend
@@ -325,6 +327,7 @@ class Bench:
             channel = await connection.channel()
             for model in models:
                 await channel.queue_delete(contract.model_queue(model))
+            await channel.queue_delete(self.dead_letter_queue)
 
     async def compare(
         self,
