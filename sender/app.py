@@ -314,6 +314,8 @@ def _record_usage(request: Request, status: int, started: float) -> None:
             "streamed": fields["stream"],
         }
     )
+
+
 def _header_bytes(scope: Scope) -> int:
     return sum(len(name) + len(value) for name, value in scope["headers"])
 

@@ -193,6 +193,8 @@ def test_a_token_can_shorten_the_deadline_but_never_extend_it(
 ) -> None:
     token = Token(name="batch", priority=0, threshold=100, max_seconds=max_seconds)
     assert token.deadline_seconds(600.0) == expected
+
+
 def test_reply_names_its_consumer() -> None:
     reply = Reply(seq=0, last=False, body=b"x", status=200, consumer="amq.gen-abc")
     decoded = Reply.from_amqp(reply.headers(), reply.body, "text/event-stream")
