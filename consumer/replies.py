@@ -71,6 +71,17 @@ class ReplyWriter:
             self._timer = None
         await self._flush(last=True, error=error)
 
+    def abandon(self) -> None:
+        """Send nothing more: the request was given back to the broker or its client is gone.
+
+        A pending batch timer would otherwise still send a piece, which a sender
+        waiting for another consumer's copy of the request would take for a gap.
+        """
+        self.finished = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
     async def _flush_at(self, due: float) -> None:
         await asyncio.sleep(max(0.0, due - time.monotonic()))
         self._timer = None

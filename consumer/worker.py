@@ -389,6 +389,7 @@ class Worker:
                 outcome = "cancelled"
             else:
                 raise
+            writer.abandon()
             task = asyncio.current_task()
             if task is not None:
                 task.uncancel()
