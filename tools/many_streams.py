@@ -31,10 +31,14 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     model = f"streams-{tag}"
     log_dir = stack.ROOT / ".run" / "many-streams"
     rabbitmq_url = os.environ.get("RABBITMQ_URL", stack.DEFAULT_RABBITMQ_URL)
-    database_url = os.environ.get("DATABASE_URL", stack.DEFAULT_POSTGRES_URL)
+    server_url = os.environ.get("DATABASE_URL", stack.DEFAULT_POSTGRES_URL)
+    database = f"streams_{tag}"
+    database_url = stack.with_database(server_url, database)
+    stack.create_database(server_url, database)
     dead_letter = f"{contract.DEAD_LETTER_QUEUE}-streams-{tag}"
     services: list[stack.Service] = []
     try:
+        stack.migrate(database_url)
         backend = stack.start_simulator(
             log_dir,
             model=model,
@@ -114,6 +118,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             channel = await connection.channel()
             await channel.queue_delete(contract.model_queue(model))
             await channel.queue_delete(dead_letter)
+        stack.drop_database(server_url, database)
 
 
 def main() -> None:

@@ -33,7 +33,10 @@ class Soak:
         self.tag = uuid.uuid4().hex[:6]
         self.model = f"soak-{self.tag}"
         self.log_dir = stack.ROOT / ".run" / "soak"
-        self.database_url = os.environ.get("DATABASE_URL", stack.DEFAULT_POSTGRES_URL)
+        # A database of its own, made by the db-init scripts and dropped at the end.
+        self.server_url = os.environ.get("DATABASE_URL", stack.DEFAULT_POSTGRES_URL)
+        self.database = f"soak_{self.tag}"
+        self.database_url = stack.with_database(self.server_url, self.database)
         self.node = BrokerNode()
         self.backends: list[stack.Service] = []
         self.consumers: list[stack.Service] = []
@@ -109,7 +112,9 @@ class Soak:
 
     async def run(self) -> bool:
         self.node.start()
+        stack.create_database(self.server_url, self.database)
         try:
+            stack.migrate(self.database_url)
             for index in range(2):
                 self.backends.append(self.start_backend(index))
                 self.consumers.append(self.start_consumer(index))
@@ -128,6 +133,7 @@ class Soak:
             for service in [*self.others, *self.consumers, *self.backends]:
                 service.stop()
             self.node.stop()
+            stack.drop_database(self.server_url, self.database)
 
     async def drive(self, sender: stack.Service, token: str, clients: int) -> bool:
         args = self.args
