@@ -21,7 +21,7 @@ import pytest_asyncio
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 import contract
-from sender.token_admin import add_token
+from sender.token_admin import TokenFields, add_token
 from tools import stack
 
 RUN_ID = uuid.uuid4().hex[:8]
@@ -165,9 +165,16 @@ class Tokens:
         self._engines = engines
 
     async def create(
-        self, name: str, *, priority: int = 5, threshold: int = 1000, database: str = "postgres"
+        self,
+        name: str,
+        *,
+        priority: int = 5,
+        threshold: int = 1000,
+        max_seconds: float | None = None,
+        database: str = "postgres",
     ) -> str:
-        return await add_token(self._engines[database], unique(name), priority=priority, threshold=threshold)
+        fields = TokenFields(priority=priority, threshold=threshold, max_seconds=max_seconds)
+        return await add_token(self._engines[database], unique(name), fields=fields)
 
 
 @pytest.fixture(scope="session")

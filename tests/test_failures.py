@@ -11,7 +11,7 @@ import orjson
 
 import contract
 from sender.broker import Broker
-from tests.conftest import DEAD_LETTER_QUEUE, RABBITMQ_URL, Processes, auth, unique, wait_listed
+from tests.conftest import DEAD_LETTER_QUEUE, RABBITMQ_URL, Processes, Tokens, auth, unique, wait_listed
 from tests.test_priority import queue_depth, wait_depth, wait_running
 from tools.stack import Service, wait_http
 
@@ -243,8 +243,8 @@ async def read_stream(http: httpx.AsyncClient, body: dict[str, object]) -> bytes
         return await response.aread()
 
 
-async def test_request_timeout_header_shortens_the_deadline(
-    processes: Processes, sender: Service, token: str
+async def test_request_timeout_header_and_token_shorten_the_deadline(
+    processes: Processes, sender: Service, token: str, tokens: Tokens
 ) -> None:
     model = unique("timeout-header")
     backend = processes.simulator(model, max_num_seqs=1, ttft_ms=5, itl_ms=5)
@@ -262,7 +262,14 @@ async def test_request_timeout_header_shortens_the_deadline(
         quick = {"model": model, "prompt": "x", "max_tokens": 2}
         fine = await http.post("/v1/completions", json=quick, headers={"X-Request-Timeout": "1e9"})
         assert fine.status_code == 200  # longer than the server's deadline: capped, not refused
-    assert await wait_counter(backend, "simulator:requests_aborted_total", 1) == 1
+        batch = auth(await tokens.create("batch-deadline", max_seconds=0.5))
+        cut = await http.post("/v1/completions", json=long, headers=batch)
+        assert cut.status_code == 504, cut.text
+        assert cut.json()["error"]["code"] == "deadline_exceeded"
+        raised = await http.post("/v1/completions", json=long, headers={**batch, "X-Request-Timeout": "60"})
+        assert raised.status_code == 504  # a request cannot raise its token's ceiling
+        assert (await http.post("/v1/completions", json=quick, headers=batch)).status_code == 200
+    assert await wait_counter(backend, "simulator:requests_aborted_total", 3) == 3
 
 
 async def test_global_cap_on_waiting_requests(processes: Processes, token: str) -> None:
