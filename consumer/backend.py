@@ -8,6 +8,7 @@ aiohttp the whole consumer stays well under 1 ms.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -17,6 +18,13 @@ import aiohttp
 from consumer.flow import BackendLoad, parse_vllm_metrics
 
 _JSON_HEADERS = {"Content-Type": "application/json"}
+
+
+class Health(enum.Enum):
+    UP = "up"
+    DOWN = "down"
+    SLOW = "slow"
+    """No answer within the timeout: a wedged server, or one too busy to answer at once."""
 
 
 class BackendUnreachable(Exception):
@@ -66,12 +74,18 @@ class Backend:
         finally:
             response.release()
 
-    async def healthy(self) -> bool:
+    async def health(self, timeout: float) -> Health:
+        """``/health`` of the backend: up, down (refused, or not 200), or too slow to tell."""
         try:
-            async with self.session.get("/health", timeout=aiohttp.ClientTimeout(total=2)) as response:
-                return response.status == 200
-        except (TimeoutError, aiohttp.ClientError):
-            return False
+            async with self.session.get("/health", timeout=aiohttp.ClientTimeout(total=timeout)) as response:
+                return Health.UP if response.status == 200 else Health.DOWN
+        except TimeoutError:
+            return Health.SLOW
+        except aiohttp.ClientError:
+            return Health.DOWN
+
+    async def healthy(self, timeout: float) -> bool:
+        return await self.health(timeout) is Health.UP
 
     async def model_card(self, model: str) -> dict[str, Any]:
         """The backend's ``/v1/models`` entry for ``model`` (or its only entry), renamed to ``model``."""

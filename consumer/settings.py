@@ -38,6 +38,11 @@ class ConsumerSettings(BaseSettings):
     """KV cache usage (0-1) above which the consumer stops taking more."""
     metrics_interval: float = 0.1
     health_interval: float = 2.0
+    health_timeout: float = 5.0
+    """A ``/health`` answer slower than this counts as slow."""
+    health_slow_checks: int = Field(3, ge=1)
+    """Slow health answers in a row that pause consumption. A refused or failed check pauses at once;
+    a slow one may just be a busy server (vLLM's API server answers late under heavy load)."""
     announce_interval: float = 5.0
     startup_timeout: float = 0.0
     """Seconds to wait for the backend at start; 0 waits forever (big models load slowly)."""

@@ -35,7 +35,7 @@ from pamqp.commands import Basic
 
 import contract
 from consumer import usage
-from consumer.backend import Backend, BackendFailed, BackendUnreachable
+from consumer.backend import Backend, BackendFailed, BackendUnreachable, Health
 from consumer.flow import Window
 from consumer.replies import ReplyWriter
 from consumer.settings import ConsumerSettings
@@ -88,6 +88,8 @@ class Worker:
         self._consumer_tag: str | None = None
         self._applied_prefetch = 0
         self._healthy = asyncio.Event()
+        self._slow_checks = 0
+        """Health checks in a row that got no answer in time."""
         self._check_now = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -159,7 +161,7 @@ class Worker:
     async def _wait_for_backend(self, stop: asyncio.Event) -> None:
         started = time.monotonic()
         while not stop.is_set():
-            if await self.backend.healthy():
+            if await self.backend.healthy(self.settings.health_timeout):
                 try:
                     self.card = await self.backend.model_card(self.settings.model)
                 except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
@@ -265,7 +267,11 @@ class Worker:
             await _survive(self._health_step(), "health check")
 
     async def _health_step(self) -> None:
-        if await self.backend.healthy():
+        health = await self.backend.health(self.settings.health_timeout)
+        self._slow_checks = self._slow_checks + 1 if health is Health.SLOW else 0
+        if 0 < self._slow_checks < self.settings.health_slow_checks:
+            return  # maybe only busy: keep the current state until it answers or stays silent
+        if health is Health.UP:
             if not self._healthy.is_set():
                 log.info("backend is back; consuming again")
                 self._healthy.set()

@@ -7,6 +7,7 @@ GPU's; a client that disconnects frees its slot at once.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from contextlib import aclosing
 from typing import Any
@@ -90,6 +91,8 @@ class Simulator:
             await send_bytes(send, error.status, error.body())
 
     async def health(self, data: dict[str, Any], receive: Receive, send: Send) -> None:
+        if self.settings.health_delay_ms and self.engine.running:
+            await asyncio.sleep(self.settings.health_delay_ms / 1000)
         await send_bytes(send, 200, b"", content_type=None)
 
     async def prometheus(self, data: dict[str, Any], receive: Receive, send: Send) -> None:

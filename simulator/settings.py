@@ -33,4 +33,6 @@ class SimulatorSettings(BaseSettings):
     """Completion length when a request sets no ``max_tokens``."""
     scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
     """As vLLM's ``--scheduling-policy``: ``priority`` orders waiting requests by their ``priority``."""
+    health_delay_ms: float = Field(0.0, ge=0)
+    """How long ``/health`` takes to answer while a sequence runs, as a busy vLLM API server's does."""
     log_level: str = "warning"

@@ -300,7 +300,7 @@ async def test_hung_backend_ends_in_504_and_the_consumer_pauses_until_it_is_back
 ) -> None:
     model = unique("hung")
     backend = processes.simulator(model)
-    processes.consumer(model, backend, health_interval=0.2)
+    processes.consumer(model, backend, health_interval=0.2, health_timeout=0.3)
     await wait_listed(sender, token, model)
     request = {"model": model, "prompt": "x", "max_tokens": 2}
     async with httpx.AsyncClient(base_url=sender.url, headers=auth(token), timeout=30) as http:
@@ -314,6 +314,28 @@ async def test_hung_backend_ends_in_504_and_the_consumer_pauses_until_it_is_back
             backend.process.send_signal(signal.SIGCONT)
         await wait_listed(sender, token, model)
         assert (await http.post("/v1/completions", json=request)).status_code == 200
+
+
+async def test_a_slow_health_answer_pauses_only_when_it_stays_slow(
+    processes: Processes, sender: Service, token: str
+) -> None:
+    """vLLM's API server can answer /health late while busy: a slow answer alone is not a dead backend."""
+    states = {}
+    for slow_checks in (1000, 3):
+        model = unique(f"busy-health-{slow_checks}")
+        backend = processes.simulator(model, health_delay_ms=300, max_num_seqs=1, ttft_ms=5, itl_ms=5)
+        consumer = processes.consumer(
+            model, backend, health_interval=0.1, health_timeout=0.05, health_slow_checks=slow_checks
+        )
+        await wait_listed(sender, token, model)
+        long = {"model": model, "prompt": "x", "max_tokens": 600}  # 3 s of generation, /health slow meanwhile
+        async with httpx.AsyncClient(base_url=sender.url, headers=auth(token), timeout=30) as http:
+            answer = asyncio.create_task(http.post("/v1/completions", json=long))
+            await wait_running(backend)
+            await asyncio.sleep(1.5)  # a dozen slow health answers
+            states[slow_checks] = (await http.get(consumer.url + "/health")).status_code
+            assert (await answer).status_code == 200
+    assert states == {1000: 200, 3: 503}  # still consuming / paused after three slow answers in a row
 
 
 async def test_liveness_tells_a_live_consumer_from_a_gone_one() -> None:
