@@ -58,14 +58,16 @@ def _when(text: str) -> str | None:
     return text
 
 
-async def _resolve_when(engine: AsyncEngine, text: str | None) -> dt.datetime | None:
+async def _resolve_when(engine: AsyncEngine, text: str | None, *, ago: bool = False) -> dt.datetime | None:
+    """A date or time is taken as it is; a duration (``30d``) counts from the database's clock,
+    forwards (``--expires 30d``) or, with ``ago``, backwards (``--since 2h``)."""
     if text is None:
         return None
     match = _DURATION.match(text)
     if match is None:
         return dt.datetime.fromisoformat(text)
     delta = dt.timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
-    return await token_admin.database_now(engine) + delta
+    return await token_admin.database_now(engine) + (-delta if ago else delta)
 
 
 def _read_secret(path: str) -> str:
@@ -157,23 +159,12 @@ async def _command(engine: AsyncEngine, args: argparse.Namespace) -> int:
     elif args.command == "usage":
         rows = await token_admin.usage_report(
             engine,
-            since=await _resolve_ago(engine, args.since),
-            until=await _resolve_ago(engine, args.until),
+            since=await _resolve_when(engine, args.since, ago=True),
+            until=await _resolve_when(engine, args.until, ago=True),
             name=args.name,
         )
         _print(rows, args.json)
     return 0
-
-
-async def _resolve_ago(engine: AsyncEngine, text: str | None) -> dt.datetime | None:
-    """``--since 2h`` means two hours ago; a date or time is taken as it is."""
-    if text is None:
-        return None
-    match = _DURATION.match(text)
-    if match is None:
-        return dt.datetime.fromisoformat(text)
-    delta = dt.timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
-    return await token_admin.database_now(engine) - delta
 
 
 def parser() -> argparse.ArgumentParser:
