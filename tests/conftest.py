@@ -107,6 +107,13 @@ class Processes:
         self.services.append(service)
         return service
 
+    def one_slot(self, model: str, **consumer_options: object) -> tuple[stack.Service, stack.Service]:
+        """A backend that runs one sequence at a time (5 ms a token) behind a consumer that takes one
+        request at a time: everything else waits in the broker, where tests can watch it."""
+        backend = self.simulator(model, max_num_seqs=1, ttft_ms=5, itl_ms=5)
+        consumer = self.consumer(model, backend, flow="fixed", max_inflight=1, **consumer_options)
+        return backend, consumer
+
     def sender(
         self,
         database: str,

@@ -29,8 +29,7 @@ async def aborted_requests(backend: Service) -> float:
 async def test_deadline_ends_running_and_queued_requests_with_504(processes: Processes, token: str) -> None:
     sender = processes.sender("postgres", deadline_seconds=1.0)
     model = unique("deadline")
-    backend = processes.simulator(model, max_num_seqs=1, ttft_ms=5, itl_ms=5)
-    processes.consumer(model, backend, flow="fixed", max_inflight=1)
+    backend, _ = processes.one_slot(model)
     await wait_listed(sender, token, model)
     long = {"model": model, "prompt": "x", "max_tokens": 400}  # 2 s of generation, past the 1 s deadline
     async with httpx.AsyncClient(base_url=sender.url, headers=auth(token), timeout=30) as http:
@@ -133,8 +132,7 @@ async def test_queued_request_of_a_gone_client_is_skipped(
     processes: Processes, sender: Service, token: str
 ) -> None:
     model = unique("skipped")
-    backend = processes.simulator(model, max_num_seqs=1, ttft_ms=5, itl_ms=5)
-    processes.consumer(model, backend, flow="fixed", max_inflight=1)
+    backend, _ = processes.one_slot(model)
     await wait_listed(sender, token, model)
     request = {"model": model, "prompt": "x", "max_tokens": 100}
     async with httpx.AsyncClient(base_url=sender.url, headers=auth(token), timeout=30) as http:
@@ -157,8 +155,7 @@ async def test_killed_consumer_request_is_served_by_another(
     processes: Processes, sender: Service, token: str
 ) -> None:
     model = unique("crash")
-    first_backend = processes.simulator(model, max_num_seqs=1, ttft_ms=5, itl_ms=5)
-    first = processes.consumer(model, first_backend, flow="fixed", max_inflight=1, name=f"consumer-{model}-a")
+    first_backend, first = processes.one_slot(model, name=f"consumer-{model}-a")
     await wait_listed(sender, token, model)
     async with httpx.AsyncClient(base_url=sender.url, headers=auth(token), timeout=30) as http:
         request = asyncio.create_task(
@@ -177,8 +174,7 @@ async def test_sigterm_drains_the_requests_in_flight(
     processes: Processes, sender: Service, token: str
 ) -> None:
     model = unique("drain")
-    backend = processes.simulator(model, max_num_seqs=1, ttft_ms=5, itl_ms=5)
-    consumer = processes.consumer(model, backend, flow="fixed", max_inflight=1)
+    backend, consumer = processes.one_slot(model)
     await wait_listed(sender, token, model)
     async with httpx.AsyncClient(base_url=sender.url, headers=auth(token), timeout=30) as http:
         running = asyncio.create_task(
@@ -203,8 +199,7 @@ async def test_consumer_killed_mid_stream_ends_the_answer_with_an_error_at_once(
     """The sender notices the dead consumer (its liveness queue is gone), not the deadline;
     the copy the broker hands to another consumer is not relayed (no duplicate text) and is stopped."""
     model = unique("mid-stream")
-    first_backend = processes.simulator(model, max_num_seqs=1, ttft_ms=5, itl_ms=5)
-    first = processes.consumer(model, first_backend, flow="fixed", max_inflight=1, name=f"consumer-{model}-a")
+    _, first = processes.one_slot(model, name=f"consumer-{model}-a")
     await wait_listed(sender, token, model)
     second_backend = processes.simulator(model, name=f"simulator-{model}-b", ttft_ms=5, itl_ms=5)
     body = {"model": model, "prompt": "x", "max_tokens": 2000, "stream": True}  # 10 s if nobody stops it
@@ -247,8 +242,7 @@ async def test_request_timeout_header_and_token_shorten_the_deadline(
     processes: Processes, sender: Service, token: str, tokens: Tokens
 ) -> None:
     model = unique("timeout-header")
-    backend = processes.simulator(model, max_num_seqs=1, ttft_ms=5, itl_ms=5)
-    processes.consumer(model, backend, flow="fixed", max_inflight=1)
+    backend, _ = processes.one_slot(model)
     await wait_listed(sender, token, model)
     long = {"model": model, "prompt": "x", "max_tokens": 2000}  # 10 s of generation
     async with httpx.AsyncClient(base_url=sender.url, headers=auth(token), timeout=60) as http:
@@ -275,8 +269,7 @@ async def test_request_timeout_header_and_token_shorten_the_deadline(
 async def test_global_cap_on_waiting_requests(processes: Processes, token: str) -> None:
     sender = processes.sender("postgres", max_queued_per_model=2)
     model = unique("capped")
-    backend = processes.simulator(model, max_num_seqs=1, ttft_ms=5, itl_ms=5)
-    processes.consumer(model, backend, flow="fixed", max_inflight=1)
+    backend, _ = processes.one_slot(model)
     await wait_listed(sender, token, model)
     request = {"model": model, "prompt": "x", "max_tokens": 100}
     async with httpx.AsyncClient(base_url=sender.url, headers=auth(token), timeout=30) as http:

@@ -25,8 +25,7 @@ BLOCKER_TOKENS = 150  # at 5 ms a token, the slot stays busy for ~0.75 s
 @pytest.fixture(scope="module")
 def slow_model(processes: Processes) -> tuple[str, Service]:
     model = unique("one-slot")
-    backend = processes.simulator(model, max_num_seqs=1, ttft_ms=5, itl_ms=5)
-    processes.consumer(model, backend, flow="fixed", max_inflight=1)
+    backend, _ = processes.one_slot(model)
     return model, backend
 
 
