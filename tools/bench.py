@@ -265,31 +265,24 @@ class Bench:
             return "all", payload, next(turn)
 
         args = self.args
+
+        async def chat_load(url: str, pick: Callable[[], tuple[str, dict[str, Any], str]]) -> Run:
+            return await drive(
+                url + "/v1/chat/completions",
+                pick,
+                concurrency=64,
+                seconds=args.seconds,
+                warmup=args.warmup,
+                stream=False,
+            )
+
         single_runs, many_runs, queries = [], [], []
         for _ in range(2):  # alternate, so drift on a shared machine hits both alike
-            single_runs.append(
-                await drive(
-                    baseline.url + "/v1/chat/completions",
-                    one_token,
-                    concurrency=64,
-                    seconds=args.seconds,
-                    warmup=args.warmup,
-                    stream=False,
-                )
-            )
+            single_runs.append(await chat_load(baseline.url, one_token))
             # Steady state, as for the single cached token: every token looked up once already.
             await warm_tokens(sender.url, secrets_)
             before = await token_queries(sender.url)
-            many_runs.append(
-                await drive(
-                    sender.url + "/v1/chat/completions",
-                    many,
-                    concurrency=64,
-                    seconds=args.seconds,
-                    warmup=args.warmup,
-                    stream=False,
-                )
-            )
+            many_runs.append(await chat_load(sender.url, many))
             queries.append(await token_queries(sender.url) - before)
         single_rps = sum(r.throughput for r in single_runs) / len(single_runs)
         many_rps = sum(r.throughput for r in many_runs) / len(many_runs)
