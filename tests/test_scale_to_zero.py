@@ -5,19 +5,10 @@ from __future__ import annotations
 
 import asyncio
 
-import aio_pika
 import httpx
 
-import contract
-from tests.conftest import RABBITMQ_URL, Processes, auth, unique, wait_listed
-
-
-async def queue_depth(model: str) -> int:
-    connection = await aio_pika.connect(RABBITMQ_URL)
-    async with connection:
-        channel = await connection.channel()
-        queue = await channel.declare_queue(contract.model_queue(model), passive=True)
-        return queue.declaration_result.message_count or 0
+from tests.conftest import Processes, auth, unique, wait_listed
+from tests.test_priority import queue_depth
 
 
 async def test_request_waits_for_a_replica(processes: Processes, token: str) -> None:
