@@ -5,7 +5,8 @@ takes a new request only while vLLM can start it at once (its own waiting
 queue near zero, KV cache not full); the rest wait in RabbitMQ, in priority
 order. The window grows while the backend keeps up (doubling at first, then
 one at a time) and, as soon as requests wait inside the backend, shrinks by
-that many: what it holds minus the backend's excess.
+that many: what it holds minus the backend's excess. A full KV cache holds
+the window where it is.
 """
 
 from __future__ import annotations
@@ -60,14 +61,16 @@ class Window:
 
     def update(self, load: BackendLoad, inflight: int) -> int:
         """Adjust to the latest backend load reading and return the new size."""
-        congested = load.waiting > self._waiting_tolerance or (
-            load.kv_cache is not None and load.kv_cache > self._kv_cache_max
-        )
-        if congested:
-            # Give back exactly the excess that waits inside the backend; a full KV cache just stops growth.
+        kv_full = load.kv_cache is not None and load.kv_cache > self._kv_cache_max
+        if load.waiting > self._waiting_tolerance:
+            # Give back exactly the excess that waits inside the backend.
             self._slow_start = False
-            excess = max(0, int(load.waiting - self._waiting_tolerance))
+            excess = int(load.waiting - self._waiting_tolerance)
             self.size = min(self.size, inflight) - excess
+        elif kv_full:
+            # A full KV cache only stops growth: shrinking to what happens to be in flight would
+            # leave requests in transit (being answered, or on their way) without a slot to return to.
+            self._slow_start = False
         elif inflight >= self.size:
             self.size = self.size * 2 if self._slow_start else self.size + 1
         self.size = max(1, min(self.size, self.maximum))

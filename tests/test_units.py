@@ -87,6 +87,8 @@ def test_window_grows_while_the_backend_keeps_up_and_shrinks_when_it_queues() ->
     assert window.update(BackendLoad(running=6, waiting=2, kv_cache=0.2), inflight=8) == 6
     assert window.update(idle, inflight=6) == 7  # after congestion, one at a time
     assert window.update(BackendLoad(running=7, waiting=0, kv_cache=0.95), inflight=7) == 7
+    # A full KV cache holds the window even while some of it is in transit: no growth, no shrink.
+    assert window.update(BackendLoad(running=5, waiting=0, kv_cache=0.95), inflight=5) == 7
     assert window.update(BackendLoad(running=2, waiting=5, kv_cache=None), inflight=7) == 2
     assert window.update(BackendLoad(running=0, waiting=9, kv_cache=None), inflight=2) == 1
     for _ in range(500):
