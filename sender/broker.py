@@ -55,8 +55,11 @@ class QueueStats:
 class PendingCall:
     """The replies to one published request, in order, as they arrive."""
 
-    def __init__(self, correlation_id: str, deadline: float, on_done: Callable[[PendingCall], None]) -> None:
+    def __init__(
+        self, correlation_id: str, model: str, deadline: float, on_done: Callable[[PendingCall], None]
+    ) -> None:
         self.correlation_id = correlation_id
+        self.model = model
         self.deadline = deadline
         self._replies: asyncio.Queue[Reply] = asyncio.Queue()
         self._on_done = on_done
@@ -71,6 +74,8 @@ class PendingCall:
         """Set when the broker refused the request; the call then ends without any reply."""
         self.final: Reply | None = None
         """The last piece of the answer, once it arrived (it carries the usage)."""
+        self.answered = False
+        """Whether any piece arrived: a consumer took the request off the queue."""
 
     def deliver(self, reply: Reply) -> None:
         self._replies.put_nowait(reply)
@@ -234,7 +239,7 @@ class Broker:
         if self._publish_channel is None or not self.connected:
             raise PublishFailed("not connected to the broker")
         correlation_id = uuid.uuid4().hex
-        pending = PendingCall(correlation_id, request.deadline, self._forget)
+        pending = PendingCall(correlation_id, model, request.deadline, self._forget)
         self._pending[correlation_id] = pending
         message = aio_pika.Message(
             request.body,
@@ -310,6 +315,9 @@ class Broker:
         except contract.ContractError as exc:
             log.warning("malformed reply dropped: %s", exc)
             reply = Reply(seq=-1, last=True, error="malformed reply from consumer")
+        if not pending.answered:
+            pending.answered = True
+            self._note_taken(pending.model)
         pending.deliver(reply)
 
     async def _watch_liveness(self) -> None:
@@ -405,10 +413,21 @@ class Broker:
             self._stats_watchers.pop(model, None)
 
     def _note_published(self, model: str) -> None:
+        self._adjust_depth(model, +1)
+
+    def _note_taken(self, model: str) -> None:
+        self._adjust_depth(model, -1)
+
+    def _adjust_depth(self, model: str, change: int) -> None:
+        """Keep the cached depth close between two reads: this sender's own requests count from
+        their publish until their first reply. Counting publishes alone would let the estimate
+        climb by the request rate times the read interval and refuse tokens whose threshold
+        the real queue never reached."""
         cached = self._stats.get(model)
         if cached is not None:
             stats = cached[1]
-            self._stats[model] = (cached[0], QueueStats(stats.exists, stats.messages + 1, stats.consumers))
+            depth = max(0, stats.messages + change)
+            self._stats[model] = (cached[0], QueueStats(stats.exists, depth, stats.consumers))
 
     async def _fetch_stats(self, model: str) -> QueueStats:
         try:

@@ -162,6 +162,33 @@ async def test_threshold_refuses_with_429(
     assert patient.status_code == 200
 
 
+async def test_threshold_counts_requests_until_a_consumer_takes_them(
+    processes: Processes, tokens: Tokens
+) -> None:
+    """Between two reads of the queue depth the sender counts its own requests as queued only until
+    their first reply. Counting publishes alone, the estimate climbs by the request rate times the
+    read interval, and a busy model whose queue stays empty refuses a token whose threshold the
+    queue never reached."""
+    model = unique("threshold-drift")
+    backend = processes.simulator(model, ttft_ms=0, itl_ms=0, max_num_seqs=64)
+    processes.consumer(model, backend, flow="fixed", max_inflight=64)
+    sender = processes.sender("postgres", queue_stats_seconds=2.0)  # long between two reads
+    clients = 8
+    # The queue holds at most clients - 1 requests besides the one being admitted: never this many.
+    secret = await tokens.create("drift", threshold=clients)
+    await wait_listed(sender, secret, model)
+    request = {"model": model, "prompt": "x", "max_tokens": 1}
+    statuses: list[int] = []
+    async with httpx.AsyncClient(base_url=sender.url, headers=auth(secret), timeout=30) as http:
+
+        async def client() -> None:
+            for _ in range(40):
+                statuses.append((await http.post("/v1/completions", json=request)).status_code)
+
+        await asyncio.gather(*(client() for _ in range(clients)))
+    assert statuses.count(200) == len(statuses), {s: statuses.count(s) for s in set(statuses)}
+
+
 async def test_metrics_flow_keeps_the_backlog_in_the_broker(
     processes: Processes, sender: Service, priority_tokens: dict[int, str], token: str
 ) -> None:
