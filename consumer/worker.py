@@ -92,6 +92,8 @@ class Worker:
         """Health checks in a row that got no answer in time."""
         self._check_now = asyncio.Event()
         self._idle = asyncio.Event()
+        self._window_pressed = asyncio.Event()
+        """Set when a new request brings the flow window close to binding."""
         self._idle.set()
         self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
@@ -283,17 +285,21 @@ class Worker:
             await self._stop_consuming()
 
     async def _flow_loop(self) -> None:
-        # Reading /metrics costs CPU on both sides, so it is read often only while
-        # the window is close to binding; a lightly loaded consumer reads it once a second.
+        # Reading /metrics costs CPU on both sides, and so does every wake-up of a quiet
+        # process: the backend is read every metrics_interval only while the window is
+        # close to binding, once a second while lightly loaded, and never while idle.
         last_read = 0.0
         while True:
             await asyncio.sleep(self.settings.metrics_interval)
+            if self.inflight * 2 < self.window.size:
+                self._window_pressed.clear()
+                now = time.monotonic()
+                quiet = 1.0 if self.inflight == 0 else max(0.0, last_read + 1.0 - now)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._window_pressed.wait(), quiet)
             if self.inflight == 0:
                 continue  # nothing to learn from an idle backend
-            now = time.monotonic()
-            if self.inflight * 2 < self.window.size and now - last_read < 1.0:
-                continue
-            last_read = now
+            last_read = time.monotonic()
             load = await self.backend.load()
             if load is not None:
                 await _survive(self._apply_prefetch(self.window.update(load, self.inflight)), "flow window")
@@ -352,6 +358,8 @@ class Worker:
             return
         self.inflight += 1
         self._idle.clear()
+        if self.inflight * 2 >= self.window.size:
+            self._window_pressed.set()
         task = asyncio.current_task()
         if correlation_id and task is not None:
             self._serving[correlation_id] = task
