@@ -390,6 +390,22 @@ def test_db_init_job_runs_the_admin_commands() -> None:
         assert env(init)["DATABASE_URL"]["secretKeyRef"]["name"] == "dispatcher-db"
 
 
+def add_token_options(token: dict[str, Any]) -> dict[str, str]:
+    """The options of the add-token step the db-init Job runs for a single ``token``."""
+    (job,) = [
+        j for j in of_kind(render({"tokens": [token]}), "Job") if j["metadata"]["name"].endswith("-db-init")
+    ]
+    step = db_init_steps(job)[1]
+    assert step[:4] == ["python", "-m", "sender.admin", "add-token"]
+    return dict(zip(step[4::2], step[5::2], strict=True))
+
+
+def test_large_token_numbers_are_written_as_integers() -> None:
+    """Helm reads YAML numbers as floats, whose default text is 1e+06: the admin CLI wants 1000000."""
+    options = add_token_options({"name": "bulk", "priority": 0, "threshold": 1_000_000, "secretName": "s"})
+    assert options["--threshold"] == "1000000"
+
+
 def test_network_policies() -> None:
     objects = render_case("internal-trial-values")
     policies = {
