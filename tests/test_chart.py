@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 import contract
+from sender import admin
 from tests.chart_render import (
     CASES,
     CHART,
@@ -406,6 +407,49 @@ def test_large_token_numbers_are_written_as_integers() -> None:
     assert options["--threshold"] == "1000000"
 
 
+def test_every_token_field_becomes_its_add_token_option() -> None:
+    token = {
+        "name": "bob",
+        "priority": 2,
+        "threshold": 50,
+        "owner": "team b",
+        "expires": "2027-01-01 00:00",
+        "models": ["llama-3.1-8b", "mistral"],
+        "rpm": 60,
+        "tpm": 1_000_000,
+        "maxSeconds": 7.5,
+        "secretName": "bob-token",
+        "secretKey": "secret",
+    }
+    options = add_token_options(token)
+    assert options == {
+        "--name": "bob",
+        "--priority": "2",
+        "--threshold": "50",
+        "--owner": "team b",
+        "--expires": "2027-01-01 00:00",
+        "--models": "llama-3.1-8b,mistral",
+        "--rpm": "60",
+        "--tpm": "1000000",
+        "--max-seconds": "7.5",
+        "--secret-file": "/tokens/0/secret",
+    }
+    args = [arg for option, value in options.items() for arg in (option, value)]
+    parsed = admin.parser().parse_args(["add-token", *args])
+    assert (parsed.models, parsed.rpm, parsed.tpm, parsed.max_seconds) == (
+        ["llama-3.1-8b", "mistral"],
+        60,
+        1_000_000,
+        7.5,
+    )
+
+
+def test_unset_token_fields_are_left_out() -> None:
+    """So the admin CLI's defaults hold: no owner or expiry, every model, no limits, the server's deadline."""
+    options = add_token_options({"name": "a", "priority": 0, "threshold": 5, "secretName": "s"})
+    assert list(options) == ["--name", "--priority", "--threshold", "--secret-file"]
+
+
 def test_network_policies() -> None:
     objects = render_case("internal-trial-values")
     policies = {
@@ -505,6 +549,32 @@ def test_chart_files_are_links_to_the_sources() -> None:
         (
             {"tokens": [{"name": "a", "priority": 1, "threshold": 5, "secret": "sk-plain"}]},
             "missing property 'secretName'",
+        ),
+        *(
+            ({"tokens": [{"name": "a", "priority": 1, "threshold": 5, "secretName": "s", **field}]}, message)
+            for field, message in [
+                ({"rpm": -1}, "/tokens/0/rpm"),
+                ({"rpm": 0}, "/tokens/0/rpm"),
+                ({"tpm": 1.5}, "/tokens/0/tpm"),
+                ({"tpm": 2**31}, "/tokens/0/tpm"),
+                ({"maxSeconds": 0}, "/tokens/0/maxSeconds"),
+                ({"maxSeconds": "60"}, "/tokens/0/maxSeconds"),
+                ({"models": "llama,mistral"}, "/tokens/0/models"),
+                ({"models": []}, "/tokens/0/models"),
+                ({"models": ["bad name"]}, "/tokens/0/models/0"),
+                ({"owner": ""}, "/tokens/0/owner"),
+                ({"expires": "30d"}, "/tokens/0/expires"),
+                ({"expires": "next year"}, "/tokens/0/expires"),
+                ({"maxseconds": 60}, "additional properties 'maxseconds' not allowed"),
+            ]
+        ),
+        (
+            {"tokens": [{"name": "a", "priority": -1, "threshold": 5, "secretName": "s"}]},
+            "/tokens/0/priority",
+        ),
+        (
+            {"tokens": [{"name": "a", "priority": 1, "threshold": 0, "secretName": "s"}]},
+            "/tokens/0/threshold",
         ),
         ({"rabbitmq": {"urlSecret": ""}}, "/rabbitmq/urlSecret"),
         ({"database": {"urlSecret": ""}}, "/database/urlSecret"),
