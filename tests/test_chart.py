@@ -638,13 +638,15 @@ def test_every_value_is_documented() -> None:
     documented = set(re.findall(r"^\| `([^`]+)` \|", readme, flags=re.MULTILINE))
     leaves = values_leaves(yaml.safe_load((CHART / "values.yaml").read_text()))
     assert not set(leaves) - documented, set(leaves) - documented
-    assert not documented - set(leaves) - {f"models[].{field}" for field in model_fields()}
-    assert {f"models[].{field}" for field in model_fields()} <= documented
+    fields = {f"{key}[].{field}" for key in ("models", "tokens") for field in list_fields(key)}
+    assert not documented - set(leaves) - fields
+    assert fields <= documented, fields - documented
 
 
-def model_fields() -> set[str]:
+def list_fields(key: str) -> set[str]:
+    """The fields of each entry of the list ``key``, as the schema knows them."""
     return set(
-        json.loads((CHART / "values.schema.json").read_text())["properties"]["models"]["items"]["properties"]
+        json.loads((CHART / "values.schema.json").read_text())["properties"][key]["items"]["properties"]
     )
 
 
