@@ -327,7 +327,7 @@ def _forwarded(path: str) -> bool:
 async def _forward(request: Request, path: str) -> Response:
     services = _services(request)
     token = await _authenticate(request, services)
-    body = await _read_body(request, services.settings.max_body_bytes)
+    body = await _read_body(request, services.settings.max_body_bytes, services.settings.body_timeout_seconds)
     payload = _parse_json(body)
     model = payload.get("model")
     if not isinstance(model, str) or not model:
@@ -401,17 +401,26 @@ async def _authenticate(request: Request, services: Services) -> Token:
     return token
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def _read_body(request: Request, limit: int, timeout: float) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise _too_large(limit)
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(limit)
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise _too_large(limit)
+                chunks.append(chunk)
+    except TimeoutError:
+        raise ApiError(
+            408,
+            f"the request body was not received within {timeout:g} seconds",
+            code="request_timeout",
+            close=True,
+        ) from None
     return b"".join(chunks)
 
 

@@ -18,6 +18,7 @@ class ApiError(Exception):
         code: str | None = None,
         param: str | None = None,
         retry_after: int | None = None,
+        close: bool = False,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -26,6 +27,8 @@ class ApiError(Exception):
         self.code = code
         self.param = param
         self.retry_after = retry_after
+        self.close = close
+        """Answer with ``Connection: close``: the rest of the request may still be on its way."""
 
     def response(self) -> Response:
         return error_response(
@@ -35,6 +38,7 @@ class ApiError(Exception):
             code=self.code,
             param=self.param,
             retry_after=self.retry_after,
+            close=self.close,
         )
 
 
@@ -50,8 +54,11 @@ def error_response(
     code: str | None = None,
     param: str | None = None,
     retry_after: int | None = None,
+    close: bool = False,
 ) -> Response:
-    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else {}
+    if close:
+        headers["Connection"] = "close"
     return Response(
         error_body(message, type=type, code=code, param=param),
         status_code=status,

@@ -109,6 +109,7 @@ REJECTION_REASONS = {
     "queue_unavailable": "broker",
     "broker_unavailable": "broker",
     "request_too_large": "bad_request",
+    "request_timeout": "slow_client",
     "invalid_json": "bad_request",
     "missing_model": "bad_request",
     "invalid_priority": "bad_request",

@@ -28,6 +28,9 @@ class SenderSettings(BaseSettings):
 
     max_body_bytes: int = 16 * 1024 * 1024
     """Larger request bodies are refused with 413."""
+    body_timeout_seconds: float = 30.0
+    """Time allowed to receive a request's whole body; a client that trickles or stalls past it
+    gets 408, so that it does not hold a connection and a coroutine forever."""
     max_header_bytes: int = 64 * 1024
     """Requests whose headers add up to more get 431."""
     max_priority: int = DEFAULT_MAX_PRIORITY

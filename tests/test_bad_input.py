@@ -3,19 +3,24 @@
 The sender's OpenAPI description is fuzzed (a bounded number of examples per
 operation, so the suite stays fast); then the inputs a fuzzer does not make:
 huge headers, a client that sends its body slowly or never, invalid UTF-8,
-content types that are not JSON.
+content types that are not JSON; a client whose body stalls past the
+body timeout, and one that leaves in the middle of its body.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
+import uuid
 from typing import Any
 
 import httpx
+import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from tests.conftest import auth
+from tests.conftest import Processes, auth
+from tests.test_logs import request_lines
 from tools.stack import Service
 
 # Errors the sender may answer with a 5xx without a bug: an unavailable dependency.
@@ -147,3 +152,71 @@ async def test_slow_and_silent_clients_do_not_hold_the_sender(sender: Service, t
     finally:
         for writer in writers:
             writer.close()
+
+
+@pytest.fixture(scope="module")
+def impatient_sender(processes: Processes) -> Service:
+    """A sender that waits one second at most for a request's whole body."""
+    return processes.sender("postgres", body_timeout_seconds=1)
+
+
+async def send_part_of_a_body(
+    sender: Service, token: str, request_id: str, part: bytes
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Headers announcing a 1000-byte body, then only ``part`` of it, over a raw connection."""
+    host, port = sender.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+        f"X-Request-Id: {request_id}\r\nContent-Type: application/json\r\n"
+        "Content-Length: 1000\r\n\r\n".encode()
+        + part
+    )
+    await writer.drain()
+    return reader, writer
+
+
+def parse_response(raw: bytes) -> httpx.Response:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    headers = [
+        (name.strip(), value.strip()) for name, _, value in (line.partition(":") for line in header_lines)
+    ]
+    return httpx.Response(int(status_line.split()[1]), headers=headers, content=body)
+
+
+async def logged(service: Service, request_id: str, timeout: float = 5) -> dict[str, object]:
+    """The service's log line for the request, once written (after the answer is sent)."""
+    deadline = time.monotonic() + timeout
+    while not (lines := request_lines(service, request_id)):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{service.name} never logged request {request_id}")
+        await asyncio.sleep(0.05)
+    [line] = lines
+    return line
+
+
+async def test_a_stalled_body_gets_408_and_is_never_queued(
+    impatient_sender: Service, consumer: Service, ready_model: str, token: str
+) -> None:
+    request_id = f"stalled-{uuid.uuid4().hex}"
+    started = time.monotonic()
+    reader, writer = await send_part_of_a_body(
+        impatient_sender, token, request_id, b'{"model": "%s", "prompt": "' % ready_model.encode()
+    )
+    try:
+        async with asyncio.timeout(10):  # a sender without a body timeout would wait forever
+            raw = await reader.read()  # the answer, then the sender closes the connection
+    finally:
+        writer.close()
+    assert time.monotonic() - started < 5
+    response = parse_response(raw)
+    assert openai_error(response, 408)["code"] == "request_timeout"
+    assert response.headers["connection"] == "close"
+    line = await logged(impatient_sender, request_id)
+    assert line["status"] == 408 and "model" not in line  # refused before admission
+    async with httpx.AsyncClient(base_url=impatient_sender.url) as http:
+        metrics = (await http.get("/metrics")).text
+    assert 'dispatcher_rejected_requests_total{reason="slow_client"} 1.0' in metrics
+    await asyncio.sleep(0.2)
+    assert not request_lines(consumer, request_id)
