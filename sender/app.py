@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -420,6 +421,11 @@ async def _read_body(request: Request, limit: int, timeout: float) -> bytes:
             f"the request body was not received within {timeout:g} seconds",
             code="request_timeout",
             close=True,
+        ) from None
+    except ClientDisconnect:
+        # Nobody reads the answer; 499 (as nginx logs it) marks the request in the log and metrics.
+        raise ApiError(
+            499, "the client left before sending its whole body", code="client_disconnected"
         ) from None
     return b"".join(chunks)
 

@@ -110,6 +110,7 @@ REJECTION_REASONS = {
     "broker_unavailable": "broker",
     "request_too_large": "bad_request",
     "request_timeout": "slow_client",
+    "client_disconnected": "client_left",
     "invalid_json": "bad_request",
     "missing_model": "bad_request",
     "invalid_priority": "bad_request",

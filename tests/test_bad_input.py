@@ -15,6 +15,7 @@ import uuid
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
@@ -220,3 +221,16 @@ async def test_a_stalled_body_gets_408_and_is_never_queued(
     assert 'dispatcher_rejected_requests_total{reason="slow_client"} 1.0' in metrics
     await asyncio.sleep(0.2)
     assert not request_lines(consumer, request_id)
+
+
+async def test_a_client_that_leaves_mid_body_is_dropped_quietly(
+    impatient_sender: Service, token: str
+) -> None:
+    request_id = f"gone-{uuid.uuid4().hex}"
+    _reader, writer = await send_part_of_a_body(impatient_sender, token, request_id, b'{"model": ')
+    await asyncio.sleep(0.2)
+    writer.close()
+    line = await logged(impatient_sender, request_id)
+    assert line["level"] == "info" and line["code"] == "client_disconnected", line
+    entries = [orjson.loads(text) for text in impatient_sender.log_path.read_text().splitlines()]
+    assert not [entry for entry in entries if entry["level"] in ("error", "critical") or "exc" in entry]
