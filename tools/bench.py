@@ -224,6 +224,8 @@ class Bench:
                     sender.url,
                     [sender.pid, consumer.pid],
                 )
+                if name == "whole-c1":
+                    await self.broker_hop()
             if not self.args.only or "priority" in self.args.only:
                 await self.priority(prio_direct.url, sender.url, prio_model, high, low)
             if not self.args.only or "tokens" in self.args.only:
@@ -234,6 +236,45 @@ class Bench:
             await self.delete_queues([model, prio_model])
             stack.drop_database(self.server_url, self.database)
         self.verdict()
+
+    async def broker_hop(self) -> None:
+        """The floor under the added latency at concurrency 1: a bare publish to a consume, with no
+        dispatcher code around it. A request crosses the broker twice (request, then answer), and
+        on a quiet machine each crossing costs more than on a busy one, so both paces are shown."""
+        queue_name = f"bench-hop-{self.tag}"
+        sender = await aio_pika.connect(self.rabbitmq_url)
+        receiver = await aio_pika.connect(self.rabbitmq_url)
+        async with sender, receiver:
+            out = await sender.channel()
+            inbox = await receiver.channel()
+            queue = await inbox.declare_queue(queue_name, arguments=contract.model_queue_arguments(9))
+            arrived: asyncio.Future[float] | None = None
+
+            async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+                if arrived is not None and not arrived.done():
+                    arrived.set_result(time.perf_counter())
+                await message.ack()
+
+            consumer_tag = await queue.consume(on_message)
+            line: dict[str, Any] = {"scenario": "broker-hop"}
+            # One request per answer time (as at concurrency 1), then back to back.
+            for label, pause, count in (("quiet_ms", 0.17, 60), ("busy_ms", 0.001, 600)):
+                hops = []
+                for _ in range(count):
+                    arrived = asyncio.get_running_loop().create_future()
+                    sent = time.perf_counter()
+                    await out.default_exchange.publish(
+                        aio_pika.Message(
+                            b"x" * 200, priority=5, delivery_mode=aio_pika.DeliveryMode.PERSISTENT
+                        ),
+                        routing_key=queue_name,
+                    )
+                    hops.append(await arrived - sent)
+                    await asyncio.sleep(pause)
+                line[label] = summary_ms(hops)
+            await queue.cancel(consumer_tag)
+            await queue.delete(if_unused=False, if_empty=False)
+        self.emit(line)
 
     async def many_tokens(self, model: str, token: str, sender: stack.Service) -> None:
         """1,000 tokens used in turn with usage accounting on, against one cached token without it.
