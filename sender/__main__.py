@@ -25,7 +25,7 @@ def main() -> None:
         log_config=None,  # keep the JSON logging configured above
         log_level=settings.log_level.lower(),
         access_log=False,
-        timeout_graceful_shutdown=10,
+        timeout_graceful_shutdown=settings.shutdown_grace,
     )
 
 

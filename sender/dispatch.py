@@ -8,6 +8,7 @@ one request back into an HTTP response, whole or streamed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 
@@ -210,6 +211,12 @@ class RelayResponse(Response):
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:
             pass  # the client is gone; the request is cancelled below
+        except asyncio.CancelledError:
+            # The server's shutdown grace ran out: say so, rather than just dropping the stream.
+            with contextlib.suppress(Exception):
+                event = sse_error_event("the dispatcher is shutting down; retry", code="shutting_down")
+                await send({"type": "http.response.body", "body": event, "more_body": False})
+            raise
         finally:
             watcher.cancel()
             call.close()

@@ -8,6 +8,7 @@ import signal
 import aio_pika
 import httpx
 import orjson
+import pytest
 
 import contract
 from sender.broker import Broker
@@ -346,3 +347,56 @@ async def test_liveness_tells_a_live_consumer_from_a_gone_one() -> None:
     finally:
         await broker.close()
         await holder.close()
+
+
+async def until_refused(service: Service, timeout: float = 5) -> None:
+    host, port = service.url.removeprefix("http://").split(":")
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline:
+        try:
+            _, writer = await asyncio.open_connection(host, int(port))
+        except ConnectionRefusedError:
+            return
+        writer.close()
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{service.name} still accepts connections")
+
+
+async def stream_across_sender_shutdown(
+    processes: Processes, token: str, *, grace: int, max_tokens: int
+) -> tuple[bytes, float, Service]:
+    """Start a stream, SIGTERM its sender after the first piece, read to the end; the answer,
+    the seconds from the signal to the end of the answer, and the sender."""
+    model = unique(f"drain-{grace}")
+    backend = processes.simulator(model, ttft_ms=5, itl_ms=50)
+    processes.consumer(model, backend)
+    sender = processes.sender("postgres", shutdown_grace=grace)
+    await wait_listed(sender, token, model)
+    body = {"model": model, "prompt": "x", "max_tokens": max_tokens, "stream": True}
+    async with httpx.AsyncClient(base_url=sender.url, headers=auth(token), timeout=30) as http:
+        async with http.stream("POST", "/v1/completions", json=body) as response:
+            pieces = response.aiter_bytes()
+            answer = await anext(pieces)
+            sender.process.send_signal(signal.SIGTERM)
+            signalled = asyncio.get_running_loop().time()
+            await until_refused(sender)  # no new connection once draining
+            async for piece in pieces:
+                answer += piece
+            took = asyncio.get_running_loop().time() - signalled
+    await asyncio.to_thread(sender.process.wait, 15)
+    return answer, took, sender
+
+
+async def test_a_stopping_sender_lets_streams_in_flight_finish(processes: Processes, token: str) -> None:
+    answer, took, _ = await stream_across_sender_shutdown(processes, token, grace=20, max_tokens=40)
+    assert answer.endswith(b"data: [DONE]\n\n") and b'"error"' not in answer
+    assert took > 1.0  # the ~2 s stream went on after the signal
+
+
+async def test_a_stream_outlasting_the_shutdown_grace_ends_with_an_error_event(
+    processes: Processes, token: str
+) -> None:
+    answer, took, _ = await stream_across_sender_shutdown(processes, token, grace=1, max_tokens=200)
+    assert took < 5, took  # the 10 s stream was cut at the grace, not served to its end
+    last = answer.strip().split(b"\n\n")[-1]
+    assert orjson.loads(last.removeprefix(b"data: "))["error"]["code"] == "shutting_down"
