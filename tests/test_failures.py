@@ -8,7 +8,6 @@ import signal
 import aio_pika
 import httpx
 import orjson
-import pytest
 
 import contract
 from sender.broker import Broker
@@ -364,31 +363,33 @@ async def until_refused(service: Service, timeout: float = 5) -> None:
 
 async def stream_across_sender_shutdown(
     processes: Processes, token: str, *, grace: int, max_tokens: int
-) -> tuple[bytes, float, Service]:
-    """Start a stream, SIGTERM its sender after the first piece, read to the end; the answer,
-    the seconds from the signal to the end of the answer, and the sender."""
+) -> tuple[bytes, float]:
+    """Start a stream, SIGTERM its sender after the first piece, read to the end; the answer, and
+    the seconds from the signal to the end of the answer."""
     model = unique(f"drain-{grace}")
     backend = processes.simulator(model, ttft_ms=5, itl_ms=50)
     processes.consumer(model, backend)
     sender = processes.sender("postgres", shutdown_grace=grace)
     await wait_listed(sender, token, model)
     body = {"model": model, "prompt": "x", "max_tokens": max_tokens, "stream": True}
-    async with httpx.AsyncClient(base_url=sender.url, headers=auth(token), timeout=30) as http:
-        async with http.stream("POST", "/v1/completions", json=body) as response:
-            pieces = response.aiter_bytes()
-            answer = await anext(pieces)
-            sender.process.send_signal(signal.SIGTERM)
-            signalled = asyncio.get_running_loop().time()
-            await until_refused(sender)  # no new connection once draining
-            async for piece in pieces:
-                answer += piece
-            took = asyncio.get_running_loop().time() - signalled
+    async with (
+        httpx.AsyncClient(base_url=sender.url, headers=auth(token), timeout=30) as http,
+        http.stream("POST", "/v1/completions", json=body) as response,
+    ):
+        pieces = response.aiter_bytes()
+        answer = await anext(pieces)
+        sender.process.send_signal(signal.SIGTERM)
+        signalled = asyncio.get_running_loop().time()
+        await until_refused(sender)  # no new connection once draining
+        async for piece in pieces:
+            answer += piece
+        took = asyncio.get_running_loop().time() - signalled
     await asyncio.to_thread(sender.process.wait, 15)
-    return answer, took, sender
+    return answer, took
 
 
 async def test_a_stopping_sender_lets_streams_in_flight_finish(processes: Processes, token: str) -> None:
-    answer, took, _ = await stream_across_sender_shutdown(processes, token, grace=20, max_tokens=40)
+    answer, took = await stream_across_sender_shutdown(processes, token, grace=20, max_tokens=40)
     assert answer.endswith(b"data: [DONE]\n\n") and b'"error"' not in answer
     assert took > 1.0  # the ~2 s stream went on after the signal
 
@@ -396,7 +397,7 @@ async def test_a_stopping_sender_lets_streams_in_flight_finish(processes: Proces
 async def test_a_stream_outlasting_the_shutdown_grace_ends_with_an_error_event(
     processes: Processes, token: str
 ) -> None:
-    answer, took, _ = await stream_across_sender_shutdown(processes, token, grace=1, max_tokens=200)
+    answer, took = await stream_across_sender_shutdown(processes, token, grace=1, max_tokens=200)
     assert took < 5, took  # the 10 s stream was cut at the grace, not served to its end
     last = answer.strip().split(b"\n\n")[-1]
     assert orjson.loads(last.removeprefix(b"data: "))["error"]["code"] == "shutting_down"
