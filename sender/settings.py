@@ -69,10 +69,10 @@ class SenderSettings(BaseSettings):
     retry_after_seconds: int = 1
     """``Retry-After`` sent with 429 and 503."""
     rollcall_wait_seconds: float = 0.5
+    """At start, how long to wait for consumers to answer the roll call before serving."""
     shutdown_grace: int = 30
     """On SIGTERM, stop accepting connections and let the requests in flight, long streams
     included, finish for at most this many seconds; streams still open then end with an error event."""
-    """At start, how long to wait for consumers to answer the roll call before serving."""
     db_pool_size: int = 5
     metrics_token_label: bool = True
     """Label request metrics with the token name (names are operator-chosen; turn off for many tokens)."""
