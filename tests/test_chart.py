@@ -174,6 +174,29 @@ def test_sender() -> None:
     assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
 
 
+@pytest.mark.parametrize(
+    ("sender", "grace", "pre_stop", "termination"),
+    [
+        ({}, "60", 5, 75),
+        ({"shutdownGraceSeconds": 600, "preStopSeconds": 12}, "600", 12, 622),
+        ({"shutdownGraceSeconds": 1, "preStopSeconds": 0}, "1", None, 11),
+    ],
+)
+def test_sender_drains_on_rollouts(
+    sender: dict[str, Any], grace: str, pre_stop: int | None, termination: int
+) -> None:
+    """Out of the Service's endpoints first (the preStop pause), then requests in flight get their grace."""
+    deployment = named(render({"sender": sender}), "Deployment", "-sender")
+    container_ = container(deployment, "sender")
+    assert env(container_)["SENDER_SHUTDOWN_GRACE"] == grace
+    if pre_stop is None:
+        assert "lifecycle" not in container_
+    else:
+        command = ["python", "-c", f"import time; time.sleep({pre_stop})"]
+        assert container_["lifecycle"]["preStop"]["exec"]["command"] == command
+    assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == termination
+
+
 def test_ingress_streams_and_hides_internal_routes() -> None:
     ingress = named(render_case("one-model-values"), "Ingress", "-sender")
     annotations = ingress["metadata"]["annotations"]
@@ -582,6 +605,11 @@ def test_chart_files_are_links_to_the_sources() -> None:
         ({"keda": {"enabled": "yes"}}, "/keda/enabled"),
         ({"keda": {"minReplicaCount": -1}}, "/keda/minReplicaCount"),
         ({"sender": {"env": {"bad-name": "1"}}}, "/sender/env"),
+        ({"sender": {"shutdownGraceSeconds": 0}}, "/sender/shutdownGraceSeconds"),
+        ({"sender": {"shutdownGraceSeconds": "60"}}, "/sender/shutdownGraceSeconds"),
+        ({"sender": {"shutdownGraceSeconds": 2.5}}, "/sender/shutdownGraceSeconds"),
+        ({"sender": {"preStopSeconds": -1}}, "/sender/preStopSeconds"),
+        ({"sender": {"preStopSeconds": "5s"}}, "/sender/preStopSeconds"),
         ({"ingress": {"enabled": True, "host": "Not A Host"}}, "/ingress/host"),
         ({"serviceMonitor": {"interval": "often"}}, "/serviceMonitor/interval"),
         ({"sender": {"resources": {"requests": {"cpu": "lots"}}}}, "/sender/resources/requests/cpu"),
