@@ -638,6 +638,8 @@ def test_values_schema_accepts_the_examples(case: str) -> None:
             {"ingress": {"enabled": True, "tls": {"enabled": True, "secretName": ""}}},
             "ingress.tls.secretName",
         ),
+        ({"sender": {"env": {"SENDER_SHUTDOWN_GRACE": 90}}}, "set it with sender.shutdownGraceSeconds"),
+        ({"sender": {"env": {"SENDER_PORT": 9000}}}, "set it with sender.port"),
     ],
 )
 def test_template_rejects(values: dict[str, Any], message: str) -> None:
