@@ -640,6 +640,14 @@ def test_values_schema_accepts_the_examples(case: str) -> None:
         ),
         ({"sender": {"env": {"SENDER_SHUTDOWN_GRACE": 90}}}, "set it with sender.shutdownGraceSeconds"),
         ({"sender": {"env": {"SENDER_PORT": 9000}}}, "set it with sender.port"),
+        (
+            {"consumer": {"env": {"CONSUMER_STATUS_PORT": 9500}}, "models": [{"name": "m", "model": "x"}]},
+            "CONSUMER_STATUS_PORT, which comes from consumer.statusPort",
+        ),
+        (
+            {"models": [{"name": "m", "model": "x", "consumerEnv": {"CONSUMER_SHUTDOWN_GRACE": 5}}]},
+            'models "m": consumer.env / consumerEnv sets CONSUMER_SHUTDOWN_GRACE',
+        ),
     ],
 )
 def test_template_rejects(values: dict[str, Any], message: str) -> None:
