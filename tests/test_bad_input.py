@@ -131,10 +131,10 @@ async def test_invalid_utf8_and_other_content_types(sender: Service, token: str,
 async def test_slow_and_silent_clients_do_not_hold_the_sender(sender: Service, token: str) -> None:
     """A client that sends headers and then its body a byte at a time, or never, costs one connection;
     everyone else is still served."""
-    host, port = sender.url.removeprefix("http://").split(":")
+    host, port = sender.address
     writers = []
     for _ in range(50):
-        _reader, writer = await asyncio.open_connection(host, int(port))
+        _reader, writer = await asyncio.open_connection(host, port)
         writer.write(
             f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
             "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{".encode()
@@ -165,8 +165,8 @@ async def send_part_of_a_body(
     sender: Service, token: str, request_id: str, part: bytes
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Headers announcing a 1000-byte body, then only ``part`` of it, over a raw connection."""
-    host, port = sender.url.removeprefix("http://").split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
+    host, port = sender.address
+    reader, writer = await asyncio.open_connection(host, port)
     writer.write(
         f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
         f"X-Request-Id: {request_id}\r\nContent-Type: application/json\r\n"

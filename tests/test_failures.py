@@ -349,11 +349,11 @@ async def test_liveness_tells_a_live_consumer_from_a_gone_one() -> None:
 
 
 async def until_refused(service: Service, timeout: float = 5) -> None:
-    host, port = service.url.removeprefix("http://").split(":")
+    host, port = service.address
     deadline = asyncio.get_running_loop().time() + timeout
     while asyncio.get_running_loop().time() < deadline:
         try:
-            _, writer = await asyncio.open_connection(host, int(port))
+            _, writer = await asyncio.open_connection(host, port)
         except ConnectionRefusedError:
             return
         writer.close()

@@ -72,6 +72,12 @@ class Service:
     def pid(self) -> int:
         return self.process.pid
 
+    @property
+    def address(self) -> tuple[str, int]:
+        """Host and port of ``url``, for tests that speak raw TCP to the service."""
+        host, port = self.url.removeprefix("http://").split(":")
+        return host, int(port)
+
     def alive(self) -> bool:
         return self.process.poll() is None
 
