@@ -12,6 +12,7 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY contract contract
+COPY runtime runtime
 COPY sender sender
 COPY consumer consumer
 COPY simulator simulator
@@ -21,7 +22,7 @@ RUN python -m venv /opt/venv \
     && /opt/venv/bin/pip install . \
     && /opt/venv/bin/pip uninstall --yes llm-dispatcher pip setuptools
 
-FROM ${PYTHON_IMAGE} AS runtime
+FROM ${PYTHON_IMAGE} AS base
 RUN groupadd --system --gid 10001 dispatcher \
     && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
        --shell /usr/sbin/nologin dispatcher
@@ -29,23 +30,24 @@ COPY --from=build /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 WORKDIR /app
 COPY contract contract
+COPY runtime runtime
 # Numeric, so Kubernetes' runAsNonRoot can verify it without reading /etc/passwd.
 USER 10001:10001
 
-FROM runtime AS sender
+FROM base AS sender
 COPY sender sender
 COPY db-init db-init
 ENV SENDER_HOST=0.0.0.0
 EXPOSE 8080
 CMD ["python", "-m", "sender"]
 
-FROM runtime AS consumer
+FROM base AS consumer
 COPY consumer consumer
 ENV CONSUMER_STATUS_HOST=0.0.0.0
 EXPOSE 9400
 CMD ["python", "-m", "consumer"]
 
-FROM runtime AS simulator
+FROM base AS simulator
 COPY simulator simulator
 ENV SIMULATOR_HOST=0.0.0.0
 EXPOSE 8000

@@ -7,7 +7,7 @@ import signal
 
 from consumer.settings import ConsumerSettings
 from consumer.worker import Worker
-from contract.runtime import configure_logging, tune_gc
+from runtime import configure_logging, tune_gc
 
 
 async def _main() -> None:

@@ -6,7 +6,7 @@ import importlib.util
 
 import uvicorn
 
-from contract.runtime import configure_logging, tune_gc
+from runtime import configure_logging, tune_gc
 from sender.app import create_app
 from sender.settings import SenderSettings
 

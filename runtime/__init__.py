@@ -1,4 +1,4 @@
-"""Process set-up shared by the sender and the consumer: garbage collection and logging."""
+"""Process set-up shared by the sender and the consumer: garbage collection and JSON logging."""
 
 from __future__ import annotations
 
