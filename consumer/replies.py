@@ -18,8 +18,9 @@ Publish = Callable[[Reply], Awaitable[None]]
 
 
 class ReplyWriter:
-    def __init__(self, publish: Publish, *, interval: float, max_bytes: int) -> None:
+    def __init__(self, publish: Publish, *, liveness_queue: str, interval: float, max_bytes: int) -> None:
         self._publish = publish
+        self._liveness_queue = liveness_queue
         self._interval = interval
         self._max_bytes = max_bytes
         self._seq = 0
@@ -104,6 +105,7 @@ class ReplyWriter:
                 prompt_tokens=self.usage[0] if last and self.usage else None,
                 completion_tokens=self.usage[1] if last and self.usage else None,
                 queue_ms=self.queue_ms if last else None,
+                liveness_queue=self._liveness_queue,
             )
             self._seq += 1
             self._last_flush = time.monotonic()

@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from contract import DEAD_LETTER_QUEUE, DEFAULT_MAX_PRIORITY
+from contract import DEAD_LETTER_QUEUE, DEFAULT_MAX_PRIORITY, DEFAULT_RABBITMQ_URL
 
 
 class ConsumerSettings(BaseSettings):
@@ -21,7 +21,7 @@ class ConsumerSettings(BaseSettings):
         "http://127.0.0.1:8000", validation_alias=AliasChoices("VLLM_URL", "CONSUMER_VLLM_URL")
     )
     rabbitmq_url: str = Field(
-        "amqp://guest:guest@127.0.0.1:5672/",
+        DEFAULT_RABBITMQ_URL,
         validation_alias=AliasChoices("RABBITMQ_URL", "CONSUMER_RABBITMQ_URL"),
     )
     log_level: str = "info"

@@ -21,7 +21,6 @@ from typing import Any
 
 import aio_pika
 import aiohttp
-import aiormq
 import orjson
 from aio_pika.abc import (
     AbstractChannel,
@@ -31,7 +30,6 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 from aiohttp import web
-from pamqp.commands import Basic
 
 import contract
 from consumer import usage
@@ -40,7 +38,8 @@ from consumer.flow import Window
 from consumer.replies import ReplyWriter
 from consumer.settings import ConsumerSettings
 from consumer.status import ConsumerMetrics, serve_status
-from contract import Announcement, ContractError, Reply, Request
+from contract import Announcement, Cancel, ContractError, Reply, Request, errors, liveness
+from contract.errors import BROKER_GONE
 
 log = logging.getLogger(__name__)
 
@@ -48,15 +47,6 @@ _JSON = "application/json"
 _CANCEL_MEMORY = 900.0
 """Seconds a cancellation without a deadline is remembered for a request not seen yet."""
 _CANCEL_MEMORY_SIZE = 100_000
-
-
-_BROKER_GONE = (aio_pika.exceptions.AMQPError, aiormq.exceptions.AMQPError, ConnectionError, RuntimeError)
-"""What a publish raises when the connection or channel under it is gone (aiormq's
-``ChannelInvalidStateError`` is a ``RuntimeError``)."""
-
-
-def error_body(message: str, *, type: str, code: str) -> bytes:
-    return orjson.dumps({"error": {"message": message, "type": type, "param": None, "code": code}})
 
 
 class Worker:
@@ -212,10 +202,7 @@ class Worker:
         gone, and the sender knows their answer will not continue.
         """
         assert self._reply_channel is not None
-        channel = await self._reply_channel.get_underlay_channel()
-        declared = await channel.queue_declare("", exclusive=True, auto_delete=True)
-        assert declared is not None and declared.queue is not None
-        self._liveness = declared.queue
+        self._liveness = await liveness.declare(await self._reply_channel.get_underlay_channel())
 
     def _on_connection_lost(self, *_: object) -> None:
         """The broker hands the unacked requests to another consumer: stop serving them here."""
@@ -228,7 +215,7 @@ class Worker:
     async def _on_reconnected(self, *_: object) -> None:
         try:
             await self._declare_liveness()
-        except _BROKER_GONE as exc:
+        except BROKER_GONE as exc:
             log.warning("could not declare the liveness queue after reconnecting: %s", exc)
 
     async def _choose_flow(self) -> bool:
@@ -257,7 +244,7 @@ class Worker:
     async def _stop_consuming(self) -> None:
         tag, self._consumer_tag = self._consumer_tag, None
         if tag is not None and self._queue is not None:
-            with contextlib.suppress(*_BROKER_GONE):
+            with contextlib.suppress(*BROKER_GONE):
                 await self._queue.cancel(tag)
             await self._announce(Announcement.PAUSED)
 
@@ -313,9 +300,9 @@ class Worker:
 
     async def _on_control(self, message: AbstractIncomingMessage) -> None:
         if message.routing_key == contract.CANCEL_KEY:
-            deadline = (message.headers or {}).get(contract.H_DEADLINE)
-            forget_in = int(deadline) / 1000 - time.time() if isinstance(deadline, int) else _CANCEL_MEMORY
-            self._cancel(message.body.decode(errors="replace"), max(1.0, forget_in))
+            cancel = Cancel.from_message(message)
+            forget_in = _CANCEL_MEMORY if cancel.deadline is None else cancel.deadline - time.time()
+            self._cancel(cancel.correlation_id, max(1.0, forget_in))
         elif not self._stopping:
             await self._announce(Announcement.READY if self.consuming else Announcement.PAUSED)
 
@@ -340,10 +327,11 @@ class Worker:
             state=state,
             ttl=self.settings.announce_interval * 3,
             card=dict(self.card),
+            max_priority=self.settings.max_priority,
         )
-        with contextlib.suppress(*_BROKER_GONE):
+        with contextlib.suppress(*BROKER_GONE):
             await self._control.publish(
-                aio_pika.Message(announcement.encode(), content_type=_JSON),
+                announcement.message(),
                 routing_key=contract.ANNOUNCE_KEY,
                 mandatory=False,
             )
@@ -353,7 +341,7 @@ class Worker:
         if self._cancelled.pop(correlation_id, None) is not None:
             await _settle(message.ack())  # its client is gone: spend no GPU time on it
             self.metrics.requests.labels(self.settings.model, "", "skipped").inc()
-            request_id = (message.headers or {}).get(contract.H_REQUEST_ID)
+            request_id = contract.request_id_of(message)
             log.info("request", extra={"fields": {"request_id": request_id, "outcome": "skipped"}})
             return
         self.inflight += 1
@@ -373,15 +361,14 @@ class Worker:
 
     async def _serve(self, message: AbstractIncomingMessage) -> None:
         try:
-            request = Request.from_amqp(message.headers, message.body, message.priority)
-            if not message.reply_to or not message.correlation_id:
-                raise ContractError("request has no reply_to or correlation_id")
+            request = Request.from_message(message)
         except ContractError as exc:
             log.error("malformed request message moved to %s: %s", self.settings.dead_letter_queue, exc)
             await self._dead_letter(message, str(exc))
             return
         writer = ReplyWriter(
-            self._publisher(message.reply_to, message.correlation_id),
+            self._publisher(request.reply_to, request.correlation_id),
+            liveness_queue=self._liveness,
             interval=self.settings.flush_interval,
             max_bytes=self.settings.flush_bytes,
         )
@@ -412,7 +399,7 @@ class Worker:
             outcome = "failed"
             if not writer.finished:
                 await self._fail(
-                    writer, 500, "the dispatcher failed while serving this request", "internal_error"
+                    writer, errors.INTERNAL_ERROR, "the dispatcher failed while serving this request"
                 )
         finally:
             if outcome == "given back":
@@ -453,11 +440,7 @@ class Worker:
         remaining = request.deadline - time.time()
         if remaining <= 0:
             await self._fail(
-                writer,
-                504,
-                "the request expired while it waited in the queue",
-                "deadline_exceeded",
-                type="timeout_error",
+                writer, errors.DEADLINE_EXCEEDED, "the request expired while it waited in the queue"
             )
             return False
         body, strip_usage = self._body_for_backend(request)
@@ -468,13 +451,7 @@ class Worker:
             if writer.started:
                 await writer.finish(error="the request ran past its deadline")
             else:
-                await self._fail(
-                    writer,
-                    504,
-                    "the request ran past its deadline",
-                    "deadline_exceeded",
-                    type="timeout_error",
-                )
+                await self._fail(writer, errors.DEADLINE_EXCEEDED, "the request ran past its deadline")
         except BackendUnreachable as exc:
             self._check_now.set()
             if not redelivered:
@@ -482,14 +459,14 @@ class Worker:
                 self._healthy.clear()
                 await self._stop_consuming()
                 return True
-            await self._fail(writer, 502, "the model server is unreachable", "backend_unavailable")
+            await self._fail(writer, errors.BACKEND_UNAVAILABLE)
         except BackendFailed as exc:
             self._check_now.set()
             message = f"the connection to the model server failed: {exc}"
             if writer.started:
                 await writer.finish(error=message)
             else:
-                await self._fail(writer, 502, message, "backend_error")
+                await self._fail(writer, errors.BACKEND_ERROR, message)
         return False
 
     async def _call_backend(
@@ -538,37 +515,24 @@ class Worker:
             payload["priority"] = self.settings.max_priority - request.priority
         return orjson.dumps(payload), strip
 
-    async def _fail(
-        self, writer: ReplyWriter, status: int, message: str, code: str, *, type: str = "server_error"
-    ) -> None:
-        await writer.whole(status, _JSON, error_body(message, type=type, code=code))
+    async def _fail(self, writer: ReplyWriter, kind: errors.ErrorKind, message: str | None = None) -> None:
+        await writer.whole(kind.status, _JSON, kind.body(message))
 
     def _publisher(self, reply_to: str, correlation_id: str) -> ReplyPublisher:
         assert self._reply_channel is not None
-        return ReplyPublisher(self._reply_channel, reply_to, correlation_id, self._liveness)
+        return ReplyPublisher(self._reply_channel, reply_to, correlation_id)
 
     async def _dead_letter(self, message: AbstractIncomingMessage, reason: str) -> None:
         """Keep an unreadable message for inspection, then settle it: never a crash, never a loop."""
         assert self._reply_channel is not None
-        headers: dict[str, Any] = {
-            key: value
-            for key, value in (message.headers or {}).items()
-            if isinstance(value, str | bytes | int | float | bool)
-        }
-        headers[contract.H_REJECTED] = reason[:500]
         try:
             channel = await self._reply_channel.get_underlay_channel()
             await channel.basic_publish(
                 message.body,
                 routing_key=self.settings.dead_letter_queue,
-                properties=Basic.Properties(
-                    headers=headers,
-                    content_type=message.content_type,
-                    correlation_id=message.correlation_id,
-                    delivery_mode=2,
-                ),
+                properties=contract.rejected_properties(message, reason),
             )
-        except _BROKER_GONE as exc:
+        except BROKER_GONE as exc:
             # Rejected instead: a broker policy with a dead-letter exchange may still keep it.
             log.warning("could not dead-letter a malformed message: %s", exc)
             await _settle(message.reject(requeue=False))
@@ -586,22 +550,14 @@ class ReplyPublisher:
     cost of each.
     """
 
-    def __init__(self, channel: AbstractChannel, reply_to: str, correlation_id: str, consumer: str) -> None:
+    def __init__(self, channel: AbstractChannel, reply_to: str, correlation_id: str) -> None:
         self._channel = channel
         self._reply_to = reply_to
         self._correlation_id = correlation_id
-        self._consumer = consumer
 
     async def __call__(self, reply: Reply) -> None:
-        headers = reply.headers()
-        headers[contract.H_CONSUMER] = self._consumer
-        properties = Basic.Properties(
-            headers=headers,
-            content_type=reply.content_type,
-            correlation_id=self._correlation_id,
-            message_type=contract.REPLY_TYPE,
-        )
-        with contextlib.suppress(*_BROKER_GONE):
+        properties = reply.properties(self._correlation_id)
+        with contextlib.suppress(*BROKER_GONE):
             channel = await self._channel.get_underlay_channel()
             # Not mandatory: a reply to a sender that is gone has nobody to go to.
             await channel.basic_publish(reply.body, routing_key=self._reply_to, properties=properties)
@@ -611,7 +567,7 @@ async def _settle(operation: object) -> None:
     """Await an ack/nack/reject, tolerating a channel that closed meanwhile (the broker redelivers)."""
     try:
         await operation  # type: ignore[misc]
-    except (aio_pika.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+    except BROKER_GONE as exc:
         log.warning("could not settle message: %s", exc)
 
 

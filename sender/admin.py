@@ -20,6 +20,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from contract import DEFAULT_MAX_PRIORITY
 from sender import token_admin
 from sender.database import async_database_url
 from sender.migrate import migrate, schema_version
@@ -191,7 +192,12 @@ def parser() -> argparse.ArgumentParser:
         "Without --secret-file a strong secret (sk-...) is generated and printed once: it is not stored.",
     )
     add.add_argument("--name", required=True)
-    add.add_argument("--priority", type=int, default=0, help="higher is served first, 0-9 (default 0)")
+    add.add_argument(
+        "--priority",
+        type=int,
+        default=0,
+        help=f"higher is served first, 0-{DEFAULT_MAX_PRIORITY} (default 0)",
+    )
     add.add_argument("--threshold", type=int, default=100, help="queue depth at which requests get 429")
     add.add_argument("--owner", help="person or team, for reports")
     add.add_argument(

@@ -21,14 +21,15 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from contract import errors
 from sender.broker import Broker, PendingCall
 from sender.database import async_database_url
 from sender.dispatch import Dispatcher, effective_priority, model_not_found, request_timeout
 from sender.errors import ApiError, error_response
 from sender.limits import RateLimiter
-from sender.metrics import REJECTION_REASONS, SenderMetrics
+from sender.metrics import SenderMetrics
 from sender.migrate import kind_of, schema_scripts, schema_version
-from sender.openapi import AUTHENTICATED, FORWARDED, add_security_scheme
+from sender.openapi import AUTHENTICATED, add_security_scheme, forwarded
 from sender.registry import ModelRegistry
 from sender.settings import SenderSettings
 from sender.tokens import Token, TokenStore
@@ -50,7 +51,7 @@ class Services:
             pool_pre_ping=True,
             pool_recycle=1800,
         )
-        self.registry = ModelRegistry()
+        self.registry = ModelRegistry(settings.max_priority)
         self.metrics = SenderMetrics(token_label=settings.metrics_token_label)
         self.tokens = TokenStore(
             self.engine,
@@ -126,6 +127,7 @@ def create_app(settings: SenderSettings | None = None) -> ASGIApp:
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _internal_error)
+    forwarded_call = forwarded(settings.max_priority)
 
     @app.get("/health/live")
     async def live() -> Response:
@@ -166,16 +168,16 @@ def create_app(settings: SenderSettings | None = None) -> ASGIApp:
         return Response(orjson.dumps(card), media_type=JSON)
 
     # Declared for the OpenAPI description; requests reach them through ForwardingFront.
-    @app.post("/v1/{endpoint:path}", openapi_extra=FORWARDED)
+    @app.post("/v1/{endpoint:path}", openapi_extra=forwarded_call)
     async def openai_call(endpoint: str, request: Request) -> Response:
         """Any OpenAI call whose JSON body names a ``model``: chat, completions, embeddings, ..."""
         return await _forward(request, "/v1/" + endpoint)
 
-    @app.post("/tokenize", openapi_extra=FORWARDED)
+    @app.post("/tokenize", openapi_extra=forwarded_call)
     async def tokenize(request: Request) -> Response:
         return await _forward(request, "/tokenize")
 
-    @app.post("/detokenize", openapi_extra=FORWARDED)
+    @app.post("/detokenize", openapi_extra=forwarded_call)
     async def detokenize(request: Request) -> Response:
         return await _forward(request, "/detokenize")
 
@@ -221,9 +223,7 @@ class ForwardingFront:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and _header_bytes(scope) > self.max_header_bytes:
-            response = error_response(
-                431, "the request headers are too large", code="request_header_fields_too_large"
-            )
+            response = ApiError(errors.HEADERS_TOO_LARGE).response()
             await response(scope, receive, send)
             return
         if scope["type"] == "http" and scope["method"] == "POST" and _forwarded(scope["path"]):
@@ -271,7 +271,7 @@ class ForwardingFront:
         fields = dict(getattr(request.state, "log", {}))
         metrics = _services(request).metrics
         if code is not None:
-            metrics.rejected.labels(REJECTION_REASONS.get(code, "other")).inc()
+            metrics.rejected.labels(errors.reason_of(code)).inc()
         if "model" in fields:
             metrics.answered(fields["model"], fields["token"], status, fields["priority"], seconds)
             if first_piece_at and code is None:
@@ -332,7 +332,7 @@ async def _forward(request: Request, path: str) -> Response:
     payload = _parse_json(body)
     model = payload.get("model")
     if not isinstance(model, str) or not model:
-        raise ApiError(400, "you must provide a model parameter", code="missing_model", param="model")
+        raise ApiError(errors.MISSING_MODEL, param="model")
     if not token.may_use(model):
         raise model_not_found(model)  # as if it did not exist: do not tell which models do
     stream = payload.get("stream") is True
@@ -345,13 +345,7 @@ async def _forward(request: Request, path: str) -> Response:
     await services.dispatcher.admit(model, token)
     retry_after = await services.limiter.admit(token)
     if retry_after is not None:
-        raise ApiError(
-            429,
-            "this token's rate limit is reached (requests or tokens per minute); retry later",
-            type="rate_limit_error",
-            code="rate_limit_exceeded",
-            retry_after=retry_after,
-        )
+        raise ApiError(errors.RATE_LIMIT_EXCEEDED, retry_after=retry_after)
 
     def remember(call: PendingCall) -> None:
         request.state.call = call
@@ -379,26 +373,18 @@ async def _authenticate(request: Request, services: Services) -> Token:
     scheme, _, secret = header.partition(" ")
     secret = secret.strip()
     if scheme.lower() != "bearer" or not secret:
-        raise ApiError(
-            401, "missing bearer token: send 'Authorization: Bearer <token>'", code="invalid_api_key"
-        )
+        raise ApiError(errors.INVALID_API_KEY, "missing bearer token: send 'Authorization: Bearer <token>'")
     try:
         token = await services.tokens.lookup(secret)
     except Exception as exc:  # TokenUnavailable, or anything the lookup could not survive
         log.warning("token lookup failed: %s", type(exc.__cause__ or exc).__name__)
-        raise ApiError(
-            503,
-            "the token database is unreachable",
-            type="server_error",
-            code="auth_unavailable",
-            retry_after=services.settings.retry_after_seconds,
-        ) from exc
+        raise ApiError(errors.AUTH_UNAVAILABLE, retry_after=services.settings.retry_after_seconds) from exc
     if token is None:
-        raise ApiError(401, "invalid bearer token", code="invalid_api_key")
+        raise ApiError(errors.INVALID_API_KEY)
     if not token.enabled:
-        raise ApiError(401, "this bearer token has been revoked", code="token_disabled")
+        raise ApiError(errors.TOKEN_DISABLED)
     if token.expired():
-        raise ApiError(401, "this bearer token has expired", code="token_expired")
+        raise ApiError(errors.TOKEN_EXPIRED)
     return token
 
 
@@ -417,30 +403,27 @@ async def _read_body(request: Request, limit: int, timeout: float) -> bytes:
                 chunks.append(chunk)
     except TimeoutError:
         raise ApiError(
-            408,
+            errors.REQUEST_TIMEOUT,
             f"the request body was not received within {timeout:g} seconds",
-            code="request_timeout",
             close=True,
         ) from None
     except ClientDisconnect:
         # Nobody reads the answer; 499 (as nginx logs it) marks the request in the log and metrics.
-        raise ApiError(
-            499, "the client left before sending its whole body", code="client_disconnected"
-        ) from None
+        raise ApiError(errors.CLIENT_DISCONNECTED) from None
     return b"".join(chunks)
 
 
 def _too_large(limit: int) -> ApiError:
-    return ApiError(413, f"request body is larger than {limit} bytes", code="request_too_large")
+    return ApiError(errors.REQUEST_TOO_LARGE, f"request body is larger than {limit} bytes")
 
 
 def _parse_json(body: bytes) -> dict[str, Any]:
     try:
         payload = orjson.loads(body)
     except orjson.JSONDecodeError:
-        raise ApiError(400, "the request body is not valid JSON", code="invalid_json") from None
+        raise ApiError(errors.INVALID_JSON) from None
     if not isinstance(payload, dict):
-        raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
+        raise ApiError(errors.INVALID_JSON, "the request body must be a JSON object")
     return payload
 
 
@@ -452,16 +435,16 @@ async def _api_error(request: Request, exc: Exception) -> Response:
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 404:
-        return error_response(404, f"no route for {request.method} {request.url.path}", code="unknown_url")
+        return ApiError(errors.UNKNOWN_URL, f"no route for {request.method} {request.url.path}").response()
     if exc.status_code == 405:
-        return error_response(405, f"method {request.method} is not allowed here", code="method_not_allowed")
+        return ApiError(errors.METHOD_NOT_ALLOWED, f"method {request.method} is not allowed here").response()
     return error_response(exc.status_code, str(exc.detail))
 
 
 async def _validation_error(request: Request, exc: Exception) -> Response:
-    return error_response(400, "invalid request", code="invalid_request")
+    return ApiError(errors.INVALID_REQUEST_PARAMS).response()
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return error_response(500, "internal error in the dispatcher", type="server_error", code="internal_error")
+    return ApiError(errors.INTERNAL_ERROR).response()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -36,7 +37,8 @@ from aio_pika.abc import (
 )
 
 import contract
-from contract import Reply, Request
+from contract import Cancel, Reply, Request, liveness
+from contract.errors import BROKER_GONE
 
 log = logging.getLogger(__name__)
 
@@ -95,10 +97,10 @@ class PendingCall:
                 reply = await self._replies.get()
                 if self.abandoned or self.publish_error is not None:
                     return reply
-                if reply.consumer is not None:
+                if reply.liveness_queue is not None:
                     if self.owner is None:
-                        self.owner = reply.consumer
-                    elif reply.consumer != self.owner:
+                        self.owner = reply.liveness_queue
+                    elif reply.liveness_queue != self.owner:
                         continue  # a redelivered copy served by another consumer: the first answer stands
                 return self._check(reply)
 
@@ -119,7 +121,7 @@ class PendingCall:
                 seq=self._expected_seq,
                 last=True,
                 error="the model server stopped in the middle of the answer",
-                consumer=self.owner,
+                liveness_queue=self.owner,
             )
         )
 
@@ -197,7 +199,7 @@ class Broker:
         # broker restarted and this sender had not yet reconnected still land here.
         # x-expires removes it once this sender is gone for good.
         await reply_channel.declare_queue(
-            self.reply_queue_name, durable=True, arguments={"x-expires": 60_000}
+            self.reply_queue_name, durable=True, arguments={"x-expires": contract.REPLY_QUEUE_EXPIRES_MS}
         )
         # Replies are consumed straight through aiormq (no aio-pika message object
         # and one task less per piece); re-subscribed whenever the channel reopens.
@@ -216,7 +218,7 @@ class Broker:
             on_announcement(message.body)
 
         await self._announce_queue.consume(announcement, no_ack=True)
-        await control.publish(aio_pika.Message(b""), routing_key=contract.ROLLCALL_KEY, mandatory=False)
+        await control.publish(contract.rollcall_message(), routing_key=contract.ROLLCALL_KEY, mandatory=False)
         self._liveness_task = asyncio.create_task(self._watch_liveness())
 
     async def close(self) -> None:
@@ -239,22 +241,13 @@ class Broker:
         if self._publish_channel is None or not self.connected:
             raise PublishFailed("not connected to the broker")
         correlation_id = uuid.uuid4().hex
+        request = dataclasses.replace(request, correlation_id=correlation_id, reply_to=self.reply_queue_name)
         pending = PendingCall(correlation_id, model, request.deadline, self._forget)
         self._pending[correlation_id] = pending
-        message = aio_pika.Message(
-            request.body,
-            headers=request.headers(),
-            content_type="application/json",
-            priority=request.priority,
-            correlation_id=correlation_id,
-            reply_to=self.reply_queue_name,
-            expiration=request.ttl_ms() / 1000,
-            type=contract.REQUEST_TYPE,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        )
+        message = request.message()
         try:
             exchange = self._publish_channel.default_exchange
-        except (aio_pika.exceptions.AMQPError, RuntimeError) as exc:
+        except BROKER_GONE as exc:
             self._pending.pop(correlation_id, None)
             raise PublishFailed(type(exc).__name__) from exc
         confirm = asyncio.ensure_future(
@@ -290,14 +283,8 @@ class Broker:
 
     async def _send_cancel(self, call: PendingCall) -> None:
         assert self._control is not None
-        message = aio_pika.Message(
-            call.correlation_id.encode(),
-            headers={contract.H_DEADLINE: int(call.deadline * 1000)},
-            type=contract.CANCEL_TYPE,
-        )
-        with contextlib.suppress(
-            aio_pika.exceptions.AMQPError, aiormq.exceptions.AMQPError, ConnectionError, RuntimeError
-        ):
+        message = Cancel(call.correlation_id, call.deadline).message()
+        with contextlib.suppress(*BROKER_GONE):
             await self._control.publish(message, routing_key=contract.CANCEL_KEY, mandatory=False)
 
     async def _consume_replies(self) -> None:
@@ -311,7 +298,7 @@ class Broker:
         if pending is None:
             return  # the client gave up; nobody waits for this any more
         try:
-            reply = Reply.from_amqp(properties.headers, message.body, properties.content_type)
+            reply = Reply.from_properties(properties, message.body)
         except contract.ContractError as exc:
             log.warning("malformed reply dropped: %s", exc)
             reply = Reply(seq=-1, last=True, error="malformed reply from consumer")
@@ -344,32 +331,10 @@ class Broker:
                         call.consumer_gone()
 
     async def _gone(self, owners: set[str]) -> list[str]:
-        """Which of these liveness queues no longer exist.
-
-        Checked on a plain channel of its own, opened for the round: the broker
-        closes a channel on every missing queue, and the robust channels' own
-        reopening must not get in the way.
-        """
+        """Which of these liveness queues no longer exist."""
         if self._connection is None or self._connection.transport is None or not self.connected:
             raise PublishFailed("not connected to the broker")
-        connection = self._connection.transport.connection
-        gone = []
-        channel = None
-        try:
-            for owner in owners:
-                if channel is None or channel.is_closed:
-                    channel = await connection.channel()
-                try:
-                    await channel.queue_declare(owner, passive=True, timeout=2)
-                except aiormq.exceptions.ChannelNotFoundEntity:
-                    gone.append(owner)
-                except aiormq.exceptions.ChannelLockedResource:
-                    pass  # RESOURCE_LOCKED: the queue exists, held by its consumer's live connection
-        finally:
-            if channel is not None and not channel.is_closed:
-                with contextlib.suppress(Exception):
-                    await channel.close()
-        return gone
+        return await liveness.vanished(self._connection.transport.connection, owners)
 
     async def queue_stats(self, model: str, *, fresh: bool = False) -> QueueStats:
         """Depth and consumer count of the model's queue, about ``stats_ttl`` old.
@@ -436,7 +401,7 @@ class Broker:
             if _really_cancelled():
                 raise
             raise PublishFailed("connection lost") from None
-        except (aiormq.exceptions.AMQPError, aio_pika.exceptions.AMQPError, RuntimeError) as exc:
+        except BROKER_GONE as exc:
             # A connection or channel closed under us: the broker is out of reach for now.
             raise PublishFailed(type(exc).__name__) from exc
 

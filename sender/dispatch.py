@@ -15,9 +15,9 @@ from collections.abc import Callable
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from contract import Reply, Request, servable_model_name
+from contract import Reply, Request, errors, servable_model_name
 from sender.broker import Broker, PendingCall, PublishFailed
-from sender.errors import ApiError, sse_error_event
+from sender.errors import ApiError
 from sender.settings import SenderSettings
 from sender.tokens import Token
 
@@ -31,7 +31,7 @@ def effective_priority(token: Token, requested: str | None, max_priority: int) -
     try:
         value = int(requested.strip())
     except ValueError:
-        raise ApiError(400, "X-Priority must be an integer", code="invalid_priority") from None
+        raise ApiError(errors.INVALID_PRIORITY) from None
     return max(0, min(value, ceiling))
 
 
@@ -45,9 +45,7 @@ def request_timeout(requested: str | None, ceiling: float) -> float:
     except ValueError:
         value = float("nan")
     if not value > 0 or value == float("inf"):
-        raise ApiError(
-            400, "X-Request-Timeout must be a positive number of seconds", code="invalid_request_timeout"
-        )
+        raise ApiError(errors.INVALID_REQUEST_TIMEOUT)
     return min(value, ceiling)
 
 
@@ -66,24 +64,22 @@ class Dispatcher:
                 # Refusing is rare: make sure with numbers newer than, say, a consumer's announcement.
                 stats = await self._broker.queue_stats(model, fresh=True)
         except (PublishFailed, TimeoutError, ConnectionError) as exc:
-            raise self._unavailable("the message broker is unreachable", "broker_unavailable") from exc
+            raise self._unavailable(errors.BROKER_UNAVAILABLE) from exc
         if not stats.exists:
             raise model_not_found(model)
         if stats.consumers == 0 and not self._settings.queue_without_consumers:
             raise self._unavailable(
-                f"no server is available for model `{model}` right now", "model_unavailable"
+                errors.MODEL_UNAVAILABLE, f"no server is available for model `{model}` right now"
             )
         if stats.messages >= self._settings.max_queued_per_model:
             raise self._unavailable(
+                errors.OVERLOADED,
                 f"the dispatcher is overloaded: too many requests are waiting for model `{model}`",
-                "overloaded",
             )
         if stats.messages >= token.threshold:
             raise ApiError(
-                429,
+                errors.QUEUE_FULL,
                 f"too many requests are waiting for model `{model}`; retry later",
-                type="rate_limit_error",
-                code="queue_full",
                 retry_after=self._settings.retry_after_seconds,
             )
 
@@ -113,7 +109,7 @@ class Dispatcher:
         try:
             call = await self._broker.call(model, request)
         except PublishFailed as exc:
-            raise self._unavailable("the request could not be queued", "queue_unavailable") from exc
+            raise self._unavailable(errors.QUEUE_UNAVAILABLE) from exc
         on_call(call)
         watcher = asyncio.ensure_future(_watch_disconnect(receive, call))
         try:
@@ -131,12 +127,10 @@ class Dispatcher:
             return Response(status_code=499)  # nobody is there to read it
         if call.publish_error is not None:
             call.close()
-            raise self._unavailable("the request could not be queued", "queue_unavailable")
+            raise self._unavailable(errors.QUEUE_UNAVAILABLE)
         if first.status is None:
             call.close()
-            raise ApiError(
-                502, first.error or "the model server gave no answer", type="server_error", code="bad_gateway"
-            )
+            raise ApiError(errors.BAD_GATEWAY, first.error)
         headers = {"content-type": first.content_type or "application/json"}
         if first.last:
             call.close()
@@ -145,10 +139,8 @@ class Dispatcher:
         headers["x-accel-buffering"] = "no"
         return RelayResponse(call, first, deadline, status_code=first.status, headers=headers)
 
-    def _unavailable(self, message: str, code: str) -> ApiError:
-        return ApiError(
-            503, message, type="server_error", code=code, retry_after=self._settings.retry_after_seconds
-        )
+    def _unavailable(self, kind: errors.ErrorKind, message: str | None = None) -> ApiError:
+        return ApiError(kind, message, retry_after=self._settings.retry_after_seconds)
 
 
 async def _watch_disconnect(receive: Receive, call: PendingCall) -> None:
@@ -195,7 +187,7 @@ class RelayResponse(Response):
                 # its connection before saying "last") changes nothing for the client.
                 complete = complete or chunk.endswith(_END_OF_STREAM)
                 if reply.error is not None and not complete:
-                    chunk += sse_error_event(reply.error, code="stream_interrupted")
+                    chunk += errors.STREAM_INTERRUPTED.sse_event(reply.error)
                 if chunk:
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 if reply.last:
@@ -205,7 +197,7 @@ class RelayResponse(Response):
                 except TimeoutError:
                     if complete:
                         break
-                    event = sse_error_event("the request ran past its deadline", code="deadline_exceeded")
+                    event = errors.DEADLINE_EXCEEDED.sse_event("the request ran past its deadline")
                     await send({"type": "http.response.body", "body": event, "more_body": True})
                     break
             await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -214,7 +206,7 @@ class RelayResponse(Response):
         except asyncio.CancelledError:
             # The server's shutdown grace ran out: say so, rather than just dropping the stream.
             with contextlib.suppress(Exception):
-                event = sse_error_event("the dispatcher is shutting down; retry", code="shutting_down")
+                event = errors.SHUTTING_DOWN.sse_event()
                 await send({"type": "http.response.body", "body": event, "more_body": False})
             raise
         finally:
@@ -224,17 +216,11 @@ class RelayResponse(Response):
 
 def model_not_found(model: str) -> ApiError:
     return ApiError(
-        404,
+        errors.MODEL_NOT_FOUND,
         f"The model `{model}` does not exist or you do not have access to it.",
-        code="model_not_found",
         param="model",
     )
 
 
 def deadline_exceeded() -> ApiError:
-    return ApiError(
-        504,
-        "the request was not answered before its deadline",
-        type="timeout_error",
-        code="deadline_exceeded",
-    )
+    return ApiError(errors.DEADLINE_EXCEEDED)

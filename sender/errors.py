@@ -1,9 +1,10 @@
-"""OpenAI-shaped errors: ``{"error": {"message", "type", "code"}}``."""
+"""The sender's errors as HTTP responses; codes, statuses and messages come from :mod:`contract.errors`."""
 
 from __future__ import annotations
 
-import orjson
 from starlette.responses import Response
+
+from contract.errors import INVALID_REQUEST, ErrorKind, error_body
 
 
 class ApiError(Exception):
@@ -11,46 +12,46 @@ class ApiError(Exception):
 
     def __init__(
         self,
-        status: int,
-        message: str,
+        kind: ErrorKind,
+        message: str | None = None,
         *,
-        type: str = "invalid_request_error",
-        code: str | None = None,
         param: str | None = None,
         retry_after: int | None = None,
         close: bool = False,
     ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type
-        self.code = code
+        super().__init__(message or kind.message)
+        self.kind = kind
+        self.message = message or kind.message
         self.param = param
         self.retry_after = retry_after
         self.close = close
         """Answer with ``Connection: close``: the rest of the request may still be on its way."""
 
+    @property
+    def code(self) -> str:
+        return self.kind.code
+
+    @property
+    def status(self) -> int:
+        return self.kind.status
+
     def response(self) -> Response:
         return error_response(
-            self.status,
+            self.kind.status,
             self.message,
-            type=self.type,
-            code=self.code,
+            type=self.kind.type,
+            code=self.kind.code,
             param=self.param,
             retry_after=self.retry_after,
             close=self.close,
         )
 
 
-def error_body(message: str, *, type: str, code: str | None = None, param: str | None = None) -> bytes:
-    return orjson.dumps({"error": {"message": message, "type": type, "param": param, "code": code}})
-
-
 def error_response(
     status: int,
     message: str,
     *,
-    type: str = "invalid_request_error",
+    type: str = INVALID_REQUEST,
     code: str | None = None,
     param: str | None = None,
     retry_after: int | None = None,
@@ -67,6 +68,6 @@ def error_response(
     )
 
 
-def sse_error_event(message: str, *, type: str = "server_error", code: str | None = None) -> bytes:
-    """An error inside an event stream that already started with status 200."""
-    return b"data: " + error_body(message, type=type, code=code) + b"\n\n"
+def kind_response(kind: ErrorKind, message: str | None = None) -> Response:
+    """The response for a catalogue error raised outside a request handler."""
+    return ApiError(kind, message).response()

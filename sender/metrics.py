@@ -97,27 +97,3 @@ class SenderMetrics:
 
     def first_piece(self, model: str, priority: int, seconds: float) -> None:
         self.first_byte.labels(model, str(priority)).observe(seconds)
-
-
-REJECTION_REASONS = {
-    "invalid_api_key": "auth",
-    "auth_unavailable": "auth_unavailable",
-    "queue_full": "threshold",
-    "model_unavailable": "no_consumer",
-    "model_not_found": "unknown_model",
-    "deadline_exceeded": "deadline",
-    "queue_unavailable": "broker",
-    "broker_unavailable": "broker",
-    "request_too_large": "bad_request",
-    "request_timeout": "slow_client",
-    "client_disconnected": "client_left",
-    "invalid_json": "bad_request",
-    "missing_model": "bad_request",
-    "invalid_priority": "bad_request",
-    "token_disabled": "auth",
-    "token_expired": "auth",
-    "rate_limit_exceeded": "rate_limit",
-    "invalid_request_timeout": "bad_request",
-    "overloaded": "overloaded",
-    "request_header_fields_too_large": "bad_request",
-}

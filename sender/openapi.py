@@ -12,54 +12,60 @@ from typing import Any
 
 BEARER = {"bearer": {"type": "http", "scheme": "bearer"}}
 
-_HEADERS: list[dict[str, Any]] = [
-    {
-        "name": "X-Priority",
-        "in": "header",
-        "required": False,
-        "description": "Lower this request's priority below its token's (0-9).",
-        "schema": {"type": "integer", "minimum": 0, "maximum": 9},
-    },
-    {
-        "name": "X-Request-Timeout",
-        "in": "header",
-        "required": False,
-        "description": "Seconds the client waits at most; shortens the server's deadline.",
-        "schema": {"type": "number", "exclusiveMinimum": 0},
-    },
-    {
-        "name": "X-Request-Id",
-        "in": "header",
-        "required": False,
-        "description": "Echoed in the response and in both services' logs.",
-        "schema": {"type": "string", "maxLength": 64},
-    },
-]
 
-FORWARDED: dict[str, Any] = {
-    "security": [{"bearer": []}],
-    "parameters": _HEADERS,
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {
-                "schema": {
-                    "type": "object",
-                    "required": ["model"],
-                    "properties": {
-                        "model": {"type": "string", "minLength": 1},
-                        "stream": {"type": "boolean"},
-                    },
-                    "additionalProperties": True,
+def forwarded(max_priority: int) -> dict[str, Any]:
+    """The description of a forwarded call on a priority scale of 0 to ``max_priority``."""
+    return {
+        "security": [{"bearer": []}],
+        "parameters": _headers(max_priority),
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["model"],
+                        "properties": {
+                            "model": {"type": "string", "minLength": 1},
+                            "stream": {"type": "boolean"},
+                        },
+                        "additionalProperties": True,
+                    }
                 }
-            }
+            },
         },
-    },
-    "responses": {
-        "200": {"description": "The backend's answer, relayed (server-sent events when streamed)."},
-        "default": {"description": "An OpenAI-shaped error: {error: {message, type, param, code}}."},
-    },
-}
+        "responses": {
+            "200": {"description": "The backend's answer, relayed (server-sent events when streamed)."},
+            "default": {"description": "An OpenAI-shaped error: {error: {message, type, param, code}}."},
+        },
+    }
+
+
+def _headers(max_priority: int) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": "X-Priority",
+            "in": "header",
+            "required": False,
+            "description": f"Lower this request's priority below its token's (0-{max_priority}).",
+            "schema": {"type": "integer", "minimum": 0, "maximum": max_priority},
+        },
+        {
+            "name": "X-Request-Timeout",
+            "in": "header",
+            "required": False,
+            "description": "Seconds the client waits at most; shortens the server's deadline.",
+            "schema": {"type": "number", "exclusiveMinimum": 0},
+        },
+        {
+            "name": "X-Request-Id",
+            "in": "header",
+            "required": False,
+            "description": "Echoed in the response and in both services' logs.",
+            "schema": {"type": "string", "maxLength": 64},
+        },
+    ]
+
 
 AUTHENTICATED: dict[str, Any] = {"security": [{"bearer": []}]}
 

@@ -17,8 +17,11 @@ log = logging.getLogger(__name__)
 
 
 class ModelRegistry:
-    def __init__(self) -> None:
+    def __init__(self, max_priority: int) -> None:
         self._consumers: dict[str, dict[str, tuple[float, Announcement]]] = {}
+        self._max_priority = max_priority
+        self._mismatched: set[str] = set()
+        """Consumers already reported for declaring another priority scale (said once each)."""
 
     def receive(self, body: bytes) -> None:
         try:
@@ -26,15 +29,28 @@ class ModelRegistry:
         except ContractError as exc:
             log.warning("ignored announcement: %s", exc)
             return
+        self._check_scale(announcement)
         consumers = self._consumers.setdefault(announcement.model, {})
         if announcement.state == Announcement.GONE:
             consumers.pop(announcement.consumer_id, None)
         else:
             consumers[announcement.consumer_id] = (time.monotonic() + announcement.ttl, announcement)
 
-    def known(self, model: str) -> bool:
-        """Whether any consumer ever announced ``model`` to this sender."""
-        return model in self._consumers
+    def _check_scale(self, announcement: Announcement) -> None:
+        """Both services clamp priorities to their own scale: a mismatch silently flattens the top
+        levels (or makes them refused by the queue), so it is said loudly, once per consumer."""
+        if announcement.max_priority == self._max_priority or announcement.consumer_id in self._mismatched:
+            return
+        if len(self._mismatched) < 10_000:
+            self._mismatched.add(announcement.consumer_id)
+        log.error(
+            "consumer %s of model %s uses priorities 0-%d, this sender 0-%d: "
+            "set CONSUMER_MAX_PRIORITY and SENDER_MAX_PRIORITY alike",
+            announcement.consumer_id,
+            announcement.model,
+            announcement.max_priority,
+            self._max_priority,
+        )
 
     def card(self, model: str) -> dict[str, Any] | None:
         """The OpenAI model object for ``model`` if a live consumer serves it."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from contract import DEFAULT_MAX_PRIORITY
+from contract import DEFAULT_MAX_PRIORITY, DEFAULT_RABBITMQ_URL
 
 
 class SenderSettings(BaseSettings):
@@ -15,7 +15,7 @@ class SenderSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SENDER_", extra="ignore")
 
     rabbitmq_url: str = Field(
-        "amqp://guest:guest@127.0.0.1:5672/",
+        DEFAULT_RABBITMQ_URL,
         validation_alias=AliasChoices("RABBITMQ_URL", "SENDER_RABBITMQ_URL"),
     )
     database_url: str = Field(

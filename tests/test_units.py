@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import time
 
+import orjson
 import pytest
 
 import contract
 from consumer.flow import BackendLoad, Window, parse_vllm_metrics
 from consumer.replies import ReplyWriter
-from contract import Announcement, ContractError, Reply, Request
+from contract import Announcement, ContractError, Reply, Request, errors
+from sender.registry import ModelRegistry
 from sender.tokens import Token
 
 
@@ -102,7 +104,7 @@ def collecting_writer() -> tuple[ReplyWriter, list[Reply]]:
     async def publish(reply: Reply) -> None:
         sent.append(reply)
 
-    return ReplyWriter(publish, interval=0.05, max_bytes=1000), sent
+    return ReplyWriter(publish, liveness_queue="amq.gen-test", interval=0.05, max_bytes=1000), sent
 
 
 async def test_reply_writer_batches_a_stream() -> None:
@@ -120,6 +122,7 @@ async def test_reply_writer_batches_a_stream() -> None:
     assert [r.seq for r in sent] == [0, 1, 2, 3]
     assert sent[-1].last and not any(r.last for r in sent[:-1])
     assert all(r.status is None for r in sent[1:])
+    assert all(r.liveness_queue == "amq.gen-test" for r in sent)  # every piece names its consumer
 
 
 async def test_reply_writer_marks_a_broken_stream() -> None:
@@ -198,10 +201,10 @@ def test_a_token_can_shorten_the_deadline_but_never_extend_it(
 
 
 def test_reply_names_its_consumer() -> None:
-    reply = Reply(seq=0, last=False, body=b"x", status=200, consumer="amq.gen-abc")
-    decoded = Reply.from_amqp(reply.headers(), reply.body, "text/event-stream")
-    assert decoded.consumer == "amq.gen-abc"
-    assert Reply.from_amqp(Reply(seq=1, last=True).headers(), b"", None).consumer is None
+    reply = Reply(seq=0, last=False, body=b"x", status=200, liveness_queue="amq.gen-abc")
+    decoded = Reply.from_properties(reply.properties("c1"), reply.body)
+    assert decoded.liveness_queue == "amq.gen-abc"
+    assert Reply.from_amqp(Reply(seq=1, last=True).headers(), b"", None).liveness_queue is None
 
 
 @pytest.mark.parametrize(
@@ -229,3 +232,62 @@ def test_request_timeout_only_shortens_the_deadline() -> None:
         with pytest.raises(ApiError) as raised:
             request_timeout(bad, 600)
         assert raised.value.status == 400 and raised.value.code == "invalid_request_timeout"
+
+
+def test_request_message_carries_its_route_and_decodes_back() -> None:
+    request = Request(
+        path="/v1/completions",
+        body=b"{}",
+        stream=True,
+        priority=4,
+        deadline=time.time() + 30,
+        request_id="r1",
+        correlation_id="c1",
+        reply_to="dispatch.reply.x",
+    )
+    message = request.message()
+    assert message.correlation_id == "c1" and message.reply_to == "dispatch.reply.x"
+    assert message.priority == 4 and message.delivery_mode == 2 and message.type == "request"
+    with pytest.raises(ContractError):
+        Request(path="/v1/x", body=b"", stream=False, priority=0, deadline=0, request_id="").message()
+
+
+def test_cancel_round_trip() -> None:
+    message = contract.Cancel("c1", deadline=1700000000.5).message()
+    assert message.body == b"c1" and message.headers == {contract.H_DEADLINE: 1700000000500}
+    assert message.type == "cancel"
+    assert contract.Cancel("c2").message().headers == {}
+
+
+def test_announcements_carry_the_priority_scale() -> None:
+    announcement = Announcement(consumer_id="c", model="m", state="ready", ttl=1.0, max_priority=5)
+    assert Announcement.decode(announcement.encode()).max_priority == 5
+    legacy = b'{"v": 1, "consumer_id": "c", "model": "m", "state": "ready", "ttl": 1}'
+    assert Announcement.decode(legacy).max_priority == contract.DEFAULT_MAX_PRIORITY
+
+
+def test_a_sender_says_when_a_consumer_uses_another_priority_scale(caplog: pytest.LogCaptureFixture) -> None:
+    registry = ModelRegistry(max_priority=9)
+    same = Announcement(consumer_id="a", model="m", state="ready", ttl=5.0, max_priority=9)
+    other = Announcement(consumer_id="b", model="m", state="ready", ttl=5.0, max_priority=31)
+    registry.receive(same.encode())
+    assert not caplog.records
+    registry.receive(other.encode())
+    registry.receive(other.encode())
+    errors_logged = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors_logged) == 1 and "0-31" in errors_logged[0].getMessage()
+    assert registry.card("m") is not None  # still listed: the mismatch is the operator's to fix
+
+
+def test_the_error_catalogue_is_one_table() -> None:
+    codes = [kind.code for kind in errors.CATALOGUE.values()]
+    assert len(codes) == len(set(codes))
+    for kind in errors.CATALOGUE.values():
+        body = orjson.loads(kind.body())
+        assert body == {
+            "error": {"message": kind.message, "type": kind.type, "param": None, "code": kind.code}
+        }
+        assert kind.reason
+    assert errors.reason_of("queue_full") == "threshold" and errors.reason_of("nonsense") == "other"
+    event = errors.STREAM_INTERRUPTED.sse_event("cut")
+    assert event.startswith(b"data: {") and event.endswith(b"\n\n")

@@ -1,0 +1,46 @@
+"""Liveness queues: how a sender knows that the consumer serving an answer is still connected.
+
+Each consumer connection declares a server-named exclusive queue; it exists
+exactly as long as that connection. Every reply piece names it
+(:attr:`contract.Reply.liveness_queue`), and a sender that waits for the rest
+of an answer checks that the queue still exists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import aiormq
+import aiormq.abc
+
+
+async def declare(channel: aiormq.abc.AbstractChannel) -> str:
+    """Declare a new liveness queue on ``channel``'s connection and return its name."""
+    declared = await channel.queue_declare("", exclusive=True, auto_delete=True)
+    assert declared is not None and declared.queue is not None
+    return declared.queue
+
+
+async def vanished(connection: aiormq.abc.AbstractConnection, queues: set[str]) -> list[str]:
+    """Which of these liveness queues no longer exist (their consumer connection is gone).
+
+    Checked on a plain channel of its own, opened for the round: the broker
+    closes a channel on every missing queue.
+    """
+    gone = []
+    channel = None
+    try:
+        for queue in queues:
+            if channel is None or channel.is_closed:
+                channel = await connection.channel()
+            try:
+                await channel.queue_declare(queue, passive=True, timeout=2)
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                gone.append(queue)
+            except aiormq.exceptions.ChannelLockedResource:
+                pass  # RESOURCE_LOCKED: the queue exists, held by its consumer's live connection
+    finally:
+        if channel is not None and not channel.is_closed:
+            with contextlib.suppress(Exception):
+                await channel.close()
+    return gone
