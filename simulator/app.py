@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from contextlib import aclosing
 from typing import Any
 
-from simulator import shapes, tokenizer
+from simulator import responses, tokenizer
 from simulator.asgi import (
     DisconnectWatch,
     Receive,
@@ -28,7 +28,7 @@ from simulator.engine import Engine, Sequence
 from simulator.errors import ApiError, bad_request
 from simulator.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from simulator.metrics import MetricsRenderer
-from simulator.protocol import (
+from simulator.request_checks import (
     Generation,
     check_model,
     parse_embedding_inputs,
@@ -99,7 +99,7 @@ class Simulator:
         await send_bytes(send, 200, self.metrics.render(), METRICS_CONTENT_TYPE)
 
     async def models(self, data: dict[str, Any], receive: Receive, send: Send) -> None:
-        await send_json(send, 200, shapes.models(self.settings.model, self.settings.max_model_len))
+        await send_json(send, 200, responses.models(self.settings.model, self.settings.max_model_len))
 
     async def chat(self, data: dict[str, Any], receive: Receive, send: Send) -> None:
         await self.generate(parse_generation(data, "chat", self.settings), receive, send)
@@ -108,21 +108,21 @@ class Simulator:
         await self.generate(parse_generation(data, "completion", self.settings), receive, send)
 
     async def generate(self, generation: Generation, receive: Receive, send: Send) -> None:
-        reply = shapes.Reply(generation)
+        answer = responses.Answer(generation)
         sequence = self.engine.sequence(generation.prompt_tokens, generation.max_tokens, generation.priority)
         seed = tokenizer.seed(generation.prompt)
         if generation.stream:
-            await self.stream(sequence, reply, seed, receive, send)
+            await self.stream(sequence, answer, seed, receive, send)
             return
         with DisconnectWatch(receive) as watch:
             async with sequence:
                 await sequence.run()
         if not watch.gone:
             text = tokenizer.completion(seed, generation.max_tokens)
-            await send_json(send, 200, reply.full(text, generation.max_tokens))
+            await send_json(send, 200, answer.full(text, generation.max_tokens))
 
     async def stream(
-        self, sequence: Sequence, reply: shapes.Reply, seed: int, receive: Receive, send: Send
+        self, sequence: Sequence, answer: responses.Answer, seed: int, receive: Receive, send: Send
     ) -> None:
         """Send each token as its own event the moment it is generated."""
         with DisconnectWatch(receive):
@@ -131,9 +131,9 @@ class Simulator:
                 async for index in tokens:
                     produced = index + 1
                     text = tokenizer.piece(seed, index)
-                    chunk = reply.token_chunk(text, produced, last=produced == sequence.max_tokens)
-                    await send_event(send, reply.first_chunks() + chunk if index == 0 else chunk)
-            await send_event(send, reply.closing_chunks(sequence.max_tokens), more=False)
+                    chunk = answer.token_chunk(text, produced, last=produced == sequence.max_tokens)
+                    await send_event(send, answer.first_chunks() + chunk if index == 0 else chunk)
+            await send_event(send, answer.closing_chunks(sequence.max_tokens), more=False)
 
     async def embeddings(self, data: dict[str, Any], receive: Receive, send: Send) -> None:
         texts = parse_embedding_inputs(data)
@@ -141,7 +141,7 @@ class Simulator:
         if encoding_format not in ("float", "base64"):
             raise bad_request("encoding_format: Input should be 'float' or 'base64'")
         model = check_model(data, self.settings)
-        await send_json(send, 200, shapes.embeddings(model, texts, encoding_format))
+        await send_json(send, 200, responses.embeddings(model, texts, encoding_format))
 
     async def tokenize(self, data: dict[str, Any], receive: Receive, send: Send) -> None:
         prompt = parse_tokenize_prompt(data)

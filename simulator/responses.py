@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from simulator.protocol import Generation
+from simulator.request_checks import Generation
 
 EMBEDDING_DIMENSION = 8
 DONE = b"data: [DONE]\n\n"
@@ -50,7 +50,7 @@ def event(content: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(content) + b"\n\n"
 
 
-class Reply:
+class Answer:
     """Builds one request's answer: the whole object, or its stream of chunks."""
 
     __slots__ = ("created", "generation", "id")
