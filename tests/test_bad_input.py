@@ -20,9 +20,9 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
+from harness.stack import Service
 from tests.conftest import Processes, auth
 from tests.test_logs import request_lines
-from tools.stack import Service
 
 # Errors the sender may answer with a 5xx without a bug: an unavailable dependency.
 UNAVAILABLE = {

@@ -1,7 +1,7 @@
 """Broker faults under traffic, on a private RabbitMQ node: every request is accounted for.
 
 The shared broker is never disturbed: this module starts its own node (see
-``tools/broker_node.py``), points a sender and two consumers at it, drives
+``harness/broker_node.py``), points a sender and two consumers at it, drives
 traffic, and injects the fault while requests are queued and streaming.
 """
 
@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
+from harness.broker_node import BrokerNode
+from harness.stack import Service, start, wait_http
+from harness.traffic import Tally, drive
 from tests.conftest import Processes, auth, unique, wait_listed
-from tools.broker_node import BrokerNode
-from tools.stack import Service, start, wait_http
-from tools.traffic import Tally, drive
 
 CLIENTS = 12
 

@@ -16,8 +16,7 @@ import pytest
 import yaml
 
 import contract
-from sender import admin
-from tests.chart_render import (
+from harness.chart_render import (
     CASES,
     CHART,
     HELPER_VARIABLES,
@@ -35,6 +34,7 @@ from tests.chart_render import (
     render,
     render_case,
 )
+from sender import admin
 
 KUBE_VERSIONS = ["1.29.0", "1.33.0"]
 CRD_SCHEMAS = {

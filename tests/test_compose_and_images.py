@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.chart_render import HELPER_VARIABLES, ROOT, SETTINGS, case_values, of_kind, render_case
-from tools.vllm_cpu import VERSION as TESTED_VLLM
+from harness.chart_render import HELPER_VARIABLES, ROOT, SETTINGS, case_values, of_kind, render_case
+from harness.vllm_cpu import VERSION as TESTED_VLLM
 
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"

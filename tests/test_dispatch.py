@@ -7,8 +7,8 @@ import openai
 import orjson
 import pytest
 
+from harness.stack import Service
 from tests.conftest import auth
-from tools.stack import Service
 
 CHAT = {"messages": [{"role": "user", "content": "Say something"}], "max_tokens": 6}
 

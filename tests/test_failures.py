@@ -10,10 +10,10 @@ import httpx
 import orjson
 
 import contract
+from harness.stack import Service, wait_http
 from sender.broker import Broker
 from tests.conftest import DEAD_LETTER_QUEUE, RABBITMQ_URL, Processes, Tokens, auth, unique, wait_listed
 from tests.test_priority import queue_depth, wait_depth, wait_running
-from tools.stack import Service, wait_http
 
 
 async def aborted_requests(backend: Service) -> float:

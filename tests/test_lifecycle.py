@@ -5,8 +5,8 @@ from __future__ import annotations
 import httpx
 import openai
 
+from harness.stack import Service
 from tests.conftest import Processes, Tokens, auth, unique, wait_listed
-from tools.stack import Service
 
 
 async def test_model_list_follows_consumers(processes: Processes, sender: Service, token: str) -> None:

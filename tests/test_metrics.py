@@ -7,8 +7,8 @@ import asyncio
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from harness.stack import Service
 from tests.conftest import Processes, auth, unique, wait_listed
-from tools.stack import Service
 
 
 async def scrape(url: str) -> tuple[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]]:

@@ -10,7 +10,7 @@ import httpx
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tools.stack import Service
+from harness.stack import Service
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "observability" / "grafana-dashboard.json"

@@ -16,8 +16,8 @@ import pytest
 import pytest_asyncio
 
 import contract
+from harness.stack import Service
 from tests.conftest import RABBITMQ_URL, Processes, Tokens, auth, unique, wait_listed
-from tools.stack import Service
 
 BLOCKER_TOKENS = 150  # at 5 ms a token, the slot stays busy for ~0.75 s
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from harness.stack import free_port
 from tests.conftest import RUN_ID
-from tools.stack import free_port
 
 CONF = Path(__file__).resolve().parent.parent / "rabbitmq" / "rabbitmq.conf"
 BROKER_USER = "rabbitmq"

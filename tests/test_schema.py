@@ -13,11 +13,11 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import mysql as mysql_types
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from harness import stack
+from harness.dbclients import apply_scripts, mysql, psql
 from sender.migrate import schema_scripts
 from sender.tables import metadata
 from tests.conftest import RUN_ID, SERVER_URLS, Processes
-from tests.dbclients import apply_scripts, mysql, psql
-from tools import stack
 
 KINDS = ["postgres", "mysql"]
 

@@ -14,13 +14,13 @@ import pytest
 import pytest_asyncio
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from harness import stack
+from harness.dbclients import mysql, psql
+from harness.stack import Service
 from sender.admin import parser
 from sender.token_admin import usage_report
 from sender.tokens import TokenStore, hash_secret
 from tests.conftest import DATABASE_URLS, Processes, auth, unique
-from tests.dbclients import mysql, psql
-from tools import stack
-from tools.stack import Service
 
 KINDS = ["postgres", "mysql"]
 

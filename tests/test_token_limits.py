@@ -12,11 +12,11 @@ import orjson
 import pytest
 import pytest_asyncio
 
+from harness.stack import Service
 from sender.token_admin import TokenFields, add_token, database_now, set_token
 from tests.conftest import Processes, Tokens, auth, unique
 from tests.test_metrics import scrape, total
 from tests.test_token_admin import until_status
-from tools.stack import Service
 
 
 async def post(front: Service, secret: str, model: str, **extra: object) -> httpx.Response:

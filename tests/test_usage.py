@@ -10,10 +10,10 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from harness.stack import Service
 from sender.tables import usage_table
 from sender.token_admin import TokenFields, add_token
 from tests.conftest import Processes, auth, unique
-from tools.stack import Service
 
 
 async def usage_rows(engine: AsyncEngine, name: str, count: int) -> list[dict[str, object]]:

@@ -3,7 +3,7 @@
 The simulator is ours; what vLLM really sends (chunks, usage, error bodies,
 ``/metrics``, ``/tokenize``, how it treats ``priority``) is checked here, and
 the last test holds the simulator to the same shapes. vLLM is set up once
-per machine (``python -m tools.vllm_cpu setup``, cached outside the
+per machine (``python -m harness.vllm_cpu setup``, cached outside the
 repository) and started once per test session, with one running sequence at
 a time, so that anything sent while it is busy waits and the order it is
 served in shows.
@@ -27,11 +27,11 @@ import pytest
 import pytest_asyncio
 
 from consumer.flow import parse_vllm_metrics
+from harness import vllm_cpu
+from harness.stack import Service
 from tests.conftest import Processes, Tokens, auth, unique, wait_listed
-from tools import vllm_cpu
-from tools.stack import Service
 
-# Setting up takes minutes the first time (bounded by tools/vllm_cpu.py's own
+# Setting up takes minutes the first time (bounded by harness/vllm_cpu.py's own
 # timeouts); each test body gets the usual limit.
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(120, func_only=True)]
 

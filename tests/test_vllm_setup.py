@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tools import vllm_cpu
+from harness import vllm_cpu
 
 
 @pytest.fixture
@@ -51,7 +51,7 @@ def test_a_second_setup_waits_for_the_lock(cache: Path) -> None:
         [
             sys.executable,
             "-c",
-            "import sys, time; from tools import vllm_cpu\n"
+            "import sys, time; from harness import vllm_cpu\n"
             "with vllm_cpu._locked(30):\n    print('held', flush=True); time.sleep(30)",
         ],
         cwd=Path(__file__).resolve().parent.parent,

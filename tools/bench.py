@@ -29,10 +29,11 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 
 import contract
+from harness import stack
+from harness.services import missing_services
 from sender.database import async_database_url
 from sender.tables import tokens_table, usage_table
 from sender.tokens import hash_secret, new_secret
-from tools import stack
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -578,7 +579,7 @@ def main() -> None:
         "--only", nargs="*", help="scenarios to run (e.g. whole-c64 stream-c64 priority tokens)"
     )
     args = parser.parse_args()
-    problems = stack.missing_services(["RabbitMQ", "PostgreSQL"])
+    problems = missing_services(["RabbitMQ", "PostgreSQL"])
     if problems:
         raise SystemExit("\n".join(problems))
     try:

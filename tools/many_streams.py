@@ -22,7 +22,7 @@ import aio_pika
 import aiohttp
 
 import contract
-from tools import stack
+from harness import stack
 from tools.bench import rss_mb
 
 

@@ -6,7 +6,7 @@ date (``db-init`` scripts), creates a demo token and prints
 the two lines that point any OpenAI client at it. Ctrl-C stops everything.
 
 ``--vllm-cpu`` (``make run-vllm-cpu``) puts a real vLLM there instead, its CPU
-build (set up once, see ``tools.vllm_cpu``), serving ``MODEL_DIR`` or the
+build (set up once, see ``harness.vllm_cpu``), serving ``MODEL_DIR`` or the
 tiny generated model; ``VLLM_ARGS`` adds arguments to vLLM's command line.
 """
 
@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from tools import stack, vllm_cpu
+from harness import stack, vllm_cpu
 
 
 def main() -> None:

@@ -75,7 +75,8 @@ def render(values: dict[str, Any]) -> list[dict[str, Any]]:
 
 @functools.cache
 def _render_case(case: str) -> str:
-    return yaml.safe_dump_all(render(case_values(case)))
+    dumped: str = yaml.safe_dump_all(render(case_values(case)))
+    return dumped
 
 
 def render_case(case: str) -> list[dict[str, Any]]:

