@@ -25,7 +25,6 @@ DOCUMENTED_ERRORS = {
     "backend_unavailable",
     "backend_error",
     "stream_interrupted",
-    "consumer_gone",
 }
 """Error codes a client may get while a fault is under way; anything else is a defect.
 
