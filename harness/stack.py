@@ -221,15 +221,6 @@ def migrate(database_url: str) -> None:
     admin(database_url, "migrate")
 
 
-def add_token(
-    database_url: str, name: str, *, priority: int = 5, threshold: int = 1000, **fields: object
-) -> str:
-    """Create (or replace) a token through the admin command and return its secret."""
-    options = [f"--{key.replace('_', '-')}={value}" for key, value in fields.items()]
-    args = ["add-token", "--name", name, "--priority", str(priority), "--threshold", str(threshold), *options]
-    return admin(database_url, *args).strip()
-
-
 def with_database(url: str, database: str) -> str:
     """``url`` pointing at another database on the same server."""
     return url.rsplit("/", 1)[0] + "/" + database

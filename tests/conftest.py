@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 import contract
 from harness import stack
 from harness.services import missing_services
-from sender.token_admin import TokenFields, add_token
+from harness.tokens import create_token
 
 RUN_ID = uuid.uuid4().hex[:8]
 DEAD_LETTER_QUEUE = f"{contract.DEAD_LETTER_QUEUE}-{RUN_ID}"
@@ -181,8 +181,13 @@ class Tokens:
         max_seconds: float | None = None,
         database: str = "postgres",
     ) -> str:
-        fields = TokenFields(priority=priority, threshold=threshold, max_seconds=max_seconds)
-        return await add_token(self._engines[database], unique(name), fields=fields)
+        return await create_token(
+            self._engines[database],
+            unique(name),
+            priority=priority,
+            threshold=threshold,
+            max_seconds=max_seconds,
+        )
 
 
 @pytest.fixture(scope="session")

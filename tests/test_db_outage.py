@@ -11,7 +11,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from harness.tcpproxy import TcpProxy
-from sender.token_admin import TokenFields, add_token
+from harness.tokens import create_token
 from tests.conftest import DATABASE_URLS, Processes, auth, unique
 from tests.test_usage import usage_rows
 
@@ -25,8 +25,8 @@ async def test_database_outage_keeps_recent_tokens_working(
     await proxy.start()
     through_proxy = real.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
     known_name = unique("outage-known")
-    known = await add_token(engine, known_name, fields=TokenFields(priority=5))
-    newcomer = await add_token(engine, unique("outage-new"), fields=TokenFields(priority=5))
+    known = await create_token(engine, known_name, priority=5)
+    newcomer = await create_token(engine, unique("outage-new"), priority=5)
     front = await asyncio.to_thread(
         processes.sender,
         "postgres",

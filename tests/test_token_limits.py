@@ -13,7 +13,8 @@ import pytest
 import pytest_asyncio
 
 from harness.stack import Service
-from sender.token_admin import TokenFields, add_token, database_now, set_token
+from harness.tokens import create_token
+from sender.token_admin import database_now, set_token
 from tests.conftest import Processes, Tokens, auth, unique
 from tests.test_metrics import scrape, total
 from tests.test_token_admin import until_status
@@ -36,7 +37,7 @@ async def test_disabled_and_expired_tokens_get_401(
     engine = engines["postgres"]
     name = unique("expiring")
     soon = await database_now(engine) + dt.timedelta(seconds=2)
-    secret = await add_token(engine, name, fields=TokenFields(priority=3, expires_at=soon))
+    secret = await create_token(engine, name, priority=3, expires_at=soon)
     assert (await post(sender, secret, ready_model)).status_code == 200
     await until_status(sender, secret, ready_model, 401)  # expiry applies even to a cached token
     assert error_code(await post(sender, secret, ready_model)) == "token_expired"
@@ -54,9 +55,7 @@ async def test_disabled_and_expired_tokens_get_401(
 async def test_models_outside_the_allowed_list_do_not_exist(
     sender: Service, ready_model: str, tokens: Tokens, engines: dict
 ) -> None:
-    secret = await add_token(
-        engines["postgres"], unique("narrow"), fields=TokenFields(priority=5, models=["elsewhere"])
-    )
+    secret = await create_token(engines["postgres"], unique("narrow"), priority=5, models=["elsewhere"])
     hidden = await post(sender, secret, ready_model)
     missing = await post(sender, secret, unique("no-such-model"))
     assert hidden.status_code == missing.status_code == 404
@@ -73,7 +72,7 @@ async def test_priority_and_threshold_changes_take_effect(
 ) -> None:
     engine = engines["postgres"]
     name = unique("changing")
-    secret = await add_token(engine, name, fields=TokenFields(priority=2, threshold=1000))
+    secret = await create_token(engine, name, priority=2, threshold=1000)
 
     async def logged_priority() -> int:
         request_id = f"prio-{unique('r')}-{time.monotonic_ns()}"
@@ -128,7 +127,7 @@ async def test_requests_per_minute_hold_across_two_senders(
     kind: str, replicas: dict[str, list[Service]], ready_model: str, engines: dict
 ) -> None:
     first, second = replicas[kind]
-    secret = await add_token(engines[kind], unique(f"rpm-{kind}"), fields=TokenFields(priority=5, rpm=4))
+    secret = await create_token(engines[kind], unique(f"rpm-{kind}"), priority=5, rpm=4)
     await same_minute()
     answers = [await post((first, second)[i % 2], secret, ready_model) for i in range(10)]
     statuses = [r.status_code for r in answers]
@@ -147,7 +146,7 @@ async def test_tokens_per_minute_hold_across_two_senders(
     kind: str, replicas: dict[str, list[Service]], ready_model: str, engines: dict
 ) -> None:
     first, second = replicas[kind]
-    secret = await add_token(engines[kind], unique(f"tpm-{kind}"), fields=TokenFields(priority=5, tpm=10))
+    secret = await create_token(engines[kind], unique(f"tpm-{kind}"), priority=5, tpm=10)
     await same_minute()
     spent = await post(first, secret, ready_model, max_tokens=12)  # admitted: nothing counted yet
     assert spent.status_code == 200 and spent.json()["usage"]["total_tokens"] > 10
@@ -160,8 +159,8 @@ async def test_fields_apply_on_mysql_too(
     replicas: dict[str, list[Service]], ready_model: str, engines: dict
 ) -> None:
     front = replicas["mysql"][0]
-    narrow = await add_token(engines["mysql"], unique("narrow-my"), fields=TokenFields(models=["elsewhere"]))
+    narrow = await create_token(engines["mysql"], unique("narrow-my"), models=["elsewhere"])
     assert error_code(await post(front, narrow, ready_model)) == "model_not_found"
     past = await database_now(engines["mysql"]) - dt.timedelta(minutes=1)
-    expired = await add_token(engines["mysql"], unique("past-my"), fields=TokenFields(expires_at=past))
+    expired = await create_token(engines["mysql"], unique("past-my"), expires_at=past)
     assert error_code(await post(front, expired, ready_model)) == "token_expired"

@@ -11,8 +11,8 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from harness.stack import Service
+from harness.tokens import create_token
 from sender.tables import usage_table
-from sender.token_admin import TokenFields, add_token
 from tests.conftest import Processes, auth, unique
 
 
@@ -49,7 +49,7 @@ async def test_usage_rows_and_streams_with_and_without_usage(
 ) -> None:
     engine = engines["postgres"]
     name = unique("metered-token")
-    secret = await add_token(engine, name, fields=TokenFields(priority=6))
+    secret = await create_token(engine, name, priority=6)
     chat = {"model": ready_model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
     completion = {"model": ready_model, "prompt": "hello there", "max_tokens": 3}
     async with httpx.AsyncClient(base_url=sender.url, headers=auth(secret)) as http:
@@ -98,7 +98,7 @@ async def test_buffered_usage_rows_are_written_on_clean_shutdown(
 ) -> None:
     engine = engines["mysql"]
     name = unique("shutdown-token")
-    secret = await add_token(engine, name, fields=TokenFields(priority=4))
+    secret = await create_token(engine, name, priority=4)
     front = processes.sender("mysql", usage_flush_seconds=3600)  # nothing written but at the end
     async with httpx.AsyncClient(base_url=front.url, headers=auth(secret)) as http:
         for _ in range(3):

@@ -23,6 +23,7 @@ import aiohttp
 
 import contract
 from harness import stack
+from harness.tokens import create_token_at
 from tools.bench import rss_mb
 
 
@@ -66,7 +67,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             log_dir, database_url=database_url, rabbitmq_url=rabbitmq_url, log_level="warning"
         )
         services.append(sender)
-        token = stack.add_token(database_url, f"streams-{tag}", priority=5, threshold=1_000_000)
+        token = await create_token_at(database_url, f"streams-{tag}", priority=5, threshold=1_000_000)
         await asyncio.sleep(1)
         idle = rss_mb(sender.pid)
         outcomes: dict[str, int] = {}

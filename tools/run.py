@@ -12,6 +12,7 @@ tiny generated model; ``VLLM_ARGS`` adds arguments to vLLM's command line.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shlex
 import signal
@@ -20,6 +21,7 @@ import time
 from pathlib import Path
 
 from harness import stack, vllm_cpu
+from harness.tokens import create_token_at
 
 
 def main() -> None:
@@ -57,7 +59,7 @@ def main() -> None:
         stack.migrate(database_url)
         sender = stack.start_sender(log_dir, database_url=database_url, rabbitmq_url=rabbitmq_url, port=port)
         services.append(sender)
-        secret = stack.add_token(database_url, "demo", priority=5, threshold=1000)
+        secret = asyncio.run(create_token_at(database_url, "demo", priority=5, threshold=1000))
         _print_banner(sender.url, secret, model, backend_url, log_dir, consumer.url)
         while not stopping:
             dead = [s for s in services if not s.alive()]

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from harness import stack
 from harness.broker_node import BrokerNode
 from harness.services import missing_services
+from harness.tokens import create_token_at
 from harness.traffic import Tally, drive
 from tools.bench import rss_mb
 
@@ -126,7 +127,9 @@ class Soak:
                 log_level=self.args.log_level,
             )
             self.others.append(sender)
-            token = stack.add_token(self.database_url, f"soak-{self.tag}", priority=5, threshold=100_000)
+            token = await create_token_at(
+                self.database_url, f"soak-{self.tag}", priority=5, threshold=100_000
+            )
             # Closed loop: this many clients keep 80% of the backends' slots busy.
             clients = int(0.8 * SLOTS * len(self.backends))
             return await self.drive(sender, token, clients)
