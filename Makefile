@@ -21,7 +21,7 @@ test: services
 
 # The deployment files only (chart, compose, Dockerfile): seconds, for editing them.
 chart-test: services
-	$(BIN)/python -m pytest tests/test_chart.py tests/test_compose_and_images.py tests/test_rabbitmq_*.py
+	$(BIN)/python -m pytest tests/deploy
 
 run: services
 	$(BIN)/python -m tools.run

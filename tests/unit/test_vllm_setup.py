@@ -54,7 +54,7 @@ def test_a_second_setup_waits_for_the_lock(cache: Path) -> None:
             "import sys, time; from harness import vllm_cpu\n"
             "with vllm_cpu._locked(30):\n    print('held', flush=True); time.sleep(30)",
         ],
-        cwd=Path(__file__).resolve().parent.parent,
+        cwd=Path(__file__).resolve().parents[2],
         env={**os.environ, "VLLM_CPU_CACHE": str(cache)},
         stdout=subprocess.PIPE,
         text=True,

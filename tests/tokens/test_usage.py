@@ -10,10 +10,12 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from harness.api import auth
+from harness.processes import Processes
 from harness.stack import Service
+from harness.testrun import unique
 from harness.tokens import create_token
 from sender.tables import usage_table
-from tests.conftest import Processes, auth, unique
 
 
 async def usage_rows(engine: AsyncEngine, name: str, count: int) -> list[dict[str, object]]:

@@ -17,9 +17,12 @@ import aio_pika
 import pytest
 
 import contract
-from tests.conftest import RABBITMQ_URL, unique
+from harness.testrun import RABBITMQ_URL, unique
 
-DEFINITIONS = Path(__file__).resolve().parent.parent / "rabbitmq" / "definitions.json"
+DEFINITIONS = Path(__file__).resolve().parents[2] / "rabbitmq" / "definitions.json"
+
+# Applied to a scratch virtual host of the test broker, which must answer.
+pytestmark = pytest.mark.usefixtures("rabbitmq")
 
 
 def rabbitmqctl(*args: str) -> str:

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from harness.stack import free_port
-from tests.conftest import RUN_ID
+from harness.testrun import RUN_ID
 
-CONF = Path(__file__).resolve().parent.parent / "rabbitmq" / "rabbitmq.conf"
+CONF = Path(__file__).resolve().parents[2] / "rabbitmq" / "rabbitmq.conf"
 BROKER_USER = "rabbitmq"
 SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"  # the Debian package's, without its root wrapper
 

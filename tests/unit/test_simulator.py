@@ -28,7 +28,7 @@ from simulator.tokenizer import chat_prompt
 
 FAST: dict[str, Any] = {"model": "sim", "ttft_ms": 5, "itl_ms": 2, "default_max_tokens": 4}
 CHAT: dict[str, Any] = {"model": "sim", "messages": [{"role": "user", "content": "Hello there"}]}
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @asynccontextmanager

@@ -20,9 +20,10 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
+from harness.api import auth
+from harness.processes import Processes
 from harness.stack import Service
-from tests.conftest import Processes, auth
-from tests.test_logs import request_lines
+from tests.api.test_logs import request_lines
 
 # Errors the sender may answer with a 5xx without a bug: an unavailable dependency.
 UNAVAILABLE = {

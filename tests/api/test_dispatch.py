@@ -7,8 +7,8 @@ import openai
 import orjson
 import pytest
 
+from harness.api import auth
 from harness.stack import Service
-from tests.conftest import auth
 
 CHAT = {"messages": [{"role": "user", "content": "Say something"}], "max_tokens": 6}
 

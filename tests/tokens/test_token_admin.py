@@ -15,12 +15,14 @@ import pytest_asyncio
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from harness import stack
+from harness.api import auth
 from harness.dbclients import mysql, psql
+from harness.processes import Processes
 from harness.stack import Service
+from harness.testrun import DATABASE_URLS, unique
 from sender.admin import parser
 from sender.token_admin import usage_report
 from sender.tokens import TokenStore, hash_secret
-from tests.conftest import DATABASE_URLS, Processes, auth, unique
 
 KINDS = ["postgres", "mysql"]
 

@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from harness.stack import Service
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "observability" / "grafana-dashboard.json"
 ALERTS = ROOT / "observability" / "prometheus-alerts.yaml"
 OUR_METRIC = re.compile(r"\b((?:dispatcher|consumer)_[a-z_]+)\b")

@@ -16,10 +16,12 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
+from harness.api import auth, wait_listed
 from harness.broker_node import BrokerNode
+from harness.processes import Processes
 from harness.stack import Service, start, wait_http
+from harness.testrun import unique
 from harness.traffic import Tally, drive
-from tests.conftest import Processes, auth, unique, wait_listed
 
 CLIENTS = 12
 

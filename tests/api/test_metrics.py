@@ -7,8 +7,10 @@ import asyncio
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from harness.api import auth, wait_listed
+from harness.processes import Processes
 from harness.stack import Service
-from tests.conftest import Processes, auth, unique, wait_listed
+from harness.testrun import unique
 
 
 async def scrape(url: str) -> tuple[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]]:

@@ -10,10 +10,12 @@ import httpx
 import orjson
 
 import contract
+from harness.api import auth, wait_listed
+from harness.processes import Processes
 from harness.stack import Service, wait_http
+from harness.testrun import DEAD_LETTER_QUEUE, RABBITMQ_URL, Tokens, unique
 from sender.broker import Broker
-from tests.conftest import DEAD_LETTER_QUEUE, RABBITMQ_URL, Processes, Tokens, auth, unique, wait_listed
-from tests.test_priority import queue_depth, wait_depth, wait_running
+from tests.queueing.test_priority import queue_depth, wait_depth, wait_running
 
 
 async def aborted_requests(backend: Service) -> float:

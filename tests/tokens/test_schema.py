@@ -15,9 +15,10 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from harness import stack
 from harness.dbclients import apply_scripts, mysql, psql
+from harness.processes import Processes
+from harness.testrun import RUN_ID, SERVER_URLS
 from sender.migrate import schema_scripts
 from sender.tables import metadata
-from tests.conftest import RUN_ID, SERVER_URLS, Processes
 
 KINDS = ["postgres", "mysql"]
 

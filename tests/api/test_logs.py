@@ -8,8 +8,8 @@ import uuid
 import httpx
 import orjson
 
+from harness.api import auth
 from harness.stack import Service
-from tests.conftest import auth
 
 
 def request_lines(service: Service, request_id: str) -> list[dict[str, object]]:

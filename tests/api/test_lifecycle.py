@@ -5,8 +5,10 @@ from __future__ import annotations
 import httpx
 import openai
 
+from harness.api import auth, wait_listed
+from harness.processes import Processes
 from harness.stack import Service
-from tests.conftest import Processes, Tokens, auth, unique, wait_listed
+from harness.testrun import Tokens, unique
 
 
 async def test_model_list_follows_consumers(processes: Processes, sender: Service, token: str) -> None:

@@ -28,8 +28,10 @@ import pytest_asyncio
 
 from consumer.flow import parse_vllm_metrics
 from harness import vllm_cpu
+from harness.api import auth, wait_listed
+from harness.processes import Processes
 from harness.stack import Service
-from tests.conftest import Processes, Tokens, auth, unique, wait_listed
+from harness.testrun import Tokens, unique
 
 # Setting up takes minutes the first time (bounded by harness/vllm_cpu.py's own
 # timeouts); each test body gets the usual limit.

@@ -10,10 +10,12 @@ import httpx
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from harness.api import auth
+from harness.processes import Processes
 from harness.tcpproxy import TcpProxy
+from harness.testrun import DATABASE_URLS, unique
 from harness.tokens import create_token
-from tests.conftest import DATABASE_URLS, Processes, auth, unique
-from tests.test_usage import usage_rows
+from tests.tokens.test_usage import usage_rows
 
 
 async def test_database_outage_keeps_recent_tokens_working(

@@ -16,8 +16,10 @@ import pytest
 import pytest_asyncio
 
 import contract
+from harness.api import auth, wait_listed
+from harness.processes import Processes
 from harness.stack import Service
-from tests.conftest import RABBITMQ_URL, Processes, Tokens, auth, unique, wait_listed
+from harness.testrun import RABBITMQ_URL, Tokens, unique
 
 BLOCKER_TOKENS = 150  # at 5 ms a token, the slot stays busy for ~0.75 s
 

@@ -12,12 +12,14 @@ import orjson
 import pytest
 import pytest_asyncio
 
+from harness.api import auth
+from harness.processes import Processes
 from harness.stack import Service
+from harness.testrun import Tokens, unique
 from harness.tokens import create_token
 from sender.token_admin import database_now, set_token
-from tests.conftest import Processes, Tokens, auth, unique
-from tests.test_metrics import scrape, total
-from tests.test_token_admin import until_status
+from tests.api.test_metrics import scrape, total
+from tests.tokens.test_token_admin import until_status
 
 
 async def post(front: Service, secret: str, model: str, **extra: object) -> httpx.Response:
