@@ -7,7 +7,7 @@ import copy
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import helm_python
 import jsonschema
@@ -489,7 +489,8 @@ def test_network_policies() -> None:
     }
 
     def selects(selector: dict[str, Any], pod_labels: dict[str, str]) -> bool:
-        return selector["matchLabels"].items() <= pod_labels.items()
+        matched: bool = selector["matchLabels"].items() <= pod_labels.items()
+        return matched
 
     # The sender: from the ingress controller's namespace (and Prometheus for /metrics), nothing else.
     assert selects(policies["sender"]["podSelector"], labels["sender"])
@@ -575,21 +576,24 @@ def test_chart_files_are_links_to_the_sources() -> None:
         ),
         *(
             ({"tokens": [{"name": "a", "priority": 1, "threshold": 5, "secretName": "s", **field}]}, message)
-            for field, message in [
-                ({"rpm": -1}, "/tokens/0/rpm"),
-                ({"rpm": 0}, "/tokens/0/rpm"),
-                ({"tpm": 1.5}, "/tokens/0/tpm"),
-                ({"tpm": 2**31}, "/tokens/0/tpm"),
-                ({"maxSeconds": 0}, "/tokens/0/maxSeconds"),
-                ({"maxSeconds": "60"}, "/tokens/0/maxSeconds"),
-                ({"models": "llama,mistral"}, "/tokens/0/models"),
-                ({"models": []}, "/tokens/0/models"),
-                ({"models": ["bad name"]}, "/tokens/0/models/0"),
-                ({"owner": ""}, "/tokens/0/owner"),
-                ({"expires": "30d"}, "/tokens/0/expires"),
-                ({"expires": "next year"}, "/tokens/0/expires"),
-                ({"maxseconds": 60}, "additional properties 'maxseconds' not allowed"),
-            ]
+            for field, message in cast(
+                "list[tuple[dict[str, Any], str]]",
+                [
+                    ({"rpm": -1}, "/tokens/0/rpm"),
+                    ({"rpm": 0}, "/tokens/0/rpm"),
+                    ({"tpm": 1.5}, "/tokens/0/tpm"),
+                    ({"tpm": 2**31}, "/tokens/0/tpm"),
+                    ({"maxSeconds": 0}, "/tokens/0/maxSeconds"),
+                    ({"maxSeconds": "60"}, "/tokens/0/maxSeconds"),
+                    ({"models": "llama,mistral"}, "/tokens/0/models"),
+                    ({"models": []}, "/tokens/0/models"),
+                    ({"models": ["bad name"]}, "/tokens/0/models/0"),
+                    ({"owner": ""}, "/tokens/0/owner"),
+                    ({"expires": "30d"}, "/tokens/0/expires"),
+                    ({"expires": "next year"}, "/tokens/0/expires"),
+                    ({"maxseconds": 60}, "additional properties 'maxseconds' not allowed"),
+                ],
+            )
         ),
         (
             {"tokens": [{"name": "a", "priority": -1, "threshold": 5, "secretName": "s"}]},
@@ -700,7 +704,7 @@ def test_notes_tell_how_to_get_a_token_and_call() -> None:
 
 
 def test_zero_and_false_overrides_are_kept() -> None:
-    values = {
+    values: dict[str, Any] = {
         "consumer": {"env": {"CONSUMER_WAITING_TOLERANCE": 2}},
         "models": [
             {"name": "idle", "model": "x", "replicas": 0, "consumerEnv": {"CONSUMER_WAITING_TOLERANCE": 0}},

@@ -12,6 +12,7 @@ import tempfile
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import aio_pika
 import pytest
@@ -89,7 +90,7 @@ async def test_model_queue_gets_the_policy_and_dead_letters(vhost: str) -> None:
                     break
                 await asyncio.sleep(0.05)
         assert message.body == b'{"prompt": "too late"}'
-        (death,) = message.headers["x-death"]
+        (death,) = cast("list[dict[str, Any]]", message.headers["x-death"])
         assert death["reason"] == "expired" and death["queue"] == model_queue
 
     queues = rabbitmqctl("list_queues", "-p", vhost, "name", "policy").splitlines()

@@ -82,8 +82,8 @@ async def test_malformed_message_is_rejected_and_the_consumer_keeps_serving(
         channel = await connection.channel()
         dead = await channel.declare_queue(DEAD_LETTER_QUEUE, durable=True)
         kept = []
-        while (message := await dead.get(no_ack=True, fail=False)) is not None:
-            kept.append(message)
+        while (dead_message := await dead.get(no_ack=True, fail=False)) is not None:
+            kept.append(dead_message)
     assert [m.body for m in kept] == [b"not even json", b"{}", b"{}"]
     assert all(m.headers[contract.H_REJECTED] for m in kept)
     async with httpx.AsyncClient(base_url=sender.url, headers=auth(token)) as http:

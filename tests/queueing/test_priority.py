@@ -104,7 +104,8 @@ async def test_high_priority_overtakes_queued_low_priority(
 ) -> None:
     model, backend = slow_model
     await wait_listed(sender, token, model)
-    waiting = [(f"low{i}", priority_tokens[2], {}) for i in range(4)] + [("high", priority_tokens[8], {})]
+    waiting: list[tuple[str, str, dict[str, str]]] = [(f"low{i}", priority_tokens[2], {}) for i in range(4)]
+    waiting += [("high", priority_tokens[8], {})]
     order = await served_order(sender, model, backend, priority_tokens[5], waiting)
     assert order == ["high", "low0", "low1", "low2", "low3"]
 

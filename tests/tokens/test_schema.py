@@ -59,7 +59,9 @@ def _generic(column_type: Any) -> tuple[str, int | None]:
 
 
 def _described(inspector: sa.Inspector, table: str) -> dict[str, Any]:
-    uniques = {tuple(u["column_names"]) for u in inspector.get_unique_constraints(table)}
+    uniques: set[tuple[str | None, ...]] = {
+        tuple(u["column_names"]) for u in inspector.get_unique_constraints(table)
+    }
     uniques |= {tuple(i["column_names"]) for i in inspector.get_indexes(table) if i["unique"]}
     return {
         "columns": {c["name"]: (_generic(c["type"]), c["nullable"]) for c in inspector.get_columns(table)},
@@ -130,7 +132,10 @@ async def test_the_token_deadline_upgrade_keeps_tokens_and_refuses_nonsense(
     scripts = [str(s.path.relative_to(stack.ROOT)) for s in schema_scripts(kind)]
     assert scripts[3].endswith("004_token_deadline.sql")
     apply_scripts(kind, url, scripts[:3])  # a database of schema 3, holding a token
-    run = (lambda sql: psql(url, "-c", sql)) if kind == "postgres" else (lambda sql: mysql(url, "-e", sql))
+
+    def run(sql: str) -> str:
+        return psql(url, "-c", sql) if kind == "postgres" else mysql(url, "-e", sql)
+
     run("INSERT INTO tokens (name, token_hash) VALUES ('old', 'abc')")
     assert "applied [4]" in stack.admin(url, "migrate")
     apply_scripts(kind, url, scripts[3:])  # again, with the stock client: nothing changes, nothing fails

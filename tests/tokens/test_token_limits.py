@@ -11,6 +11,7 @@ import httpx
 import orjson
 import pytest
 import pytest_asyncio
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from harness.api import auth
 from harness.processes import Processes
@@ -34,7 +35,7 @@ def error_code(response: httpx.Response) -> str:
 
 
 async def test_disabled_and_expired_tokens_get_401(
-    sender: Service, ready_model: str, tokens: Tokens, engines: dict
+    sender: Service, ready_model: str, tokens: Tokens, engines: dict[str, AsyncEngine]
 ) -> None:
     engine = engines["postgres"]
     name = unique("expiring")
@@ -55,7 +56,7 @@ async def test_disabled_and_expired_tokens_get_401(
 
 
 async def test_models_outside_the_allowed_list_do_not_exist(
-    sender: Service, ready_model: str, tokens: Tokens, engines: dict
+    sender: Service, ready_model: str, tokens: Tokens, engines: dict[str, AsyncEngine]
 ) -> None:
     secret = await create_token(engines["postgres"], unique("narrow"), priority=5, models=["elsewhere"])
     hidden = await post(sender, secret, ready_model)
@@ -70,7 +71,7 @@ async def test_models_outside_the_allowed_list_do_not_exist(
 
 
 async def test_priority_and_threshold_changes_take_effect(
-    sender: Service, ready_model: str, engines: dict
+    sender: Service, ready_model: str, engines: dict[str, AsyncEngine]
 ) -> None:
     engine = engines["postgres"]
     name = unique("changing")
@@ -126,7 +127,7 @@ async def same_minute(needed: float = 8.0) -> None:
 
 @pytest.mark.parametrize("kind", ["postgres", "mysql"])
 async def test_requests_per_minute_hold_across_two_senders(
-    kind: str, replicas: dict[str, list[Service]], ready_model: str, engines: dict
+    kind: str, replicas: dict[str, list[Service]], ready_model: str, engines: dict[str, AsyncEngine]
 ) -> None:
     first, second = replicas[kind]
     secret = await create_token(engines[kind], unique(f"rpm-{kind}"), priority=5, rpm=4)
@@ -145,7 +146,7 @@ async def test_requests_per_minute_hold_across_two_senders(
 
 @pytest.mark.parametrize("kind", ["postgres", "mysql"])
 async def test_tokens_per_minute_hold_across_two_senders(
-    kind: str, replicas: dict[str, list[Service]], ready_model: str, engines: dict
+    kind: str, replicas: dict[str, list[Service]], ready_model: str, engines: dict[str, AsyncEngine]
 ) -> None:
     first, second = replicas[kind]
     secret = await create_token(engines[kind], unique(f"tpm-{kind}"), priority=5, tpm=10)
@@ -158,7 +159,7 @@ async def test_tokens_per_minute_hold_across_two_senders(
 
 
 async def test_fields_apply_on_mysql_too(
-    replicas: dict[str, list[Service]], ready_model: str, engines: dict
+    replicas: dict[str, list[Service]], ready_model: str, engines: dict[str, AsyncEngine]
 ) -> None:
     front = replicas["mysql"][0]
     narrow = await create_token(engines["mysql"], unique("narrow-my"), models=["elsewhere"])

@@ -25,6 +25,7 @@ import openai
 import orjson
 import pytest
 import pytest_asyncio
+from openai.types.chat import ChatCompletionMessageParam
 
 from consumer.flow import parse_vllm_metrics
 from harness import vllm_cpu
@@ -146,9 +147,9 @@ async def test_answer_is_vllms_answer(
     client: openai.AsyncOpenAI, direct: openai.AsyncOpenAI, tiny: str, kind: str
 ) -> None:
     if kind == "chat":
-        messages = [{"role": "user", "content": "Hello there"}]
-        relayed = await client.chat.completions.create(model=tiny, messages=messages, **GREEDY)  # type: ignore[call-overload]
-        expected = await direct.chat.completions.create(model=tiny, messages=messages, **GREEDY)  # type: ignore[call-overload]
+        messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Hello there"}]
+        relayed = await client.chat.completions.create(model=tiny, messages=messages, **GREEDY)
+        expected = await direct.chat.completions.create(model=tiny, messages=messages, **GREEDY)
         text, want = relayed.choices[0].message.content, expected.choices[0].message.content
     else:
         relayed = await client.completions.create(model=tiny, prompt="Once upon", **GREEDY)
@@ -157,7 +158,7 @@ async def test_answer_is_vllms_answer(
     assert text == want
     assert relayed.model == tiny
     assert relayed.usage is not None and relayed.usage.completion_tokens == GREEDY["max_tokens"]
-    assert relayed.usage.prompt_tokens == expected.usage.prompt_tokens  # type: ignore[union-attr]
+    assert relayed.usage.prompt_tokens == expected.usage.prompt_tokens
     assert relayed.choices[0].finish_reason == "length"
 
 
@@ -168,14 +169,14 @@ async def test_stream_is_vllms_stream(
 ) -> None:
     options = {"stream": True, "stream_options": {"include_usage": include_usage}, **GREEDY}
     if kind == "chat":
-        messages = [{"role": "user", "content": "Tell me"}]
-        stream = await client.chat.completions.create(model=tiny, messages=messages, **options)  # type: ignore[call-overload]
+        messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Tell me"}]
+        stream = await client.chat.completions.create(model=tiny, messages=messages, **options)
         chunks = [chunk async for chunk in stream]
         text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-        want = await direct.chat.completions.create(model=tiny, messages=messages, **GREEDY)  # type: ignore[call-overload]
+        want = await direct.chat.completions.create(model=tiny, messages=messages, **GREEDY)
         expected = want.choices[0].message.content
     else:
-        stream = await client.completions.create(model=tiny, prompt="Tell me", **options)  # type: ignore[call-overload]
+        stream = await client.completions.create(model=tiny, prompt="Tell me", **options)
         chunks = [chunk async for chunk in stream]
         text = "".join(c.choices[0].text for c in chunks if c.choices)
         want = await direct.completions.create(model=tiny, prompt="Tell me", **GREEDY)
@@ -244,7 +245,7 @@ async def test_tokenize_and_detokenize_are_vllms(http: httpx.AsyncClient, vllm: 
 # --- errors ---
 
 _LONG_PROMPT = "word " * (MAX_MODEL_LEN + 100)
-VLLM_ERRORS = {
+VLLM_ERRORS: dict[str, tuple[str, dict[str, Any]]] = {
     "max_tokens beyond max_model_len": (
         "/v1/chat/completions",
         {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 10**5},
