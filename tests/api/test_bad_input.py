@@ -21,9 +21,9 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 
 from harness.api import auth
+from harness.observe import request_lines
 from harness.processes import Processes
 from harness.stack import Service
-from tests.api.test_logs import request_lines
 
 # Errors the sender may answer with a 5xx without a bug: an unavailable dependency.
 UNAVAILABLE = {

@@ -6,20 +6,10 @@ import asyncio
 import uuid
 
 import httpx
-import orjson
 
 from harness.api import auth
+from harness.observe import request_lines
 from harness.stack import Service
-
-
-def request_lines(service: Service, request_id: str) -> list[dict[str, object]]:
-    lines = []
-    for line in service.log_path.read_text(errors="replace").splitlines():
-        if request_id in line:
-            entry = orjson.loads(line)
-            if entry.get("request_id") == request_id:
-                lines.append(entry)
-    return lines
 
 
 async def test_request_id_travels_from_sender_log_to_consumer_log(

@@ -5,30 +5,12 @@ from __future__ import annotations
 import asyncio
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
 from harness.api import auth, wait_listed
+from harness.observe import scrape, total
 from harness.processes import Processes
 from harness.stack import Service
 from harness.testrun import unique
-
-
-async def scrape(url: str) -> tuple[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]]:
-    async with httpx.AsyncClient() as http:
-        text = (await http.get(url + "/metrics")).text
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return text, samples
-
-
-def total(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
-    return sum(
-        value
-        for (sample, sample_labels), value in samples.items()
-        if sample == name and set(labels.items()) <= set(sample_labels)
-    )
 
 
 async def test_counts_and_histograms_match_the_traffic(

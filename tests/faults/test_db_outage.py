@@ -11,11 +11,11 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from harness.api import auth
+from harness.observe import usage_rows
 from harness.processes import Processes
 from harness.tcpproxy import TcpProxy
 from harness.testrun import DATABASE_URLS, unique
 from harness.tokens import create_token
-from tests.tokens.test_usage import usage_rows
 
 
 async def test_database_outage_keeps_recent_tokens_working(

@@ -11,11 +11,11 @@ import orjson
 
 import contract
 from harness.api import auth, wait_listed
+from harness.observe import queue_depth, wait_depth, wait_running
 from harness.processes import Processes
 from harness.stack import Service, wait_http
 from harness.testrun import DEAD_LETTER_QUEUE, RABBITMQ_URL, Tokens, unique
 from sender.broker import Broker
-from tests.queueing.test_priority import queue_depth, wait_depth, wait_running
 
 
 async def aborted_requests(backend: Service) -> float:

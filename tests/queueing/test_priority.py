@@ -8,18 +8,16 @@ then the order the broker handed them out.
 from __future__ import annotations
 
 import asyncio
-import time
 
-import aio_pika
 import httpx
 import pytest
 import pytest_asyncio
 
-import contract
 from harness.api import auth, wait_listed
+from harness.observe import queue_depth, wait_depth, wait_running
 from harness.processes import Processes
 from harness.stack import Service
-from harness.testrun import RABBITMQ_URL, Tokens, unique
+from harness.testrun import Tokens, unique
 
 BLOCKER_TOKENS = 150  # at 5 ms a token, the slot stays busy for ~0.75 s
 
@@ -34,38 +32,6 @@ def slow_model(processes: Processes) -> tuple[str, Service]:
 @pytest_asyncio.fixture(scope="module")
 async def priority_tokens(tokens: Tokens) -> dict[int, str]:
     return {p: await tokens.create(f"prio{p}", priority=p, threshold=1000) for p in (1, 2, 5, 8)}
-
-
-async def queue_depth(model: str) -> int:
-    connection = await aio_pika.connect(RABBITMQ_URL)
-    async with connection:
-        channel = await connection.channel()
-        queue = await channel.declare_queue(contract.model_queue(model), passive=True)
-        return queue.declaration_result.message_count or 0
-
-
-async def wait_depth(model: str, depth: int, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while await queue_depth(model) < depth:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"queue of {model} never reached {depth}")
-        await asyncio.sleep(0.02)
-
-
-async def wait_running(backend: Service, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    async with httpx.AsyncClient() as http:
-        while time.monotonic() < deadline:
-            metrics = (await http.get(backend.url + "/metrics")).text
-            if any(
-                line.startswith("vllm:num_requests_running")
-                and not line.endswith(" 0")
-                and not line.endswith(" 0.0")
-                for line in metrics.splitlines()
-            ):
-                return
-            await asyncio.sleep(0.01)
-    raise AssertionError("the blocker never started")
 
 
 async def served_order(

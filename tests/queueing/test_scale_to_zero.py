@@ -8,9 +8,9 @@ import asyncio
 import httpx
 
 from harness.api import auth, wait_listed
+from harness.observe import queue_depth
 from harness.processes import Processes
 from harness.testrun import unique
-from tests.queueing.test_priority import queue_depth
 
 
 async def test_request_waits_for_a_replica(processes: Processes, token: str) -> None:

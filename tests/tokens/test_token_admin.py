@@ -9,13 +9,12 @@ import io
 import json
 import subprocess
 
-import httpx
 import pytest
 import pytest_asyncio
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from harness import stack
-from harness.api import auth
+from harness.api import status_of, until_status
 from harness.dbclients import mysql, psql
 from harness.processes import Processes
 from harness.stack import Service
@@ -32,24 +31,6 @@ async def senders(processes: Processes, sender: Service, ready_model: str) -> di
     """A sender on each database (the token cache lasts 1 s in the tests)."""
     mysql_sender = processes.sender("mysql")
     return {"postgres": sender, "mysql": mysql_sender}
-
-
-async def status_of(front: Service, secret: str, model: str) -> int:
-    async with httpx.AsyncClient(base_url=front.url, headers=auth(secret)) as http:
-        response = await http.post("/v1/completions", json={"model": model, "prompt": "hi", "max_tokens": 2})
-    return response.status_code
-
-
-async def until_status(front: Service, secret: str, model: str, expected: int, timeout: float = 10) -> None:
-    """Poll until a request answers ``expected`` (changes take effect within the cache TTL)."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    status = None
-    while asyncio.get_running_loop().time() < deadline:
-        status = await status_of(front, secret, model)
-        if status == expected:
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"still {status} instead of {expected} after {timeout} s")
 
 
 def sql_script(kind: str, script: str, **params: object) -> str:

@@ -13,14 +13,13 @@ import pytest
 import pytest_asyncio
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from harness.api import auth
+from harness.api import auth, until_status
+from harness.observe import scrape, total
 from harness.processes import Processes
 from harness.stack import Service
 from harness.testrun import Tokens, unique
 from harness.tokens import create_token
 from sender.token_admin import database_now, set_token
-from tests.api.test_metrics import scrape, total
-from tests.tokens.test_token_admin import until_status
 
 
 async def post(front: Service, secret: str, model: str, **extra: object) -> httpx.Response:

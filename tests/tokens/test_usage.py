@@ -11,23 +11,12 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from harness.api import auth
+from harness.observe import usage_rows
 from harness.processes import Processes
 from harness.stack import Service
 from harness.testrun import unique
 from harness.tokens import create_token
 from sender.tables import usage_table
-
-
-async def usage_rows(engine: AsyncEngine, name: str, count: int) -> list[dict[str, object]]:
-    """The token's usage rows, once ``count`` of them are written (batches go out every second)."""
-    statement = sa.select(usage_table).where(usage_table.c.token_name == name).order_by(usage_table.c.id)
-    for _ in range(150):
-        async with engine.connect() as conn:
-            rows = [dict(row) for row in (await conn.execute(statement)).mappings()]
-        if len(rows) >= count:
-            return rows
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"{len(rows)} usage rows for {name}, expected {count}")
 
 
 def events(stream: bytes) -> list[dict[str, object]]:
