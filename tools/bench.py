@@ -29,10 +29,11 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 
 import contract
+from harness import stack
+from harness.services import missing_services
+from harness.tokens import create_token_at, create_tokens_at
 from sender.database import async_database_url
-from sender.tables import tokens_table, usage_table
-from sender.tokens import hash_secret, new_secret
-from tools import stack
+from sender.tables import usage_table
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -137,7 +138,7 @@ class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.log_dir = stack.ROOT / ".run" / "bench"
-        self.rabbitmq_url = os.environ.get("RABBITMQ_URL", stack.DEFAULT_RABBITMQ_URL)
+        self.rabbitmq_url = os.environ.get("RABBITMQ_URL", contract.DEFAULT_RABBITMQ_URL)
         self.server_url = os.environ.get("DATABASE_URL", stack.DEFAULT_POSTGRES_URL)
         self.services: list[stack.Service] = []
         self.tag = uuid.uuid4().hex[:6]
@@ -195,9 +196,15 @@ class Bench:
             )
             self.services.append(sender)
             consumer = self.services[1]
-            token = stack.add_token(self.database_url, f"bench-{self.tag}", priority=5, threshold=100_000)
-            high = stack.add_token(self.database_url, f"bench-high-{self.tag}", priority=9, threshold=100_000)
-            low = stack.add_token(self.database_url, f"bench-low-{self.tag}", priority=1, threshold=100_000)
+            token = await create_token_at(
+                self.database_url, f"bench-{self.tag}", priority=5, threshold=100_000
+            )
+            high = await create_token_at(
+                self.database_url, f"bench-high-{self.tag}", priority=9, threshold=100_000
+            )
+            low = await create_token_at(
+                self.database_url, f"bench-low-{self.tag}", priority=1, threshold=100_000
+            )
             await self.wait_listed(sender, token, model)
             await self.wait_listed(sender, token, prio_model)
 
@@ -284,7 +291,8 @@ class Bench:
         looked up once (the single token is cached too). The database's token
         queries are read from the sender's own counter.
         """
-        secrets_ = await insert_tokens(self.database_url, f"bench-many-{self.tag}", 1000)
+        names = [f"bench-many-{self.tag}-{i}" for i in range(1000)]
+        secrets_ = await create_tokens_at(self.database_url, names, priority=5, threshold=100_000)
         ttl = 5.0
         baseline = stack.start_sender(
             self.log_dir,
@@ -520,22 +528,6 @@ class Bench:
         print(json.dumps({"scenario": "targets", "met": all(checks.values()), "checks": checks}), flush=True)
 
 
-async def insert_tokens(database_url: str, prefix: str, count: int) -> list[str]:
-    """``count`` tokens in one insert; their secrets."""
-    secrets_ = [new_secret() for _ in range(count)]
-    rows = [
-        {"name": f"{prefix}-{i}", "token_hash": hash_secret(s), "priority": 5, "threshold": 100_000}
-        for i, s in enumerate(secrets_)
-    ]
-    engine = create_async_engine(async_database_url(database_url))
-    try:
-        async with engine.begin() as conn:
-            await conn.execute(sa.insert(tokens_table), rows)
-    finally:
-        await engine.dispose()
-    return secrets_
-
-
 async def count_usage_rows(database_url: str) -> int:
     engine = create_async_engine(async_database_url(database_url))
     try:
@@ -578,7 +570,7 @@ def main() -> None:
         "--only", nargs="*", help="scenarios to run (e.g. whole-c64 stream-c64 priority tokens)"
     )
     args = parser.parse_args()
-    problems = stack.missing_services(["RabbitMQ", "PostgreSQL"])
+    problems = missing_services(["RabbitMQ", "PostgreSQL"])
     if problems:
         raise SystemExit("\n".join(problems))
     try:

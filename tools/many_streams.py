@@ -22,7 +22,8 @@ import aio_pika
 import aiohttp
 
 import contract
-from tools import stack
+from harness import stack
+from harness.tokens import create_token_at
 from tools.bench import rss_mb
 
 
@@ -30,7 +31,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     tag = uuid.uuid4().hex[:6]
     model = f"streams-{tag}"
     log_dir = stack.ROOT / ".run" / "many-streams"
-    rabbitmq_url = os.environ.get("RABBITMQ_URL", stack.DEFAULT_RABBITMQ_URL)
+    rabbitmq_url = os.environ.get("RABBITMQ_URL", contract.DEFAULT_RABBITMQ_URL)
     server_url = os.environ.get("DATABASE_URL", stack.DEFAULT_POSTGRES_URL)
     database = f"streams_{tag}"
     database_url = stack.with_database(server_url, database)
@@ -66,7 +67,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             log_dir, database_url=database_url, rabbitmq_url=rabbitmq_url, log_level="warning"
         )
         services.append(sender)
-        token = stack.add_token(database_url, f"streams-{tag}", priority=5, threshold=1_000_000)
+        token = await create_token_at(database_url, f"streams-{tag}", priority=5, threshold=1_000_000)
         await asyncio.sleep(1)
         idle = rss_mb(sender.pid)
         outcomes: dict[str, int] = {}

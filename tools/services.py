@@ -7,29 +7,9 @@ service is down and how to start it.
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 import sys
-import time
 
-from tools.stack import SERVICES, missing_services, port_open
-
-
-def ensure(names: list[str] | None = None, wait: float = 60.0) -> list[str]:
-    names = names or list(SERVICES)
-    for name in names:
-        port, command = SERVICES[name]
-        if port_open(port):
-            continue
-        program = command.split()[0]
-        if shutil.which(program) is None:
-            continue
-        print(f"{name} is down; starting it: {command}", flush=True)
-        subprocess.run(command, shell=True, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + wait
-    while missing_services(names) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    return missing_services(names)
+from harness.services import ensure
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 
 Runs on a private RabbitMQ node (the broker is restarted as one of the
 faults), two simulated backends with a consumer each, and one sender. Every
-request is accounted for (see ``tools/traffic.py``); the sender's and the
+request is accounted for (see ``harness/traffic.py``); the sender's and the
 consumers' memory is sampled throughout. Exits non-zero on any defect (a
 request hung, answered twice, cut short without an error, or an undocumented
 error) or if memory grew. Off by default: it takes ``--minutes`` (10).
@@ -19,10 +19,12 @@ import time
 import uuid
 from collections.abc import Callable
 
-from tools import stack
+from harness import stack
+from harness.broker_node import BrokerNode
+from harness.services import missing_services
+from harness.tokens import create_token_at
+from harness.traffic import Tally, drive
 from tools.bench import rss_mb
-from tools.broker_node import BrokerNode
-from tools.traffic import Tally, drive
 
 TTFT_MS, ITL_MS, SLOTS, TOKENS = 20, 10, 16, 16
 
@@ -125,7 +127,9 @@ class Soak:
                 log_level=self.args.log_level,
             )
             self.others.append(sender)
-            token = stack.add_token(self.database_url, f"soak-{self.tag}", priority=5, threshold=100_000)
+            token = await create_token_at(
+                self.database_url, f"soak-{self.tag}", priority=5, threshold=100_000
+            )
             # Closed loop: this many clients keep 80% of the backends' slots busy.
             clients = int(0.8 * SLOTS * len(self.backends))
             return await self.drive(sender, token, clients)
@@ -198,7 +202,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help='faults to inject, by name ("backend restart", ...)')
     parser.add_argument("--log-level", default="warning", help="of the sender and the consumers")
     args = parser.parse_args()
-    problems = stack.missing_services(["PostgreSQL"])
+    problems = missing_services(["PostgreSQL"])
     if problems:
         raise SystemExit("\n".join(problems))
     ok = asyncio.run(Soak(args).run())

@@ -1,0 +1,726 @@
+"""The Helm chart, rendered by Helm's engine for the default values and every file of chart/ci/,
+checked against the Kubernetes schemas, the custom resources' schemas and what the services read."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+from typing import Any, cast
+
+import helm_python
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+import contract
+from harness.chart_render import (
+    CASES,
+    CHART,
+    HELPER_VARIABLES,
+    ROOT,
+    SETTINGS,
+    case_values,
+    chart,
+    container,
+    containers,
+    env,
+    named,
+    notes,
+    of_kind,
+    pod_spec,
+    render,
+    render_case,
+)
+from sender import admin
+
+KUBE_VERSIONS = ["1.29.0", "1.33.0"]
+CRD_SCHEMAS = {
+    (doc["apiVersion"], doc["kind"]): doc["openAPIV3Schema"]
+    for doc in (
+        yaml.safe_load(path.read_text()) for path in (Path(__file__).parent / "crd_schemas").glob("*.yaml")
+    )
+}
+OUR_IMAGES = re.compile(r"^llm-dispatcher-(sender|consumer|simulator):")
+RECOMMENDED_LABELS = ["app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/managed-by"]
+
+
+def crd_validator(schema: dict[str, Any]) -> jsonschema.Draft7Validator:
+    """Validate as the API server would: x-kubernetes-int-or-string admits both types."""
+    return jsonschema.Draft7Validator(schema)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_lint_is_clean(case: str) -> None:
+    report = helm_python.lint(CHART, case_values(case) or None, strict=True, kube_version="v1.30.0")
+    problems = [m for m in report["messages"] if m["severity"] >= 2]
+    assert not problems and not report["errors"], report
+
+
+def test_lint_reports_problems() -> None:
+    report = helm_python.lint(CHART, {"models": [{"name": "x"}]}, strict=True)
+    assert any(m["severity"] == 3 for m in report["messages"]), report
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
+def test_objects_match_their_schemas(case: str, kube_version: str) -> None:
+    objects = render_case(case)
+    assert objects
+    for obj in objects:
+        key = (obj["apiVersion"], obj["kind"])
+        if key in CRD_SCHEMAS:
+            crd_validator(CRD_SCHEMAS[key]).validate(obj)
+        else:
+            kubernetes_validate.validate(obj, kube_version, strict=True)
+
+
+def test_schemas_catch_mistakes() -> None:
+    """The validation above would notice a misspelt field, built-in or custom."""
+    objects = render_case("three-models-keda-values")
+    deployment = copy.deepcopy(of_kind(objects, "Deployment")[0])
+    deployment["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, KUBE_VERSIONS[0], strict=True)
+    scaled = copy.deepcopy(of_kind(objects, "ScaledObject")[0])
+    scaled["spec"]["minReplicas"] = 0
+    with pytest.raises(jsonschema.ValidationError):
+        crd_validator(CRD_SCHEMAS[("keda.sh/v1alpha1", "ScaledObject")]).validate(scaled)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_names_and_labels(case: str) -> None:
+    seen = set()
+    for obj in render_case(case):
+        name = obj["metadata"]["name"]
+        assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name) and len(name) <= 63, name
+        assert (obj["kind"], name) not in seen
+        seen.add((obj["kind"], name))
+        labels = obj["metadata"].get("labels", {})
+        assert all(label in labels for label in RECOMMENDED_LABELS), (obj["kind"], name, labels)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_pods_are_locked_down(case: str) -> None:
+    for obj in render_case(case):
+        spec = pod_spec(obj)
+        if spec is None:
+            continue
+        assert spec.get("automountServiceAccountToken") is False, obj["metadata"]["name"]
+        pod_context = spec.get("securityContext", {})
+        for c in containers(spec):
+            context = {**pod_context, **c.get("securityContext", {})}
+            where = f"{obj['metadata']['name']}/{c['name']}"
+            assert context.get("runAsNonRoot") is True, where
+            assert context.get("allowPrivilegeEscalation") is False, where
+            assert context.get("capabilities", {}).get("drop") == ["ALL"], where
+            if OUR_IMAGES.match(c["image"]):
+                assert context.get("readOnlyRootFilesystem") is True, where
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_secrets_only_by_reference(case: str) -> None:
+    """No credential in a manifest: the only Secret rendered is the generated one of the trial database."""
+    objects = render_case(case)
+    secrets = of_kind(objects, "Secret")
+    assert [s["metadata"]["name"] for s in secrets] == (
+        ["rel-llm-dispatcher-database"] if case_values(case).get("database", {}).get("internal") else []
+    )
+    for obj in objects:
+        spec = pod_spec(obj)
+        for c in containers(spec) if spec else []:
+            for name, value in env(c).items():
+                if name in {"RABBITMQ_URL", "DATABASE_URL", "HF_TOKEN", "RABBITMQ_PASSWORD"}:
+                    assert isinstance(value, dict) or "$(RABBITMQ_PASSWORD)" in value, (name, value)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_environment_names_are_settings(case: str) -> None:
+    """The chart sets only variables our services read (a misspelt name would be ignored silently)."""
+    roles = {"sender": "sender", "consumer": "consumer", "simulator": "simulator"}
+    for obj in render_case(case):
+        spec = pod_spec(obj)
+        for c in containers(spec) if spec else []:
+            match = OUR_IMAGES.match(c["image"])
+            if not match:
+                continue
+            role = roles.get(c["name"], match.group(1))
+            unknown = set(env(c)) - SETTINGS[role] - HELPER_VARIABLES
+            assert not unknown, (obj["metadata"]["name"], c["name"], unknown)
+
+
+def test_sender() -> None:
+    objects = render_case("one-model-values")
+    deployment = named(objects, "Deployment", "-sender")
+    sender = container(deployment, "sender")
+    assert sender["livenessProbe"]["httpGet"]["path"] == "/health/live"
+    assert sender["readinessProbe"]["httpGet"]["path"] == "/health/ready"
+    assert sender["resources"]["requests"]
+    variables = env(sender)
+    assert variables["SENDER_HOST"] == "0.0.0.0"
+    assert variables["RABBITMQ_URL"]["secretKeyRef"] == {"name": "dispatcher-broker", "key": "url"}
+    assert variables["DATABASE_URL"]["secretKeyRef"] == {"name": "dispatcher-db", "key": "url"}
+    assert "replicas" not in deployment["spec"]  # the HPA decides
+    hpa = named(objects, "HorizontalPodAutoscaler", "-sender")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    pdb = named(objects, "PodDisruptionBudget", "-sender")
+    assert (
+        pdb["spec"]["selector"]["matchLabels"].items()
+        <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    )
+    service = named(objects, "Service", "-sender")
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+
+
+@pytest.mark.parametrize(
+    ("sender", "grace", "pre_stop", "termination"),
+    [
+        ({}, "60", 5, 75),
+        ({"shutdownGraceSeconds": 600, "preStopSeconds": 12}, "600", 12, 622),
+        ({"shutdownGraceSeconds": 1, "preStopSeconds": 0}, "1", None, 11),
+    ],
+)
+def test_sender_drains_on_rollouts(
+    sender: dict[str, Any], grace: str, pre_stop: int | None, termination: int
+) -> None:
+    """Out of the Service's endpoints first (the preStop pause), then requests in flight get their grace."""
+    deployment = named(render({"sender": sender}), "Deployment", "-sender")
+    container_ = container(deployment, "sender")
+    assert env(container_)["SENDER_SHUTDOWN_GRACE"] == grace
+    if pre_stop is None:
+        assert "lifecycle" not in container_
+    else:
+        command = ["python", "-c", f"import time; time.sleep({pre_stop})"]
+        assert container_["lifecycle"]["preStop"]["exec"]["command"] == command
+    assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == termination
+
+
+def test_ingress_streams_and_hides_internal_routes() -> None:
+    ingress = named(render_case("one-model-values"), "Ingress", "-sender")
+    annotations = ingress["metadata"]["annotations"]
+    assert annotations["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"
+    assert annotations["nginx.ingress.kubernetes.io/proxy-request-buffering"] == "off"
+    assert int(annotations["nginx.ingress.kubernetes.io/proxy-read-timeout"]) >= 600
+    assert int(annotations["nginx.ingress.kubernetes.io/proxy-send-timeout"]) >= 600
+    assert ingress["spec"]["tls"] == [{"hosts": ["llm.example.com"], "secretName": "llm-example-tls"}]
+    paths = {p["path"] for rule in ingress["spec"]["rules"] for p in rule["http"]["paths"]}
+    assert paths == {"/v1", "/tokenize", "/detokenize"}  # never /metrics or /health
+
+
+def test_model_pod_runs_vllm_and_the_consumer_beside_it() -> None:
+    objects = render_case("one-model-values")
+    deployment = named(objects, "Deployment", "-model-llama-3-1-8b")
+    assert deployment["spec"]["replicas"] == 2
+    vllm = container(deployment, "vllm")
+    assert vllm["image"].startswith("vllm/vllm-openai:")
+    args = vllm["args"]
+
+    def arg(flag: str) -> str:
+        return str(args[args.index(flag) + 1])
+
+    assert arg("--model") == "meta-llama/Llama-3.1-8B-Instruct"
+    assert arg("--served-model-name") == "llama-3.1-8b"
+    assert arg("--dtype") == "bfloat16"
+    assert arg("--max-model-len") == "16384"
+    assert arg("--gpu-memory-utilization") == "0.92"
+    assert arg("--scheduling-policy") == "priority"
+    assert "--quantization" not in args
+    assert vllm["resources"]["limits"]["nvidia.com/gpu"] == 1
+    startup = vllm["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 1800  # big models load slowly
+    assert env(vllm)["HF_TOKEN"]["secretKeyRef"] == {"name": "hf-token", "key": "token"}
+
+    consumer = container(deployment, "consumer")
+    variables = env(consumer)
+    assert variables["MODEL"] == "llama-3.1-8b"
+    port = next(p["containerPort"] for p in vllm["ports"] if p["name"] == "vllm")
+    assert variables["VLLM_URL"] == f"http://127.0.0.1:{port}"
+    assert variables["CONSUMER_FORWARD_PRIORITY"] == "true"
+    # The consumer's readiness follows vLLM's (it is ready only while it consumes).
+    assert consumer["readinessProbe"]["httpGet"] == {"path": "/health", "port": "status"}
+    status = next(p["containerPort"] for p in consumer["ports"] if p["name"] == "status")
+    assert variables["CONSUMER_STATUS_PORT"] == str(status)
+    # vLLM outlives the consumer's drain on shutdown.
+    assert vllm["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", variables["CONSUMER_SHUTDOWN_GRACE"]]
+    assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > int(
+        variables["CONSUMER_SHUTDOWN_GRACE"]
+    )
+    spec = deployment["spec"]["template"]["spec"]
+    assert spec["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-L40S"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    claim = named(objects, "PersistentVolumeClaim", "-model-llama-3-1-8b-cache")
+    assert volumes["models"]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    assert claim["spec"]["resources"]["requests"]["storage"] == "200Gi"
+    assert volumes["shm"]["emptyDir"]["medium"] == "Memory"
+
+
+def test_three_models() -> None:
+    objects = render_case("three-models-keda-values")
+    models = case_values("three-models-keda-values")["models"]
+    deployments = [d for d in of_kind(objects, "Deployment") if "-model-" in d["metadata"]["name"]]
+    assert sorted(env(container(d, "consumer"))["MODEL"] for d in deployments) == sorted(
+        m["name"] for m in models
+    )
+    big = named(objects, "Deployment", "-model-llama-3-3-70b-awq")
+    args = container(big, "vllm")["args"]
+    assert args[args.index("--tensor-parallel-size") + 1] == "2"
+    assert args[args.index("--quantization") + 1] == "awq"
+    assert args[-3:] == ["--enable-prefix-caching", "--max-num-seqs", "128"]
+    assert container(big, "vllm")["resources"]["limits"]["nvidia.com/gpu"] == 2
+    assert env(container(big, "vllm"))["VLLM_LOGGING_LEVEL"] == "WARNING"
+    assert big["spec"]["template"]["spec"]["tolerations"] == models[1]["tolerations"]
+    embed = named(objects, "Deployment", "-model-bge-m3")
+    assert env(container(embed, "consumer"))["CONSUMER_MAX_INFLIGHT"] == "256"
+    for deployment in deployments:
+        volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+        assert volumes["models"]["persistentVolumeClaim"]["claimName"] == "shared-model-cache"
+    assert not of_kind(objects, "PersistentVolumeClaim")
+
+
+def test_priority_forwarding_can_be_off() -> None:
+    values = case_values("one-model-values")
+    values["vllm"]["forwardPriority"] = False
+    deployment = named(render(values), "Deployment", "-model-llama-3-1-8b")
+    assert "--scheduling-policy" not in container(deployment, "vllm")["args"]
+    assert env(container(deployment, "consumer"))["CONSUMER_FORWARD_PRIORITY"] == "false"
+
+
+def test_keda_scales_each_model_on_its_queue() -> None:
+    objects = render_case("three-models-keda-values")
+    scaled = of_kind(objects, "ScaledObject")
+    models = case_values("three-models-keda-values")["models"]
+    assert len(scaled) == len(models)
+    auth = named(objects, "TriggerAuthentication", "-rabbitmq-queue-reader")
+    for model in models:
+        obj = next(
+            s
+            for s in scaled
+            if s["metadata"]["labels"]["llm-dispatcher/model"] in model["name"].replace(".", "-")
+        )
+        deployment = named(objects, "Deployment", obj["spec"]["scaleTargetRef"]["name"])
+        assert "replicas" not in deployment["spec"]  # KEDA owns it
+        assert env(container(deployment, "consumer"))["MODEL"] == model["name"]
+        (trigger,) = obj["spec"]["triggers"]
+        assert trigger["type"] == "rabbitmq"
+        assert trigger["metadata"]["queueName"] == contract.model_queue(model["name"])
+        assert trigger["metadata"]["mode"] == "QueueLength"
+        assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
+        overrides = model.get("keda", {})
+        assert obj["spec"]["minReplicaCount"] == overrides.get("minReplicaCount", 1)
+        assert obj["spec"]["maxReplicaCount"] == overrides.get("maxReplicaCount", 3)
+        assert trigger["metadata"]["value"] == str(overrides.get("queueLength", 8))
+    # Scaled to zero, a model is woken by the requests queued for it.
+    sender = container(named(objects, "Deployment", "-sender"), "sender")
+    assert env(sender)["SENDER_QUEUE_WITHOUT_CONSUMERS"] == "true"
+    secrets = {ref["parameter"]: ref for ref in auth["spec"]["secretTargetRef"]}
+    assert secrets["password"]["name"] == "rel-llm-dispatcher-rabbitmq-default-user"
+
+
+def test_keda_with_an_external_broker_reads_its_url_secret() -> None:
+    values = {**case_values("one-model-values"), "keda": {"enabled": True}}
+    objects = render(values)
+    auth = named(objects, "TriggerAuthentication", "-rabbitmq-queue-reader")
+    assert auth["spec"]["secretTargetRef"] == [
+        {"parameter": "host", "name": "dispatcher-broker", "key": "url"}
+    ]
+    assert "host" not in of_kind(objects, "ScaledObject")[0]["spec"]["triggers"][0]["metadata"]
+
+
+def test_internal_rabbitmq() -> None:
+    objects = render_case("three-models-keda-values")
+    (cluster,) = of_kind(objects, "RabbitmqCluster")
+    assert cluster["spec"]["replicas"] == 3
+    config = cluster["spec"]["rabbitmq"]["additionalConfig"]
+    settings = [
+        line
+        for line in (ROOT / "rabbitmq" / "rabbitmq.conf").read_text().splitlines()
+        if line and line[0] != "#"
+    ]
+    assert settings and all(line in config.splitlines() for line in settings)
+    assert "consumer_timeout = 7200000" in config.splitlines()
+    assert "log.console.level = warning" in config.splitlines()
+    host = f"{cluster['metadata']['name']}.llm.svc"
+    for deployment in of_kind(objects, "Deployment"):
+        for c in deployment["spec"]["template"]["spec"]["containers"]:
+            if c["name"] in {"sender", "consumer"}:
+                variables = env(c)
+                assert (
+                    variables["RABBITMQ_URL"]
+                    == f"amqp://$(RABBITMQ_USERNAME):$(RABBITMQ_PASSWORD)@{host}:5672/"
+                )
+                assert (
+                    variables["RABBITMQ_PASSWORD"]["secretKeyRef"]["name"]
+                    == f"{cluster['metadata']['name']}-default-user"
+                )
+    definitions = named(objects, "ConfigMap", "-rabbitmq-definitions")
+    assert json.loads(definitions["data"]["definitions.json"]) == json.loads(
+        (ROOT / "rabbitmq" / "definitions.json").read_text()
+    )
+    (job,) = [j for j in of_kind(objects, "Job") if "-rabbitmq-definitions-" in j["metadata"]["name"]]
+    command = container(job, "import-definitions")["command"]
+    assert command[-1] == f"http://{host}:15672/api/definitions"
+    assert "@/definitions/definitions.json" in command
+
+
+def test_internal_database_and_db_init_job() -> None:
+    objects = render_case("internal-trial-values")
+    (database,) = of_kind(objects, "StatefulSet")
+    secret = named(objects, "Secret", "-database")
+    password = secret["stringData"]["password"]
+    assert len(password) == 32
+    assert secret["stringData"]["url"].startswith(f"postgresql+psycopg://dispatcher:{password}@")
+    assert (
+        env(container(database, "postgres"))["POSTGRES_PASSWORD"]["secretKeyRef"]["name"]
+        == secret["metadata"]["name"]
+    )
+    (job,) = [j for j in of_kind(objects, "Job") if j["metadata"]["name"].endswith("-db-init")]
+    # The database is part of the release, so the Job waits for the install.
+    assert job["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
+
+
+def db_init_steps(job: dict[str, Any]) -> list[list[str]]:
+    return [c["command"] for c in job["spec"]["template"]["spec"]["initContainers"]]
+
+
+def test_db_init_job_runs_the_admin_commands() -> None:
+    objects = render_case("one-model-values")
+    (job,) = [j for j in of_kind(objects, "Job") if j["metadata"]["name"].endswith("-db-init")]
+    assert job["metadata"]["annotations"]["helm.sh/hook"] == "pre-install,pre-upgrade"
+    steps = db_init_steps(job)
+    assert steps[0] == ["python", "-m", "sender.admin", "migrate"]
+    tokens = case_values("one-model-values")["tokens"]
+    assert len(steps) == 1 + len(tokens)
+    volumes = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}
+    for token, step, init in zip(
+        tokens, steps[1:], job["spec"]["template"]["spec"]["initContainers"][1:], strict=True
+    ):
+        assert step[:4] == ["python", "-m", "sender.admin", "add-token"]
+        options = dict(zip(step[4::2], step[5::2], strict=True))
+        assert options == {
+            "--name": token["name"],
+            "--priority": str(token["priority"]),
+            "--threshold": str(token["threshold"]),
+            "--secret-file": options["--secret-file"],
+        }
+        (mount,) = init["volumeMounts"]
+        assert options["--secret-file"] == f"{mount['mountPath']}/secret"
+        secret = volumes[mount["name"]]["secret"]
+        assert secret["secretName"] == token["secretName"]
+        assert secret["items"] == [{"key": token.get("secretKey", "token"), "path": "secret"}]
+        assert init["image"].startswith("llm-dispatcher-sender:")
+        assert env(init)["DATABASE_URL"]["secretKeyRef"]["name"] == "dispatcher-db"
+
+
+def add_token_options(token: dict[str, Any]) -> dict[str, str]:
+    """The options of the add-token step the db-init Job runs for a single ``token``."""
+    (job,) = [
+        j for j in of_kind(render({"tokens": [token]}), "Job") if j["metadata"]["name"].endswith("-db-init")
+    ]
+    step = db_init_steps(job)[1]
+    assert step[:4] == ["python", "-m", "sender.admin", "add-token"]
+    return dict(zip(step[4::2], step[5::2], strict=True))
+
+
+def test_large_token_numbers_are_written_as_integers() -> None:
+    """Helm reads YAML numbers as floats, whose default text is 1e+06: the admin CLI wants 1000000."""
+    options = add_token_options({"name": "bulk", "priority": 0, "threshold": 1_000_000, "secretName": "s"})
+    assert options["--threshold"] == "1000000"
+
+
+def test_every_token_field_becomes_its_add_token_option() -> None:
+    token = {
+        "name": "bob",
+        "priority": 2,
+        "threshold": 50,
+        "owner": "team b",
+        "expires": "2027-01-01 00:00",
+        "models": ["llama-3.1-8b", "mistral"],
+        "rpm": 60,
+        "tpm": 1_000_000,
+        "maxSeconds": 7.5,
+        "secretName": "bob-token",
+        "secretKey": "secret",
+    }
+    options = add_token_options(token)
+    assert options == {
+        "--name": "bob",
+        "--priority": "2",
+        "--threshold": "50",
+        "--owner": "team b",
+        "--expires": "2027-01-01 00:00",
+        "--models": "llama-3.1-8b,mistral",
+        "--rpm": "60",
+        "--tpm": "1000000",
+        "--max-seconds": "7.5",
+        "--secret-file": "/tokens/0/secret",
+    }
+    args = [arg for option, value in options.items() for arg in (option, value)]
+    parsed = admin.parser().parse_args(["add-token", *args])
+    assert (parsed.models, parsed.rpm, parsed.tpm, parsed.max_seconds) == (
+        ["llama-3.1-8b", "mistral"],
+        60,
+        1_000_000,
+        7.5,
+    )
+
+
+def test_unset_token_fields_are_left_out() -> None:
+    """So the admin CLI's defaults hold: no owner or expiry, every model, no limits, the server's deadline."""
+    options = add_token_options({"name": "a", "priority": 0, "threshold": 5, "secretName": "s"})
+    assert list(options) == ["--name", "--priority", "--threshold", "--secret-file"]
+
+
+def test_network_policies() -> None:
+    objects = render_case("internal-trial-values")
+    policies = {
+        p["metadata"]["name"].removeprefix("rel-llm-dispatcher-"): p["spec"]
+        for p in of_kind(objects, "NetworkPolicy")
+    }
+    assert set(policies) == {"sender", "models", "rabbitmq", "database"}
+    labels = {
+        component: named(objects, kind, f"-{name}")["spec"]["template"]["metadata"]["labels"]
+        for component, kind, name in [
+            ("sender", "Deployment", "sender"),
+            ("model", "Deployment", "model-demo"),
+        ]
+    }
+
+    def selects(selector: dict[str, Any], pod_labels: dict[str, str]) -> bool:
+        matched: bool = selector["matchLabels"].items() <= pod_labels.items()
+        return matched
+
+    # The sender: from the ingress controller's namespace (and Prometheus for /metrics), nothing else.
+    assert selects(policies["sender"]["podSelector"], labels["sender"])
+    sources = policies["sender"]["ingress"][0]["from"]
+    assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}} in sources
+    assert all("podSelector" not in source for source in sources)
+    # Model pods: the vLLM port is open to nobody.
+    assert selects(policies["models"]["podSelector"], labels["model"])
+    open_ports = {port["port"] for rule in policies["models"].get("ingress", []) for port in rule["ports"]}
+    assert "vllm" not in open_ports and 8000 not in open_ports
+    # The broker's AMQP port: the sender and the consumers only.
+    amqp = next(
+        rule for rule in policies["rabbitmq"]["ingress"] if {"port": 5672, "protocol": "TCP"} in rule["ports"]
+    )
+    allowed = [source["podSelector"] for source in amqp["from"]]
+    assert len(allowed) == 2
+    assert any(selects(s, labels["sender"]) for s in allowed) and any(
+        selects(s, labels["model"]) for s in allowed
+    )
+    # The database: the sender and the db-init Job only.
+    (rule,) = policies["database"]["ingress"]
+    job = next(j for j in of_kind(objects, "Job") if j["metadata"]["name"].endswith("-db-init"))
+    allowed = [source["podSelector"] for source in rule["from"]]
+    assert any(selects(s, labels["sender"]) for s in allowed)
+    assert any(selects(s, job["spec"]["template"]["metadata"]["labels"]) for s in allowed)
+    assert not any(selects(s, labels["model"]) for s in allowed)
+
+
+def test_monitoring_resources() -> None:
+    objects = render_case("three-models-keda-values")
+    monitors = {m["metadata"]["name"]: m for m in of_kind(objects, "ServiceMonitor")}
+    assert all(m["metadata"]["labels"]["release"] == "kube-prometheus-stack" for m in monitors.values())
+    models = monitors["rel-llm-dispatcher-models"]
+    service = named(objects, "Service", "-models-metrics")
+    assert models["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    sender = named(objects, "Service", "-sender")
+    assert (
+        monitors["rel-llm-dispatcher-sender"]["spec"]["selector"]["matchLabels"].items()
+        <= sender["metadata"]["labels"].items()
+    )
+    assert {e["port"] for e in models["spec"]["endpoints"]} == {p["name"] for p in service["spec"]["ports"]}
+    assert {e["port"] for e in monitors["rel-llm-dispatcher-rabbitmq"]["spec"]["endpoints"]} == {"prometheus"}
+    (rule,) = of_kind(objects, "PrometheusRule")
+    assert rule["spec"] == yaml.safe_load((ROOT / "observability" / "prometheus-alerts.yaml").read_text())
+    dashboard = named(objects, "ConfigMap", "-dashboard")
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert (
+        dashboard["data"]["llm-dispatcher.json"]
+        == (ROOT / "observability" / "grafana-dashboard.json").read_text()
+    )
+
+
+def test_chart_files_are_links_to_the_sources() -> None:
+    """chart/files holds symbolic links (Helm's loader and `helm package` follow them): no copy to drift."""
+    for link in (CHART / "files").iterdir():
+        assert link.is_symlink(), link
+        assert link.resolve().is_relative_to(ROOT) and link.resolve().exists(), link
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"models": [{"name": "no-model-id"}]}, "missing property 'model'"),
+        ({"models": [{"name": "bad name", "model": "x"}]}, "/models/0/name"),
+        ({"models": [{"name": "m", "model": "x", "gpus": 0}]}, "/models/0/gpus"),
+        (
+            {"models": [{"name": "m", "model": "x", "gpuMemoryUtilization": 1.5}]},
+            "/models/0/gpuMemoryUtilization",
+        ),
+        ({"models": [{"name": "m", "model": "x", "backend": "tgi"}]}, "/models/0/backend"),
+        ({"models": [{"name": "m", "model": "x", "maxModelLen": "8k"}]}, "/models/0/maxModelLen"),
+        (
+            {"models": [{"name": "m", "model": "x", "replica": 2}]},
+            "additional properties 'replica' not allowed",
+        ),
+        (
+            {"tokens": [{"name": "a", "priority": 12, "threshold": 5, "secretName": "s"}]},
+            "/tokens/0/priority",
+        ),
+        (
+            {"tokens": [{"name": "a", "priority": 1, "threshold": 5, "secret": "sk-plain"}]},
+            "missing property 'secretName'",
+        ),
+        *(
+            ({"tokens": [{"name": "a", "priority": 1, "threshold": 5, "secretName": "s", **field}]}, message)
+            for field, message in cast(
+                "list[tuple[dict[str, Any], str]]",
+                [
+                    ({"rpm": -1}, "/tokens/0/rpm"),
+                    ({"rpm": 0}, "/tokens/0/rpm"),
+                    ({"tpm": 1.5}, "/tokens/0/tpm"),
+                    ({"tpm": 2**31}, "/tokens/0/tpm"),
+                    ({"maxSeconds": 0}, "/tokens/0/maxSeconds"),
+                    ({"maxSeconds": "60"}, "/tokens/0/maxSeconds"),
+                    ({"models": "llama,mistral"}, "/tokens/0/models"),
+                    ({"models": []}, "/tokens/0/models"),
+                    ({"models": ["bad name"]}, "/tokens/0/models/0"),
+                    ({"owner": ""}, "/tokens/0/owner"),
+                    ({"expires": "30d"}, "/tokens/0/expires"),
+                    ({"expires": "next year"}, "/tokens/0/expires"),
+                    ({"maxseconds": 60}, "additional properties 'maxseconds' not allowed"),
+                ],
+            )
+        ),
+        (
+            {"tokens": [{"name": "a", "priority": -1, "threshold": 5, "secretName": "s"}]},
+            "/tokens/0/priority",
+        ),
+        (
+            {"tokens": [{"name": "a", "priority": 1, "threshold": 0, "secretName": "s"}]},
+            "/tokens/0/threshold",
+        ),
+        ({"rabbitmq": {"urlSecret": ""}}, "/rabbitmq/urlSecret"),
+        ({"database": {"urlSecret": ""}}, "/database/urlSecret"),
+        ({"rabbitmq": {"internal": True, "cluster": {"replicas": 2}}}, "/rabbitmq/cluster/replicas"),
+        ({"keda": {"enabled": "yes"}}, "/keda/enabled"),
+        ({"keda": {"minReplicaCount": -1}}, "/keda/minReplicaCount"),
+        ({"sender": {"env": {"bad-name": "1"}}}, "/sender/env"),
+        ({"sender": {"shutdownGraceSeconds": 0}}, "/sender/shutdownGraceSeconds"),
+        ({"sender": {"shutdownGraceSeconds": "60"}}, "/sender/shutdownGraceSeconds"),
+        ({"sender": {"shutdownGraceSeconds": 2.5}}, "/sender/shutdownGraceSeconds"),
+        ({"sender": {"preStopSeconds": -1}}, "/sender/preStopSeconds"),
+        ({"sender": {"preStopSeconds": "5s"}}, "/sender/preStopSeconds"),
+        ({"ingress": {"enabled": True, "host": "Not A Host"}}, "/ingress/host"),
+        ({"serviceMonitor": {"interval": "often"}}, "/serviceMonitor/interval"),
+        ({"sender": {"resources": {"requests": {"cpu": "lots"}}}}, "/sender/resources/requests/cpu"),
+        ({"unknownTopLevel": 1}, "additional properties 'unknownTopLevel' not allowed"),
+    ],
+)
+def test_values_schema_rejects(values: dict[str, Any], message: str) -> None:
+    with pytest.raises(helm_python.HelmValuesError) as raised:
+        chart().validate_schema(values)
+    assert message in str(raised.value)
+    with pytest.raises(helm_python.HelmError):
+        render(values)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_values_schema_accepts_the_examples(case: str) -> None:
+    chart().validate_schema(case_values(case))
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"models": [{"name": "a.b", "model": "x"}, {"name": "a_b", "model": "y"}]}, "same Kubernetes name"),
+        ({"tokens": [{"name": "a", "priority": 1, "threshold": 5, "secretName": "s"}] * 2}, "listed twice"),
+        (
+            {"ingress": {"enabled": True, "tls": {"enabled": True, "secretName": ""}}},
+            "ingress.tls.secretName",
+        ),
+        ({"sender": {"env": {"SENDER_SHUTDOWN_GRACE": 90}}}, "set it with sender.shutdownGraceSeconds"),
+        ({"sender": {"env": {"SENDER_PORT": 9000}}}, "set it with sender.port"),
+        (
+            {"consumer": {"env": {"CONSUMER_STATUS_PORT": 9500}}, "models": [{"name": "m", "model": "x"}]},
+            "CONSUMER_STATUS_PORT, which comes from consumer.statusPort",
+        ),
+        (
+            {"models": [{"name": "m", "model": "x", "consumerEnv": {"CONSUMER_SHUTDOWN_GRACE": 5}}]},
+            'models "m": consumer.env / consumerEnv sets CONSUMER_SHUTDOWN_GRACE',
+        ),
+    ],
+)
+def test_template_rejects(values: dict[str, Any], message: str) -> None:
+    with pytest.raises(helm_python.HelmRenderError) as raised:
+        render(values)
+    assert message in str(raised.value)
+
+
+def values_leaves(values: dict[str, Any], prefix: str = "") -> list[str]:
+    leaves = []
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        if (
+            isinstance(value, dict)
+            and value
+            and key not in {"resources", "securityContext", "podSecurityContext", "labels"}
+        ):
+            leaves += values_leaves(value, path + ".")
+        else:
+            leaves.append(path)
+    return leaves
+
+
+def test_every_value_is_documented() -> None:
+    readme = (CHART / "README.md").read_text()
+    documented = set(re.findall(r"^\| `([^`]+)` \|", readme, flags=re.MULTILINE))
+    leaves = values_leaves(yaml.safe_load((CHART / "values.yaml").read_text()))
+    assert not set(leaves) - documented, set(leaves) - documented
+    fields = {f"{key}[].{field}" for key in ("models", "tokens") for field in list_fields(key)}
+    assert not documented - set(leaves) - fields
+    assert fields <= documented, fields - documented
+
+
+def list_fields(key: str) -> set[str]:
+    """The fields of each entry of the list ``key``, as the schema knows them."""
+    return set(
+        json.loads((CHART / "values.schema.json").read_text())["properties"][key]["items"]["properties"]
+    )
+
+
+def test_notes_tell_how_to_get_a_token_and_call() -> None:
+    text = notes(case_values("one-model-values"))
+    assert "https://llm.example.com/v1" in text
+    assert "get secret webui-token" in text
+    assert '"model": "llama-3.1-8b"' in text
+    default = notes({})
+    assert "port-forward service/rel-llm-dispatcher-sender" in default
+    assert "create secret generic" in default
+    assert "waits in its queue" in notes(case_values("three-models-keda-values"))
+
+
+def test_zero_and_false_overrides_are_kept() -> None:
+    values: dict[str, Any] = {
+        "consumer": {"env": {"CONSUMER_WAITING_TOLERANCE": 2}},
+        "models": [
+            {"name": "idle", "model": "x", "replicas": 0, "consumerEnv": {"CONSUMER_WAITING_TOLERANCE": 0}},
+            {"name": "busy", "model": "y"},
+        ],
+        "keda": {"minReplicaCount": 1},
+    }
+    objects = render(values)
+    idle = named(objects, "Deployment", "-model-idle")
+    assert idle["spec"]["replicas"] == 0
+    assert env(container(idle, "consumer"))["CONSUMER_WAITING_TOLERANCE"] == "0"
+    busy = named(objects, "Deployment", "-model-busy")
+    assert busy["spec"]["replicas"] == 1
+    assert env(container(busy, "consumer"))["CONSUMER_WAITING_TOLERANCE"] == "2"
+    values["keda"]["enabled"] = True
+    values["models"][0]["keda"] = {"minReplicaCount": 0}
+    scaled = {s["metadata"]["name"]: s["spec"] for s in of_kind(render(values), "ScaledObject")}
+    assert scaled["rel-llm-dispatcher-model-idle"]["minReplicaCount"] == 0
+    assert scaled["rel-llm-dispatcher-model-busy"]["minReplicaCount"] == 1
