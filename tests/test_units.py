@@ -9,7 +9,8 @@ import orjson
 import pytest
 
 import contract
-from consumer.flow import BackendLoad, Window, parse_vllm_metrics
+from consumer.backend import BackendLoad, parse_vllm_metrics
+from consumer.flow import Window
 from consumer.replies import ReplyWriter
 from contract import Announcement, ContractError, Reply, Request, errors
 from sender.registry import ModelRegistry

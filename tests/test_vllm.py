@@ -26,7 +26,7 @@ import orjson
 import pytest
 import pytest_asyncio
 
-from consumer.flow import parse_vllm_metrics
+from consumer.backend import parse_vllm_metrics
 from tests.conftest import Processes, Tokens, auth, unique, wait_listed
 from tools import vllm_cpu
 from tools.stack import Service
