@@ -83,9 +83,6 @@ class Backend:
         except aiohttp.ClientError:
             return Health.DOWN
 
-    async def healthy(self, timeout: float) -> bool:
-        return await self.health(timeout) is Health.UP
-
     async def model_card(self, model: str) -> dict[str, Any]:
         """The backend's ``/v1/models`` entry for ``model`` (or its only entry), renamed to ``model``."""
         async with self.session.get("/v1/models", timeout=aiohttp.ClientTimeout(total=5)) as response:

@@ -153,7 +153,7 @@ class Worker:
     async def _wait_for_backend(self, stop: asyncio.Event) -> None:
         started = time.monotonic()
         while not stop.is_set():
-            if await self.backend.healthy(self.settings.health_timeout):
+            if await self.backend.health(self.settings.health_timeout) is Health.UP:
                 try:
                     self.card = await self.backend.model_card(self.settings.model)
                 except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
