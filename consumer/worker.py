@@ -35,9 +35,10 @@ import contract
 from consumer import usage
 from consumer.backend import Backend, BackendFailed, BackendUnreachable, Health
 from consumer.flow import Window
+from consumer.metrics import ConsumerMetrics
 from consumer.replies import ReplyWriter
 from consumer.settings import ConsumerSettings
-from consumer.status import ConsumerMetrics, serve_status
+from consumer.status_server import serve_status
 from contract import Announcement, Cancel, ContractError, Reply, Request, errors, liveness
 from contract.errors import BROKER_GONE
 
