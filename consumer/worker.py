@@ -21,7 +21,6 @@ from typing import Any
 
 import aio_pika
 import aiohttp
-import orjson
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
@@ -32,7 +31,7 @@ from aio_pika.abc import (
 from aiohttp import web
 
 import contract
-from consumer import usage
+from consumer import backend_body, token_counts
 from consumer.backend import Backend, BackendFailed, BackendUnreachable, Health
 from consumer.flow import Window
 from consumer.metrics import ConsumerMetrics
@@ -444,7 +443,9 @@ class Worker:
                 writer, errors.DEADLINE_EXCEEDED, "the request expired while it waited in the queue"
             )
             return False
-        body, strip_usage = self._body_for_backend(request)
+        body, strip_usage = backend_body.rewrite(
+            request, forward_priority=self.settings.forward_priority, max_priority=self.settings.max_priority
+        )
         try:
             async with asyncio.timeout(remaining):
                 await self._call_backend(request, body, writer, strip_usage)
@@ -478,11 +479,11 @@ class Worker:
             if not request.stream or response.status != 200:
                 answer = await response.read()
                 if response.status == 200:
-                    self._count_tokens(writer, usage.from_body(answer))
+                    self._count_tokens(writer, token_counts.from_body(answer))
                 await writer.whole(response.status, content_type, answer)
                 return
             writer.begin(response.status, content_type)
-            watcher = usage.StreamUsage(strip=strip_usage)
+            watcher = token_counts.StreamUsage(strip=strip_usage)
             async for chunk in response.content.iter_any():
                 relayed = watcher.feed(chunk)
                 if relayed:
@@ -498,23 +499,6 @@ class Worker:
             writer.usage = counts
             self.metrics.prompt_tokens.labels(self.settings.model).inc(counts[0])
             self.metrics.completion_tokens.labels(self.settings.model).inc(counts[1])
-
-    def _body_for_backend(self, request: Request) -> tuple[bytes, bool]:
-        """The body for the backend, and whether to strip the usage chunk the client did not ask for."""
-        wants_usage = request.stream and request.path in usage.USAGE_PATHS
-        if not self.settings.forward_priority and not wants_usage:
-            return request.body, False
-        try:
-            payload = orjson.loads(request.body)
-        except orjson.JSONDecodeError:
-            return request.body, False  # the backend will answer 400 itself
-        if not isinstance(payload, dict):
-            return request.body, False
-        strip = usage.ask_for_usage(payload) if wants_usage else False
-        if self.settings.forward_priority:
-            # vLLM serves lower values first; our scale serves higher first.
-            payload["priority"] = self.settings.max_priority - request.priority
-        return orjson.dumps(payload), strip
 
     async def _fail(self, writer: ReplyWriter, kind: errors.ErrorKind, message: str | None = None) -> None:
         await writer.whole(kind.status, _JSON, kind.body(message))
