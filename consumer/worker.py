@@ -35,10 +35,10 @@ from consumer import backend_body, token_counts
 from consumer.backend import Backend, BackendFailed, BackendUnreachable, Health
 from consumer.flow import Window
 from consumer.metrics import ConsumerMetrics
-from consumer.replies import ReplyWriter
+from consumer.replies import ReplyPublisher, ReplyWriter
 from consumer.settings import ConsumerSettings
 from consumer.status_server import serve_status
-from contract import Announcement, Cancel, ContractError, Reply, Request, errors, liveness
+from contract import Announcement, Cancel, ContractError, Request, errors, liveness
 from contract.errors import BROKER_GONE
 
 log = logging.getLogger(__name__)
@@ -525,27 +525,6 @@ class Worker:
             # Acked, not rejected: the copy is kept, and a dead-letter policy must not keep a second.
             await _settle(message.ack())
         self.metrics.requests.labels(self.settings.model, "", "rejected").inc()
-
-
-class ReplyPublisher:
-    """Publishes reply pieces of one request to the sender's reply queue.
-
-    Straight through aiormq: replies are the most frequent messages (several per
-    streamed answer) and aio-pika's message wrapper adds about half again to the
-    cost of each.
-    """
-
-    def __init__(self, channel: AbstractChannel, reply_to: str, correlation_id: str) -> None:
-        self._channel = channel
-        self._reply_to = reply_to
-        self._correlation_id = correlation_id
-
-    async def __call__(self, reply: Reply) -> None:
-        properties = reply.properties(self._correlation_id)
-        with contextlib.suppress(*BROKER_GONE):
-            channel = await self._channel.get_underlay_channel()
-            # Not mandatory: a reply to a sender that is gone has nobody to go to.
-            await channel.basic_publish(reply.body, routing_key=self._reply_to, properties=properties)
 
 
 async def _settle(operation: object) -> None:
