@@ -275,7 +275,7 @@ class Delivery:
             if task is not None:
                 task.uncancel()
         elif isinstance(exc, Exception):
-            log.exception("request %s failed in the consumer", self._request.request_id)
+            log.error("request %s failed in the consumer", self._request.request_id, exc_info=exc)
             outcome = Outcome.FAILED
             if not writer.finished:
                 await _fail(writer, errors.INTERNAL_ERROR, "the dispatcher failed while serving this request")
