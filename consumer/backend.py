@@ -1,4 +1,4 @@
-"""The consumer's view of its vLLM server, through one pooled HTTP client.
+"""The consumer's view of its vLLM server: requests, health, model card and load, over one HTTP pool.
 
 The client is aiohttp rather than httpx: httpx's connection pool checks every
 idle connection's socket on each request, which at 64 concurrent requests
@@ -11,11 +11,10 @@ from __future__ import annotations
 import enum
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-
-from consumer.flow import BackendLoad, parse_vllm_metrics
 
 _JSON_HEADERS = {"Content-Type": "application/json"}
 
@@ -84,9 +83,6 @@ class Backend:
         except aiohttp.ClientError:
             return Health.DOWN
 
-    async def healthy(self, timeout: float) -> bool:
-        return await self.health(timeout) is Health.UP
-
     async def model_card(self, model: str) -> dict[str, Any]:
         """The backend's ``/v1/models`` entry for ``model`` (or its only entry), renamed to ``model``."""
         async with self.session.get("/v1/models", timeout=aiohttp.ClientTimeout(total=5)) as response:
@@ -108,3 +104,42 @@ class Backend:
 
 
 _CARD_FIELDS = {"id", "object", "created", "owned_by", "root", "parent", "max_model_len"}
+
+
+# vLLM's gauge names; older releases call the KV cache gauge gpu_cache_usage_perc.
+RUNNING = "vllm:num_requests_running"
+WAITING = "vllm:num_requests_waiting"
+KV_CACHE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
+
+
+@dataclass(frozen=True, slots=True)
+class BackendLoad:
+    """What vLLM's ``/metrics`` says about its load: the flow window follows it."""
+
+    running: float
+    waiting: float
+    kv_cache: float | None
+
+
+def parse_vllm_metrics(text: str) -> BackendLoad | None:
+    """Read the gauges that matter from a Prometheus exposition; None if it is not vLLM's."""
+    wanted = {RUNNING, WAITING, *KV_CACHE}
+    totals: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line.startswith("vllm:"):
+            continue
+        name_end = min((i for i in (line.find("{"), line.find(" ")) if i > 0), default=-1)
+        if name_end < 0:
+            continue
+        name = line[:name_end]
+        if name not in wanted:
+            continue
+        try:
+            value = float(line.rsplit(" ", 1)[1])
+        except (IndexError, ValueError):
+            continue
+        totals[name] = totals.get(name, 0.0) + value
+    if WAITING not in totals:
+        return None
+    kv = next((totals[name] for name in KV_CACHE if name in totals), None)
+    return BackendLoad(running=totals.get(RUNNING, 0.0), waiting=totals[WAITING], kv_cache=kv)

@@ -11,42 +11,7 @@ the window where it is.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-RUNNING = "vllm:num_requests_running"
-WAITING = "vllm:num_requests_waiting"
-KV_CACHE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
-
-
-@dataclass(frozen=True, slots=True)
-class BackendLoad:
-    running: float
-    waiting: float
-    kv_cache: float | None
-
-
-def parse_vllm_metrics(text: str) -> BackendLoad | None:
-    """Read the gauges that matter from a Prometheus exposition; None if it is not vLLM's."""
-    wanted = {RUNNING, WAITING, *KV_CACHE}
-    totals: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line.startswith("vllm:"):
-            continue
-        name_end = min((i for i in (line.find("{"), line.find(" ")) if i > 0), default=-1)
-        if name_end < 0:
-            continue
-        name = line[:name_end]
-        if name not in wanted:
-            continue
-        try:
-            value = float(line.rsplit(" ", 1)[1])
-        except (IndexError, ValueError):
-            continue
-        totals[name] = totals.get(name, 0.0) + value
-    if WAITING not in totals:
-        return None
-    kv = next((totals[name] for name in KV_CACHE if name in totals), None)
-    return BackendLoad(running=totals.get(RUNNING, 0.0), waiting=totals[WAITING], kv_cache=kv)
+from consumer.backend import BackendLoad
 
 
 class Window:

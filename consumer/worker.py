@@ -3,8 +3,11 @@
 Life cycle: wait for the backend to be healthy, read its model card, declare
 the model queue, then consume with a channel-wide prefetch equal to the flow
 window (so only what vLLM can start at once leaves the broker). Consumption
-pauses while the backend is unhealthy. Every message is acked or rejected
-exactly once, whatever happens while serving it.
+pauses while the backend is unhealthy. The worker owns what concerns all
+requests at once: the connection, the health, flow and announcement loops,
+and cancellation. Each message is served by ``consumer/serving.py``, which
+says what became of it; the worker acts on that (an unreachable backend
+pauses consumption).
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ from typing import Any
 
 import aio_pika
 import aiohttp
-import orjson
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
@@ -32,21 +34,20 @@ from aio_pika.abc import (
 from aiohttp import web
 
 import contract
-from consumer import usage
-from consumer.backend import Backend, BackendFailed, BackendUnreachable, Health
+from consumer.backend import Backend, Health
+from consumer.cancellation import Cancellations
 from consumer.flow import Window
-from consumer.replies import ReplyWriter
+from consumer.metrics import ConsumerMetrics
+from consumer.serving import Outcome, Served, Serving
 from consumer.settings import ConsumerSettings
-from consumer.status import ConsumerMetrics, serve_status
-from contract import Announcement, Cancel, ContractError, Reply, Request, errors, liveness
+from consumer.status_server import serve_status
+from contract import Announcement, Cancel, liveness
 from contract.errors import BROKER_GONE
 
 log = logging.getLogger(__name__)
 
-_JSON = "application/json"
 _CANCEL_MEMORY = 900.0
 """Seconds a cancellation without a deadline is remembered for a request not seen yet."""
-_CANCEL_MEMORY_SIZE = 100_000
 
 
 class Worker:
@@ -87,15 +88,10 @@ class Worker:
         self._idle.set()
         self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
-        self._serving: dict[str, asyncio.Task[object]] = {}
-        """correlation id -> the task serving it, for cancellation."""
-        self._client_gone: set[str] = set()
-        self._delivery_lost: set[str] = set()
-        """Requests whose broker connection dropped: the broker gives them to another consumer."""
+        self._cancellations = Cancellations()
+        self._serving: Serving | None = None
         self._liveness = ""
         """This connection's liveness queue (see the contract); a new one after each reconnect."""
-        self._cancelled: dict[str, float] = {}
-        """Cancelled before they reached this consumer: correlation id -> forget after (monotonic)."""
 
     @property
     def consuming(self) -> bool:
@@ -153,7 +149,7 @@ class Worker:
     async def _wait_for_backend(self, stop: asyncio.Event) -> None:
         started = time.monotonic()
         while not stop.is_set():
-            if await self.backend.healthy(self.settings.health_timeout):
+            if await self.backend.health(self.settings.health_timeout) is Health.UP:
                 try:
                     self.card = await self.backend.model_card(self.settings.model)
                 except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
@@ -177,6 +173,9 @@ class Worker:
         self._connection.close_callbacks.add(self._on_connection_lost)
         self._connection.reconnect_callbacks.add(self._on_reconnected)
         self._reply_channel = await self._connection.channel(publisher_confirms=False)
+        self._serving = Serving(
+            self.settings, self.backend, self.metrics, self._cancellations, self._reply_channel
+        )
         await self._declare_liveness()
         await self._reply_channel.declare_queue(self.settings.dead_letter_queue, durable=True)
         self._control = await self._reply_channel.declare_exchange(
@@ -206,11 +205,9 @@ class Worker:
 
     def _on_connection_lost(self, *_: object) -> None:
         """The broker hands the unacked requests to another consumer: stop serving them here."""
-        for correlation_id, task in list(self._serving.items()):
-            self._delivery_lost.add(correlation_id)
-            task.cancel()
-        if self._serving:
-            log.warning("broker connection lost; %d requests in flight given back", len(self._serving))
+        given_back = self._cancellations.delivery_lost()
+        if given_back:
+            log.warning("broker connection lost; %d requests in flight given back", given_back)
 
     async def _on_reconnected(self, *_: object) -> None:
         try:
@@ -302,21 +299,9 @@ class Worker:
         if message.routing_key == contract.CANCEL_KEY:
             cancel = Cancel.from_message(message)
             forget_in = _CANCEL_MEMORY if cancel.deadline is None else cancel.deadline - time.time()
-            self._cancel(cancel.correlation_id, max(1.0, forget_in))
+            self._cancellations.client_gone(cancel.correlation_id, max(1.0, forget_in))
         elif not self._stopping:
             await self._announce(Announcement.READY if self.consuming else Announcement.PAUSED)
-
-    def _cancel(self, correlation_id: str, forget_in: float) -> None:
-        """The client of this request went away: stop serving it, or skip it when it comes up."""
-        task = self._serving.get(correlation_id)
-        if task is not None:
-            self._client_gone.add(correlation_id)
-            task.cancel()
-            return
-        now = time.monotonic()
-        self._cancelled[correlation_id] = now + forget_in
-        if len(self._cancelled) > _CANCEL_MEMORY_SIZE:
-            self._cancelled = {cid: until for cid, until in self._cancelled.items() if until > now}
 
     async def _announce(self, state: str) -> None:
         if self._control is None:
@@ -338,11 +323,9 @@ class Worker:
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         correlation_id = message.correlation_id or ""
-        if self._cancelled.pop(correlation_id, None) is not None:
-            await _settle(message.ack())  # its client is gone: spend no GPU time on it
-            self.metrics.requests.labels(self.settings.model, "", "skipped").inc()
-            request_id = contract.request_id_of(message)
-            log.info("request", extra={"fields": {"request_id": request_id, "outcome": "skipped"}})
+        assert self._serving is not None
+        if self._cancellations.skip(correlation_id):
+            await self._serving.skip(message)
             return
         self.inflight += 1
         self._idle.clear()
@@ -350,225 +333,25 @@ class Worker:
             self._window_pressed.set()
         task = asyncio.current_task()
         if correlation_id and task is not None:
-            self._serving[correlation_id] = task
+            self._cancellations.track(correlation_id, task)
         try:
-            await self._serve(message)
+            async with self._serving.serve(message, liveness_queue=self._liveness) as served:
+                await self._act_on(served)
         finally:
-            self._serving.pop(correlation_id, None)
+            self._cancellations.untrack(correlation_id)
             self.inflight -= 1
             if self.inflight == 0:
                 self._idle.set()
 
-    async def _serve(self, message: AbstractIncomingMessage) -> None:
-        try:
-            request = Request.from_message(message)
-        except ContractError as exc:
-            log.error("malformed request message moved to %s: %s", self.settings.dead_letter_queue, exc)
-            await self._dead_letter(message, str(exc))
+    async def _act_on(self, served: Served) -> None:
+        """A backend that failed is checked at once; one that could not be reached pauses consumption,
+        before the request goes back to the queue for another replica."""
+        if served.trouble is None:
             return
-        writer = ReplyWriter(
-            self._publisher(request.reply_to, request.correlation_id),
-            liveness_queue=self._liveness,
-            interval=self.settings.flush_interval,
-            max_bytes=self.settings.flush_bytes,
-        )
-        requeue = False
-        outcome = "answered"
-        started = time.time()
-        if request.sent:
-            writer.queue_ms = max(0, round((started - request.sent) * 1000))
-        try:
-            requeue = await self._answer(request, writer, redelivered=bool(message.redelivered))
-        except asyncio.CancelledError:
-            correlation_id = message.correlation_id
-            if correlation_id in self._delivery_lost:
-                # Not settled: the broker took it back when the connection dropped.
-                self._delivery_lost.discard(correlation_id)
-                outcome = "given back"
-            elif correlation_id in self._client_gone:
-                self._client_gone.discard(correlation_id)
-                outcome = "cancelled"
-            else:
-                raise
-            writer.abandon()
-            task = asyncio.current_task()
-            if task is not None:
-                task.uncancel()
-        except Exception:
-            log.exception("request %s failed in the consumer", request.request_id)
-            outcome = "failed"
-            if not writer.finished:
-                await self._fail(
-                    writer, errors.INTERNAL_ERROR, "the dispatcher failed while serving this request"
-                )
-        finally:
-            if outcome == "given back":
-                pass
-            elif requeue:
-                outcome = "requeued"
-                await _settle(message.nack(requeue=True))
-            else:
-                await _settle(message.ack())
-        self._log_request(request, writer, outcome, started)
-
-    def _log_request(self, request: Request, writer: ReplyWriter, outcome: str, started: float) -> None:
-        """The request's metrics and its log line."""
-        model = self.settings.model
-        self.metrics.requests.labels(model, str(writer.status or ""), outcome).inc()
-        if request.sent:
-            self.metrics.queue_wait.labels(model, str(request.priority)).observe(
-                max(0.0, started - request.sent)
-            )
-        self.metrics.serve_time.labels(model).observe(time.time() - started)
-        if not log.isEnabledFor(logging.INFO):
-            return
-        fields = {
-            "request_id": request.request_id,
-            "model": self.settings.model,
-            "path": request.path,
-            "stream": request.stream,
-            "priority": request.priority,
-            "status": writer.status,
-            "outcome": outcome,
-            "queue_ms": round((started - request.sent) * 1000, 1) if request.sent else None,
-            "serve_ms": round((time.time() - started) * 1000, 1),
-        }
-        log.info("request", extra={"fields": fields})
-
-    async def _answer(self, request: Request, writer: ReplyWriter, *, redelivered: bool) -> bool:
-        """Serve one request; True asks for it to be requeued for another replica."""
-        remaining = request.deadline - time.time()
-        if remaining <= 0:
-            await self._fail(
-                writer, errors.DEADLINE_EXCEEDED, "the request expired while it waited in the queue"
-            )
-            return False
-        body, strip_usage = self._body_for_backend(request)
-        try:
-            async with asyncio.timeout(remaining):
-                await self._call_backend(request, body, writer, strip_usage)
-        except TimeoutError:
-            if writer.started:
-                await writer.finish(error="the request ran past its deadline")
-            else:
-                await self._fail(writer, errors.DEADLINE_EXCEEDED, "the request ran past its deadline")
-        except BackendUnreachable as exc:
-            self._check_now.set()
-            if not redelivered:
-                log.warning("backend unreachable (%s); requeueing request %s", exc, request.request_id)
-                self._healthy.clear()
-                await self._stop_consuming()
-                return True
-            await self._fail(writer, errors.BACKEND_UNAVAILABLE)
-        except BackendFailed as exc:
-            self._check_now.set()
-            message = f"the connection to the model server failed: {exc}"
-            if writer.started:
-                await writer.finish(error=message)
-            else:
-                await self._fail(writer, errors.BACKEND_ERROR, message)
-        return False
-
-    async def _call_backend(
-        self, request: Request, body: bytes, writer: ReplyWriter, strip_usage: bool
-    ) -> None:
-        async with self.backend.post(request.path, body) as response:
-            content_type = response.headers.get("Content-Type")
-            if not request.stream or response.status != 200:
-                answer = await response.read()
-                if response.status == 200:
-                    self._count_tokens(writer, usage.from_body(answer))
-                await writer.whole(response.status, content_type, answer)
-                return
-            writer.begin(response.status, content_type)
-            watcher = usage.StreamUsage(strip=strip_usage)
-            async for chunk in response.content.iter_any():
-                relayed = watcher.feed(chunk)
-                if relayed:
-                    await writer.feed(relayed)
-            rest = watcher.end()
-            if rest:
-                await writer.feed(rest)
-        self._count_tokens(writer, watcher.counts)
-        await writer.finish()
-
-    def _count_tokens(self, writer: ReplyWriter, counts: tuple[int, int] | None) -> None:
-        if counts is not None:
-            writer.usage = counts
-            self.metrics.prompt_tokens.labels(self.settings.model).inc(counts[0])
-            self.metrics.completion_tokens.labels(self.settings.model).inc(counts[1])
-
-    def _body_for_backend(self, request: Request) -> tuple[bytes, bool]:
-        """The body for the backend, and whether to strip the usage chunk the client did not ask for."""
-        wants_usage = request.stream and request.path in usage.USAGE_PATHS
-        if not self.settings.forward_priority and not wants_usage:
-            return request.body, False
-        try:
-            payload = orjson.loads(request.body)
-        except orjson.JSONDecodeError:
-            return request.body, False  # the backend will answer 400 itself
-        if not isinstance(payload, dict):
-            return request.body, False
-        strip = usage.ask_for_usage(payload) if wants_usage else False
-        if self.settings.forward_priority:
-            # vLLM serves lower values first; our scale serves higher first.
-            payload["priority"] = self.settings.max_priority - request.priority
-        return orjson.dumps(payload), strip
-
-    async def _fail(self, writer: ReplyWriter, kind: errors.ErrorKind, message: str | None = None) -> None:
-        await writer.whole(kind.status, _JSON, kind.body(message))
-
-    def _publisher(self, reply_to: str, correlation_id: str) -> ReplyPublisher:
-        assert self._reply_channel is not None
-        return ReplyPublisher(self._reply_channel, reply_to, correlation_id)
-
-    async def _dead_letter(self, message: AbstractIncomingMessage, reason: str) -> None:
-        """Keep an unreadable message for inspection, then settle it: never a crash, never a loop."""
-        assert self._reply_channel is not None
-        try:
-            channel = await self._reply_channel.get_underlay_channel()
-            await channel.basic_publish(
-                message.body,
-                routing_key=self.settings.dead_letter_queue,
-                properties=contract.rejected_properties(message, reason),
-            )
-        except BROKER_GONE as exc:
-            # Rejected instead: a broker policy with a dead-letter exchange may still keep it.
-            log.warning("could not dead-letter a malformed message: %s", exc)
-            await _settle(message.reject(requeue=False))
-        else:
-            # Acked, not rejected: the copy is kept, and a dead-letter policy must not keep a second.
-            await _settle(message.ack())
-        self.metrics.requests.labels(self.settings.model, "", "rejected").inc()
-
-
-class ReplyPublisher:
-    """Publishes reply pieces of one request to the sender's reply queue.
-
-    Straight through aiormq: replies are the most frequent messages (several per
-    streamed answer) and aio-pika's message wrapper adds about half again to the
-    cost of each.
-    """
-
-    def __init__(self, channel: AbstractChannel, reply_to: str, correlation_id: str) -> None:
-        self._channel = channel
-        self._reply_to = reply_to
-        self._correlation_id = correlation_id
-
-    async def __call__(self, reply: Reply) -> None:
-        properties = reply.properties(self._correlation_id)
-        with contextlib.suppress(*BROKER_GONE):
-            channel = await self._channel.get_underlay_channel()
-            # Not mandatory: a reply to a sender that is gone has nobody to go to.
-            await channel.basic_publish(reply.body, routing_key=self._reply_to, properties=properties)
-
-
-async def _settle(operation: object) -> None:
-    """Await an ack/nack/reject, tolerating a channel that closed meanwhile (the broker redelivers)."""
-    try:
-        await operation  # type: ignore[misc]
-    except BROKER_GONE as exc:
-        log.warning("could not settle message: %s", exc)
+        self._check_now.set()
+        if served.outcome is Outcome.REQUEUED:
+            self._healthy.clear()
+            await self._stop_consuming()
 
 
 async def _survive(step: Coroutine[Any, Any, None], what: str) -> None:

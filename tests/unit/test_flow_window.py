@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from consumer.flow import BackendLoad, Window, parse_vllm_metrics
+from consumer.backend import BackendLoad, parse_vllm_metrics
+from consumer.flow import Window
 
 VLLM_METRICS = """# HELP vllm:num_requests_running Number of requests in model execution batches.
 # TYPE vllm:num_requests_running gauge

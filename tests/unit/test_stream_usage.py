@@ -4,7 +4,8 @@ from __future__ import annotations
 
 
 def test_usage_is_asked_for_and_stripped_as_vllm_would_not_have_sent_it() -> None:
-    from consumer.usage import StreamUsage, ask_for_usage
+    from consumer.backend_body import ask_for_usage
+    from consumer.token_counts import StreamUsage
 
     payload: dict[str, object] = {"stream": True, "stream_options": {"continuous_usage_stats": True}}
     assert ask_for_usage(payload)
@@ -31,7 +32,7 @@ def test_usage_is_asked_for_and_stripped_as_vllm_would_not_have_sent_it() -> Non
 
 
 def test_stripped_usage_leaves_the_system_fingerprint_where_vllm_puts_it_without_usage() -> None:
-    from consumer.usage import StreamUsage
+    from consumer.token_counts import StreamUsage
 
     # vLLM 0.32: with include_usage the fingerprint is on the usage chunk, without it on the last chunk.
     head = b'data: {"id":"t","object":"text_completion","choices":'

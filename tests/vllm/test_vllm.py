@@ -27,7 +27,7 @@ import pytest
 import pytest_asyncio
 from openai.types.chat import ChatCompletionMessageParam
 
-from consumer.flow import parse_vllm_metrics
+from consumer.backend import parse_vllm_metrics
 from harness import vllm_cpu
 from harness.api import auth, wait_listed
 from harness.processes import Processes

@@ -1,22 +1,16 @@
-"""The consumer's own small HTTP server: Prometheus metrics and a readiness probe.
+"""The consumer's Prometheus metrics, in a registry of its own.
 
-Readiness follows the backend: a consumer is ready while it is consuming,
-which it does only while its vLLM is healthy.
+Gauges read the worker's live values when scraped (:meth:`ConsumerMetrics.watch`),
+so that serving a request costs no gauge update; counters and histograms are
+updated once per request, when it is settled. ``consumer/status_server.py``
+serves them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from aiohttp import web
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
@@ -94,23 +88,3 @@ class ConsumerMetrics:
         self.window.labels(self.model).set_function(window)
         self.backend_healthy.labels(self.model).set_function(healthy)
         self.consuming.labels(self.model).set_function(consuming)
-
-
-async def serve_status(
-    metrics: ConsumerMetrics, ready: Callable[[], bool], host: str, port: int
-) -> web.AppRunner:
-    async def get_metrics(_: web.Request) -> web.Response:
-        return web.Response(
-            body=generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
-        )
-
-    async def get_health(_: web.Request) -> web.Response:
-        return web.json_response({"ready": ready()}, status=200 if ready() else 503)
-
-    app = web.Application()
-    app.router.add_get("/metrics", get_metrics)
-    app.router.add_get("/health", get_health)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, host, port).start()
-    return runner

@@ -1,14 +1,13 @@
-"""Token counts read from the backend's answers, for the consumer's metrics and usage accounting.
+"""Token counts read from the backend's answers, for the consumer's metrics and the sender's accounting.
 
 Only the ``usage`` object the backend itself reports is trusted: the whole
 body of a plain answer, or the usage chunk that ends a stream
-(``stream_options.include_usage``), which the consumer asks for even when the
-client did not, and then removes from the client's stream.
+(``stream_options.include_usage``). The consumer asks for that chunk even when
+the client did not (``consumer/backend_body.py``); :class:`StreamUsage` then
+removes it from the client's stream, which stays as vLLM would have sent it.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import orjson
 
@@ -46,25 +45,6 @@ def _counts(usage: object) -> tuple[int, int] | None:
     if not isinstance(prompt, int):
         return None
     return prompt, completion if isinstance(completion, int) else 0
-
-
-USAGE_PATHS = ("/v1/chat/completions", "/v1/completions")
-"""Streamed endpoints that can end with a usage chunk."""
-
-
-def ask_for_usage(payload: dict[str, Any]) -> bool:
-    """Make a streamed request end with the backend's usage chunk; True if the client had not asked
-    for it (the chunk must then be removed from what the client receives)."""
-    options = payload.get("stream_options")
-    if isinstance(options, dict) and options.get("include_usage") is True:
-        return False
-    # Without include_usage vLLM ignores continuous_usage_stats: keep it that way.
-    payload["stream_options"] = {
-        **(options if isinstance(options, dict) else {}),
-        "include_usage": True,
-        "continuous_usage_stats": False,
-    }
-    return True
 
 
 class StreamUsage:

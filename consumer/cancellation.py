@@ -1,0 +1,67 @@
+"""Which requests this consumer must stop, and why: the state cancellation shares between worker and serving.
+
+A request is stopped for one of two reasons that end differently: its client
+went away (the message is acked, nothing more is sent), or the broker
+connection dropped (the broker hands the message to another consumer, so it
+is not settled at all). The worker records the reason when it cancels the
+task serving the request; serving reads it when the cancellation reaches it.
+A cancellation for a request not delivered yet is remembered until its
+deadline, so the request is skipped when it comes up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+
+_MEMORY_SIZE = 100_000
+"""Cancellations remembered for requests not seen yet, beyond which expired ones are forgotten."""
+
+
+class Why(enum.Enum):
+    CLIENT_GONE = "client gone"
+    DELIVERY_LOST = "delivery lost"
+    """The broker connection dropped: the broker gives the request to another consumer."""
+
+
+class Cancellations:
+    def __init__(self) -> None:
+        self._serving: dict[str, asyncio.Task[object]] = {}
+        """correlation id -> the task serving it."""
+        self._why: dict[str, Why] = {}
+        self._early: dict[str, float] = {}
+        """Cancelled before they reached this consumer: correlation id -> forget after (monotonic)."""
+
+    def track(self, correlation_id: str, task: asyncio.Task[object]) -> None:
+        self._serving[correlation_id] = task
+
+    def untrack(self, correlation_id: str) -> None:
+        self._serving.pop(correlation_id, None)
+
+    def client_gone(self, correlation_id: str, forget_in: float) -> None:
+        """Stop serving this request, or skip it when it comes up within ``forget_in`` seconds."""
+        task = self._serving.get(correlation_id)
+        if task is not None:
+            self._why.setdefault(correlation_id, Why.CLIENT_GONE)
+            task.cancel()
+            return
+        now = time.monotonic()
+        self._early[correlation_id] = now + forget_in
+        if len(self._early) > _MEMORY_SIZE:
+            self._early = {cid: until for cid, until in self._early.items() if until > now}
+
+    def delivery_lost(self) -> int:
+        """The broker connection dropped: stop every request in flight; how many there were."""
+        for correlation_id, task in list(self._serving.items()):
+            self._why[correlation_id] = Why.DELIVERY_LOST
+            task.cancel()
+        return len(self._serving)
+
+    def skip(self, correlation_id: str) -> bool:
+        """Whether this request was cancelled before it arrived (then it is forgotten)."""
+        return self._early.pop(correlation_id, None) is not None
+
+    def why(self, correlation_id: str) -> Why | None:
+        """Why the task serving this request was cancelled (None: not by the consumer); asked once."""
+        return self._why.pop(correlation_id, None)

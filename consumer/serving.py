@@ -1,0 +1,306 @@
+"""Serving one delivered request, from its delivery to its ack.
+
+Every request takes this path, so it reads in one place: decode the message
+(a malformed one is dead-lettered), answer 504 at once if its deadline passed,
+call the backend, relay its answer through a :class:`ReplyWriter`, settle the
+message exactly once (ack, requeue, or nothing when the broker took it back),
+then count it and write its log line.
+
+Serving decides nothing about consumption: it reports a :class:`Served`, and
+the worker acts on it (an unreachable backend pauses consumption). The worker
+acts inside ``async with serving.serve(message)``, before the message is
+settled, so that a request requeued for another replica is not handed
+straight back to this one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from dataclasses import dataclass
+from types import TracebackType
+
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+
+import contract
+from consumer import backend_body, token_counts
+from consumer.backend import Backend, BackendFailed, BackendUnreachable
+from consumer.cancellation import Cancellations, Why
+from consumer.metrics import ConsumerMetrics
+from consumer.replies import ReplyPublisher, ReplyWriter
+from consumer.settings import ConsumerSettings
+from contract import ContractError, Request, errors
+from contract.errors import BROKER_GONE
+
+log = logging.getLogger(__name__)
+
+_JSON = "application/json"
+
+
+class Outcome(enum.Enum):
+    """What became of a delivered request: the ``outcome`` of its log line and of ``consumer_requests``."""
+
+    ANSWERED = "answered"
+    CANCELLED = "cancelled"
+    """Its client went away while it was served."""
+    SKIPPED = "skipped"
+    """Its client went away before it was delivered: the backend never saw it."""
+    REQUEUED = "requeued"
+    """Given back to the queue for another replica: the backend could not be reached."""
+    FAILED = "failed"
+    GIVEN_BACK = "given back"
+    """The broker connection dropped: the broker hands it to another consumer; not settled here."""
+    REJECTED = "rejected"
+    """Malformed: kept in the dead-letter queue."""
+
+
+class Trouble(enum.Enum):
+    """What went wrong with the backend while serving, for the worker to act on."""
+
+    UNREACHABLE = "unreachable"
+    """Nothing was sent; unless it had been delivered before, the request is requeued."""
+    FAILED = "failed"
+    """The connection broke while the request was under way."""
+
+
+@dataclass(frozen=True, slots=True)
+class Served:
+    outcome: Outcome
+    trouble: Trouble | None = None
+
+
+class Serving:
+    """Serves requests of one model on one backend, replying on ``channel``."""
+
+    def __init__(
+        self,
+        settings: ConsumerSettings,
+        backend: Backend,
+        metrics: ConsumerMetrics,
+        cancellations: Cancellations,
+        channel: AbstractChannel,
+    ) -> None:
+        self.settings = settings
+        self.backend = backend
+        self.metrics = metrics
+        self.cancellations = cancellations
+        self.channel = channel
+
+    def serve(self, message: AbstractIncomingMessage, *, liveness_queue: str) -> Delivery:
+        """``async with serving.serve(message) as served``: answer it; settle it when the block ends."""
+        return Delivery(self, message, liveness_queue)
+
+    async def skip(self, message: AbstractIncomingMessage) -> Served:
+        """Settle a request whose client is already gone, without spending GPU time on it."""
+        await _settle(message.ack())
+        self.metrics.requests.labels(self.settings.model, "", Outcome.SKIPPED.value).inc()
+        request_id = contract.request_id_of(message)
+        log.info("request", extra={"fields": {"request_id": request_id, "outcome": Outcome.SKIPPED.value}})
+        return Served(Outcome.SKIPPED)
+
+    async def answer(self, request: Request, writer: ReplyWriter, *, redelivered: bool) -> Served:
+        """Answer ``request`` through ``writer``, mapping the backend's failures to answers."""
+        remaining = request.deadline - time.time()
+        if remaining <= 0:
+            await _fail(writer, errors.DEADLINE_EXCEEDED, "the request expired while it waited in the queue")
+            return Served(Outcome.ANSWERED)
+        body, strip_usage = backend_body.rewrite(
+            request, forward_priority=self.settings.forward_priority, max_priority=self.settings.max_priority
+        )
+        try:
+            async with asyncio.timeout(remaining):
+                await self._call_backend(request, body, writer, strip_usage)
+        except TimeoutError:
+            if writer.started:
+                await writer.finish(error="the request ran past its deadline")
+            else:
+                await _fail(writer, errors.DEADLINE_EXCEEDED, "the request ran past its deadline")
+        except BackendUnreachable as exc:
+            if not redelivered:
+                log.warning("backend unreachable (%s); requeueing request %s", exc, request.request_id)
+                return Served(Outcome.REQUEUED, Trouble.UNREACHABLE)
+            await _fail(writer, errors.BACKEND_UNAVAILABLE)
+            return Served(Outcome.ANSWERED, Trouble.UNREACHABLE)
+        except BackendFailed as exc:
+            message = f"the connection to the model server failed: {exc}"
+            if writer.started:
+                await writer.finish(error=message)
+            else:
+                await _fail(writer, errors.BACKEND_ERROR, message)
+            return Served(Outcome.ANSWERED, Trouble.FAILED)
+        return Served(Outcome.ANSWERED)
+
+    async def _call_backend(
+        self, request: Request, body: bytes, writer: ReplyWriter, strip_usage: bool
+    ) -> None:
+        async with self.backend.post(request.path, body) as response:
+            content_type = response.headers.get("Content-Type")
+            if not request.stream or response.status != 200:
+                answer = await response.read()
+                if response.status == 200:
+                    self._count_tokens(writer, token_counts.from_body(answer))
+                await writer.whole(response.status, content_type, answer)
+                return
+            writer.begin(response.status, content_type)
+            watcher = token_counts.StreamUsage(strip=strip_usage)
+            async for chunk in response.content.iter_any():
+                relayed = watcher.feed(chunk)
+                if relayed:
+                    await writer.feed(relayed)
+            rest = watcher.end()
+            if rest:
+                await writer.feed(rest)
+        self._count_tokens(writer, watcher.counts)
+        await writer.finish()
+
+    def _count_tokens(self, writer: ReplyWriter, counts: tuple[int, int] | None) -> None:
+        if counts is not None:
+            writer.usage = counts
+            self.metrics.prompt_tokens.labels(self.settings.model).inc(counts[0])
+            self.metrics.completion_tokens.labels(self.settings.model).inc(counts[1])
+
+    async def dead_letter(self, message: AbstractIncomingMessage, reason: str) -> None:
+        """Keep an unreadable message for inspection, then settle it: never a crash, never a loop."""
+        log.error("malformed request message moved to %s: %s", self.settings.dead_letter_queue, reason)
+        try:
+            channel = await self.channel.get_underlay_channel()
+            await channel.basic_publish(
+                message.body,
+                routing_key=self.settings.dead_letter_queue,
+                properties=contract.rejected_properties(message, reason),
+            )
+        except BROKER_GONE as exc:
+            # Rejected instead: a broker policy with a dead-letter exchange may still keep it.
+            log.warning("could not dead-letter a malformed message: %s", exc)
+            await _settle(message.reject(requeue=False))
+        else:
+            # Acked, not rejected: the copy is kept, and a dead-letter policy must not keep a second.
+            await _settle(message.ack())
+        self.metrics.requests.labels(self.settings.model, "", Outcome.REJECTED.value).inc()
+
+    def log_request(self, request: Request, status: int | None, outcome: Outcome, started: float) -> None:
+        """The request's metrics and its log line."""
+        model = self.settings.model
+        self.metrics.requests.labels(model, str(status or ""), outcome.value).inc()
+        if request.sent:
+            self.metrics.queue_wait.labels(model, str(request.priority)).observe(
+                max(0.0, started - request.sent)
+            )
+        self.metrics.serve_time.labels(model).observe(time.time() - started)
+        if not log.isEnabledFor(logging.INFO):
+            return
+        fields = {
+            "request_id": request.request_id,
+            "model": model,
+            "path": request.path,
+            "stream": request.stream,
+            "priority": request.priority,
+            "status": status,
+            "outcome": outcome.value,
+            "queue_ms": round((started - request.sent) * 1000, 1) if request.sent else None,
+            "serve_ms": round((time.time() - started) * 1000, 1),
+        }
+        log.info("request", extra={"fields": fields})
+
+
+class Delivery:
+    """One delivered message being served; see :meth:`Serving.serve`.
+
+    Entering answers it and gives the :class:`Served`; leaving settles the
+    message and logs it. A cancellation by the consumer (client gone, broker
+    connection lost) or a failure, while answering or while the worker acts on
+    the outcome, still ends in one settlement and one log line.
+    """
+
+    def __init__(self, serving: Serving, message: AbstractIncomingMessage, liveness_queue: str) -> None:
+        self._serving = serving
+        self._message = message
+        self._liveness_queue = liveness_queue
+        self._request: Request | None = None
+        self._writer: ReplyWriter | None = None
+        self._served = Served(Outcome.ANSWERED)
+        self._started = 0.0
+
+    async def __aenter__(self) -> Served:
+        serving, message = self._serving, self._message
+        try:
+            request = Request.from_message(message)
+        except ContractError as exc:
+            await serving.dead_letter(message, str(exc))
+            self._served = Served(Outcome.REJECTED)
+            return self._served
+        settings = serving.settings
+        writer = ReplyWriter(
+            ReplyPublisher(serving.channel, request.reply_to, request.correlation_id),
+            liveness_queue=self._liveness_queue,
+            interval=settings.flush_interval,
+            max_bytes=settings.flush_bytes,
+        )
+        self._request, self._writer = request, writer
+        self._started = time.time()
+        if request.sent:
+            writer.queue_ms = max(0, round((self._started - request.sent) * 1000))
+        try:
+            self._served = await serving.answer(request, writer, redelivered=bool(message.redelivered))
+        except BaseException as exc:
+            if not await self._interrupted(exc):
+                await self._settle_message()
+                raise
+        return self._served
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool:
+        if self._request is None or self._writer is None:
+            return False  # rejected: already settled
+        handled = exc is not None and await self._interrupted(exc)
+        await self._settle_message()
+        if exc is None or handled:
+            self._serving.log_request(self._request, self._writer.status, self._served.outcome, self._started)
+        return handled
+
+    async def _interrupted(self, exc: BaseException) -> bool:
+        """Turn a cancellation by the consumer or a failure into an outcome; False for anything else."""
+        assert self._request is not None and self._writer is not None
+        writer = self._writer
+        if isinstance(exc, asyncio.CancelledError):
+            why = self._serving.cancellations.why(self._request.correlation_id)
+            if why is None:
+                return False
+            outcome = Outcome.GIVEN_BACK if why is Why.DELIVERY_LOST else Outcome.CANCELLED
+            writer.abandon()
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+        elif isinstance(exc, Exception):
+            log.error("request %s failed in the consumer", self._request.request_id, exc_info=exc)
+            outcome = Outcome.FAILED
+            if not writer.finished:
+                await _fail(writer, errors.INTERNAL_ERROR, "the dispatcher failed while serving this request")
+        else:
+            return False
+        self._served = Served(outcome, self._served.trouble)
+        return True
+
+    async def _settle_message(self) -> None:
+        outcome = self._served.outcome
+        if outcome is Outcome.GIVEN_BACK:
+            pass  # the broker took it back when the connection dropped
+        elif outcome is Outcome.REQUEUED:
+            await _settle(self._message.nack(requeue=True))
+        else:
+            await _settle(self._message.ack())
+
+
+async def _fail(writer: ReplyWriter, kind: errors.ErrorKind, message: str | None = None) -> None:
+    await writer.whole(kind.status, _JSON, kind.body(message))
+
+
+async def _settle(operation: object) -> None:
+    """Await an ack/nack/reject, tolerating a channel that closed meanwhile (the broker redelivers)."""
+    try:
+        await operation  # type: ignore[misc]
+    except BROKER_GONE as exc:
+        log.warning("could not settle message: %s", exc)
