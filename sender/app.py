@@ -33,7 +33,7 @@ from sender.openapi import AUTHENTICATED, add_security_scheme, forwarded
 from sender.registry import ModelRegistry
 from sender.settings import SenderSettings
 from sender.tokens import Token, TokenStore
-from sender.usage import UsageRecorder
+from sender.usage_rows import UsageRecorder
 
 log = logging.getLogger(__name__)
 

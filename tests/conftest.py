@@ -21,7 +21,7 @@ import pytest_asyncio
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 import contract
-from sender.token_admin import TokenFields, add_token
+from sender.token_records import TokenFields, add_token
 from tools import stack
 
 RUN_ID = uuid.uuid4().hex[:8]

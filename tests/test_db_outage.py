@@ -10,7 +10,7 @@ import httpx
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from sender.token_admin import TokenFields, add_token
+from sender.token_records import TokenFields, add_token
 from tests.conftest import DATABASE_URLS, Processes, auth, unique
 from tests.tcpproxy import TcpProxy
 from tests.test_usage import usage_rows

@@ -15,7 +15,7 @@ import pytest_asyncio
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from sender.admin import parser
-from sender.token_admin import usage_report
+from sender.token_records import usage_report
 from sender.tokens import TokenStore, hash_secret
 from tests.conftest import DATABASE_URLS, Processes, auth, unique
 from tests.dbclients import mysql, psql

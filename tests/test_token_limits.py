@@ -12,7 +12,7 @@ import orjson
 import pytest
 import pytest_asyncio
 
-from sender.token_admin import TokenFields, add_token, database_now, set_token
+from sender.token_records import TokenFields, add_token, database_now, set_token
 from tests.conftest import Processes, Tokens, auth, unique
 from tests.test_metrics import scrape, total
 from tests.test_token_admin import until_status

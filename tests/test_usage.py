@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from sender.tables import usage_table
-from sender.token_admin import TokenFields, add_token
+from sender.token_records import TokenFields, add_token
 from tests.conftest import Processes, auth, unique
 from tools.stack import Service
 

@@ -1,4 +1,4 @@
-"""What an operator does with tokens, as functions: the admin CLI's and the tests' way in.
+"""Token rows and usage reports in the database: what ``python -m sender.admin`` and the tests do.
 
 The same operations exist as SQL scripts in ``db-init/`` for operators who
 only have ``psql`` or ``mysql``; both store exactly what the sender checks.

@@ -1,4 +1,4 @@
-"""Usage accounting: one row per finished request, written off the request path in batches.
+"""Usage rows (``usage_records``): one per finished request, written off the request path in batches.
 
 A request only appends its row to a bounded buffer; a background task
 inserts what piled up every ``flush_seconds`` in one statement, so a slow or
