@@ -26,6 +26,7 @@ from sender.database import async_database_url
 from sender.migrate import migrate, schema_version
 from sender.settings import SenderSettings
 from sender.token_records import UNSET, TokenFields
+from sender.tokens import parse_models
 
 _DURATION = re.compile(r"^(\d+)([smhd])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
@@ -46,8 +47,7 @@ def _optional_seconds(text: str) -> float | None:
 
 
 def _models(text: str) -> list[str] | None:
-    names = [part.strip() for part in text.split(",") if part.strip()]
-    return None if text.lower() == "none" or not names else names
+    return None if text.lower() == "none" else parse_models(text)
 
 
 def _when(text: str) -> str | None:

@@ -50,10 +50,6 @@ class UsageRecorder:
         self._lock = asyncio.Lock()
         self._warned_at = float("-inf")
 
-    @property
-    def pending(self) -> int:
-        return len(self._rows)
-
     def record(self, row: dict[str, Any]) -> None:
         """Queue a row (keys: the columns of ``usage_records`` but ``id`` and ``finished_at``)."""
         self._rows.append(row)
