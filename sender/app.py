@@ -22,7 +22,8 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from contract import errors
-from sender.broker import Broker, PendingCall
+from sender.broker import Broker
+from sender.calls import Calls, PendingCall
 from sender.database import async_database_url
 from sender.dispatch import Dispatcher, effective_priority, model_not_found, request_timeout
 from sender.errors import ApiError, error_response
@@ -30,6 +31,7 @@ from sender.limits import RateLimiter
 from sender.metrics import SenderMetrics
 from sender.migrate import kind_of, schema_scripts, schema_version
 from sender.openapi import AUTHENTICATED, add_security_scheme, forwarded
+from sender.queue_stats import QueueStatsCache
 from sender.registry import ModelRegistry
 from sender.settings import SenderSettings
 from sender.tokens import Token, TokenStore
@@ -72,14 +74,17 @@ class Services:
             on_dropped=self.metrics.usage_rows_dropped.inc,
             on_written=self.metrics.usage_rows_written.inc,
         )
-        self.broker = Broker(
-            settings.rabbitmq_url,
-            stats_ttl=settings.queue_stats_seconds,
-            on_stats=self.metrics.queue_read,
-            reconnect_interval=settings.broker_reconnect_seconds,
+        self.broker = Broker(settings.rabbitmq_url, reconnect_interval=settings.broker_reconnect_seconds)
+        self.queue_stats = QueueStatsCache(
+            self.broker, ttl=settings.queue_stats_seconds, on_read=self.metrics.queue_read
+        )
+        self.calls = Calls(
+            self.broker,
+            on_published=self.queue_stats.published,
+            on_taken=self.queue_stats.taken,
             liveness_interval=settings.liveness_seconds,
         )
-        self.dispatcher = Dispatcher(self.broker, settings)
+        self.dispatcher = Dispatcher(self.calls, self.queue_stats, settings)
         self.metrics.broker_connected.set_function(lambda: 1.0 if self.broker.connected else 0.0)
         self._db_checked_at = 0.0
         self._db_ok = False
@@ -104,7 +109,12 @@ def create_app(settings: SenderSettings | None = None) -> ASGIApp:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         services = Services(settings)
-        await services.broker.connect(services.registry.receive, services.metrics.broker_reconnects.inc)
+        await services.broker.connect(
+            on_reply=services.calls.on_reply,
+            on_announcement=services.registry.receive,
+            on_reconnect=services.metrics.broker_reconnects.inc,
+        )
+        services.calls.start()
         await _check_schema(services.engine)
         services.tokens.start()
         services.limiter.start()
@@ -116,6 +126,8 @@ def create_app(settings: SenderSettings | None = None) -> ASGIApp:
         try:
             yield
         finally:
+            services.calls.close()
+            services.queue_stats.close()
             await services.broker.close()
             await services.usage.close()
             await services.limiter.close()

@@ -16,8 +16,10 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from contract import Reply, Request, errors, servable_model_name
-from sender.broker import Broker, PendingCall, PublishFailed
+from sender.broker import BrokerUnavailable
+from sender.calls import Calls, PendingCall, PublishFailed
 from sender.errors import ApiError
+from sender.queue_stats import QueueStatsCache
 from sender.settings import SenderSettings
 from sender.tokens import Token
 
@@ -50,8 +52,9 @@ def request_timeout(requested: str | None, ceiling: float) -> float:
 
 
 class Dispatcher:
-    def __init__(self, broker: Broker, settings: SenderSettings) -> None:
-        self._broker = broker
+    def __init__(self, calls: Calls, queue_stats: QueueStatsCache, settings: SenderSettings) -> None:
+        self._calls = calls
+        self._queue_stats = queue_stats
         self._settings = settings
 
     async def admit(self, model: str, token: Token) -> None:
@@ -59,11 +62,11 @@ class Dispatcher:
         if not servable_model_name(model):
             raise model_not_found(model)
         try:
-            stats = await self._broker.queue_stats(model)
+            stats = await self._queue_stats.get(model)
             if not stats.exists or stats.consumers == 0:
                 # Refusing is rare: make sure with numbers newer than, say, a consumer's announcement.
-                stats = await self._broker.queue_stats(model, fresh=True)
-        except (PublishFailed, TimeoutError, ConnectionError) as exc:
+                stats = await self._queue_stats.get(model, fresh=True)
+        except (BrokerUnavailable, TimeoutError, ConnectionError) as exc:
             raise self._unavailable(errors.BROKER_UNAVAILABLE) from exc
         if not stats.exists:
             raise model_not_found(model)
@@ -107,7 +110,7 @@ class Dispatcher:
             path=path, body=body, stream=stream, priority=priority, deadline=deadline, request_id=request_id
         )
         try:
-            call = await self._broker.call(model, request)
+            call = self._calls.publish(model, request)
         except PublishFailed as exc:
             raise self._unavailable(errors.QUEUE_UNAVAILABLE) from exc
         on_call(call)
