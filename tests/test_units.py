@@ -222,7 +222,7 @@ def test_model_names_that_can_be_queues(model: str, servable: bool) -> None:
 
 
 def test_request_timeout_only_shortens_the_deadline() -> None:
-    from sender.dispatch import request_timeout
+    from sender.admission import request_timeout
     from sender.errors import ApiError
 
     assert request_timeout(None, 600) == 600
