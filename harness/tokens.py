@@ -1,4 +1,4 @@
-"""The one way the harness creates tokens: a row written by ``sender.token_admin.add_token``.
+"""The one way the harness creates tokens: a row written by ``sender.token_records.add_token``.
 
 Tests, ``make run``, the benchmark, the soak run and ``tools.many_streams`` all
 come here; only the tests of the admin command and of the SQL scripts use
@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from sender.database import async_database_url
-from sender.token_admin import TokenFields, add_token
+from sender.token_records import TokenFields, add_token
 
 
 async def create_token(engine: AsyncEngine, name: str, **fields: Any) -> str:

@@ -21,11 +21,12 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from contract import DEFAULT_MAX_PRIORITY
-from sender import token_admin
+from sender import token_records
 from sender.database import async_database_url
 from sender.migrate import migrate, schema_version
 from sender.settings import SenderSettings
-from sender.token_admin import UNSET, TokenFields
+from sender.token_records import UNSET, TokenFields
+from sender.tokens import parse_models
 
 _DURATION = re.compile(r"^(\d+)([smhd])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
@@ -46,8 +47,7 @@ def _optional_seconds(text: str) -> float | None:
 
 
 def _models(text: str) -> list[str] | None:
-    names = [part.strip() for part in text.split(",") if part.strip()]
-    return None if text.lower() == "none" or not names else names
+    return None if text.lower() == "none" else parse_models(text)
 
 
 def _when(text: str) -> str | None:
@@ -68,7 +68,7 @@ async def _resolve_when(engine: AsyncEngine, text: str | None, *, ago: bool = Fa
     if match is None:
         return dt.datetime.fromisoformat(text)
     delta = dt.timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
-    return await token_admin.database_now(engine) + (-delta if ago else delta)
+    return await token_records.database_now(engine) + (-delta if ago else delta)
 
 
 def _read_secret(path: str) -> str:
@@ -131,7 +131,7 @@ async def _command(engine: AsyncEngine, args: argparse.Namespace) -> int:
             max_seconds=args.max_seconds,
         )
         given = _read_secret(args.secret_file) if args.secret_file else None
-        secret = await token_admin.add_token(engine, args.name, secret=given, fields=fields)
+        secret = await token_records.add_token(engine, args.name, secret=given, fields=fields)
         if given is None:  # a generated secret is shown now or never
             print(json.dumps({"name": args.name, "secret": secret}) if args.json else secret)
         elif args.json:
@@ -148,17 +148,17 @@ async def _command(engine: AsyncEngine, args: argparse.Namespace) -> int:
             "max_seconds": args.max_seconds,
             "expires_at": UNSET if args.expires is UNSET else await _resolve_when(engine, args.expires),
         }
-        if not await token_admin.set_token(engine, args.name, **changes):
+        if not await token_records.set_token(engine, args.name, **changes):
             print(f"no token named {args.name}", file=sys.stderr)
             return 1
     elif args.command == "revoke-token":
-        if not await token_admin.revoke_token(engine, args.name):
+        if not await token_records.revoke_token(engine, args.name):
             print(f"no token named {args.name}", file=sys.stderr)
             return 1
     elif args.command == "list-tokens":
-        _print(await token_admin.list_tokens(engine), args.json)
+        _print(await token_records.list_tokens(engine), args.json)
     elif args.command == "usage":
-        rows = await token_admin.usage_report(
+        rows = await token_records.usage_report(
             engine,
             since=await _resolve_when(engine, args.since, ago=True),
             until=await _resolve_when(engine, args.until, ago=True),

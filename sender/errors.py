@@ -66,8 +66,3 @@ def error_response(
         media_type="application/json",
         headers=headers,
     )
-
-
-def kind_response(kind: ErrorKind, message: str | None = None) -> Response:
-    """The response for a catalogue error raised outside a request handler."""
-    return ApiError(kind, message).response()

@@ -15,7 +15,7 @@ import logging
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import sqlalchemy as sa
@@ -35,10 +35,16 @@ def new_secret() -> str:
     return "sk-" + secrets.token_urlsafe(32)
 
 
-def parse_models(value: str | None) -> frozenset[str] | None:
-    """``allowed_models`` as stored (comma-separated); None means every model."""
-    names = frozenset(part.strip() for part in (value or "").split(",") if part.strip())
+def parse_models(text: str | None) -> list[str] | None:
+    """``allowed_models`` as stored (comma-separated), in order; None means every model."""
+    names = [part.strip() for part in (text or "").split(",") if part.strip()]
     return names or None
+
+
+def format_models(models: Iterable[str] | None) -> str | None:
+    """``allowed_models`` as stored: the names comma-separated; None (every model) for none."""
+    text = ",".join(models or ())
+    return text or None
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,6 +274,7 @@ class TokenStore:
             rows = (await conn.execute(statement)).all()
         found = {}
         for row in rows:
+            models = parse_models(row.allowed_models)
             expires = None
             if row.expires_at is not None:
                 # Both times come from the database's clock and zone, so their difference is exact.
@@ -279,7 +286,7 @@ class TokenStore:
                 threshold=row.threshold,
                 enabled=bool(row.enabled),
                 expires=expires,
-                models=parse_models(row.allowed_models),
+                models=frozenset(models) if models else None,
                 rpm=row.rpm_limit,
                 tpm=row.tpm_limit,
                 max_seconds=row.max_seconds,

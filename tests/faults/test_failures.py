@@ -337,14 +337,18 @@ async def test_liveness_tells_a_live_consumer_from_a_gone_one() -> None:
     """A live consumer's liveness queue is exclusive, so a passive declare from the sender is
     refused (RESOURCE_LOCKED) rather than answered: that still means alive."""
     holder = await aio_pika.connect(RABBITMQ_URL)
-    broker = Broker(RABBITMQ_URL, stats_ttl=1.0)
+    broker = Broker(RABBITMQ_URL)
+
+    async def ignore(_: object) -> None:
+        pass
+
     try:
         channel = await holder.channel()
         live = await channel.declare_queue(exclusive=True, auto_delete=True)
-        await broker.connect(lambda _: None)
+        await broker.connect(on_reply=ignore, on_announcement=lambda _: None)
         gone = unique("amq-gone-liveness")
-        assert await broker._gone({live.name, gone}) == [gone]
-        assert await broker._gone({live.name}) == []
+        assert await broker.vanished({live.name, gone}) == [gone]
+        assert await broker.vanished({live.name}) == []
     finally:
         await broker.close()
         await holder.close()

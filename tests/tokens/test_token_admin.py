@@ -20,7 +20,7 @@ from harness.processes import Processes
 from harness.stack import Service
 from harness.testrun import DATABASE_URLS, unique
 from sender.admin import parser
-from sender.token_admin import usage_report
+from sender.token_records import usage_report
 from sender.tokens import TokenStore, hash_secret
 
 KINDS = ["postgres", "mysql"]

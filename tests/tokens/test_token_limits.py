@@ -19,7 +19,7 @@ from harness.processes import Processes
 from harness.stack import Service
 from harness.testrun import Tokens, unique
 from harness.tokens import create_token
-from sender.token_admin import database_now, set_token
+from sender.token_records import database_now, set_token
 
 
 async def post(front: Service, secret: str, model: str, **extra: object) -> httpx.Response:

@@ -27,7 +27,7 @@ def test_a_token_can_shorten_the_deadline_but_never_extend_it(
 
 
 def test_request_timeout_only_shortens_the_deadline() -> None:
-    from sender.dispatch import request_timeout
+    from sender.admission import request_timeout
     from sender.errors import ApiError
 
     assert request_timeout(None, 600) == 600

@@ -1,4 +1,4 @@
-"""What an operator does with tokens, as functions: the admin CLI's and the tests' way in.
+"""Token rows and usage reports in the database: what ``python -m sender.admin`` and the tests do.
 
 The same operations exist as SQL scripts in ``db-init/`` for operators who
 only have ``psql`` or ``mysql``; both store exactly what the sender checks.
@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from sender.tables import tokens_table, usage_table
-from sender.tokens import hash_secret, new_secret
+from sender.tokens import format_models, hash_secret, new_secret, parse_models
 
 UNSET: Any = object()
 """A field left as it is by :func:`set_token` (None clears an optional field)."""
@@ -43,15 +43,11 @@ class TokenFields:
             "threshold": self.threshold,
             "enabled": self.enabled,
             "expires_at": self.expires_at,
-            "allowed_models": join_models(self.models),
+            "allowed_models": format_models(self.models),
             "rpm_limit": self.rpm,
             "tpm_limit": self.tpm,
             "max_seconds": self.max_seconds,
         }
-
-
-def join_models(models: list[str] | None) -> str | None:
-    return ",".join(models) if models else None
 
 
 async def add_token(
@@ -59,8 +55,6 @@ async def add_token(
     name: str,
     *,
     secret: str | None = None,
-    priority: int = 0,
-    threshold: int = 100,
     fields: TokenFields | None = None,
 ) -> str:
     """Store a token and return its secret (generated unless given).
@@ -68,7 +62,7 @@ async def add_token(
     A token of the same name is replaced: new secret, fields as given, enabled.
     """
     secret = secret or new_secret()
-    values = (fields or TokenFields(priority=priority, threshold=threshold)).columns()
+    values = (fields or TokenFields()).columns()
     values["token_hash"] = hash_secret(secret)
     async with engine.begin() as conn:
         existing = (
@@ -89,7 +83,7 @@ async def set_token(engine: AsyncEngine, name: str, **changes: Any) -> bool:
         if value is UNSET:
             continue
         if key == "models":
-            values["allowed_models"] = join_models(value)
+            values["allowed_models"] = format_models(value)
         elif key in ("rpm", "tpm"):
             values[f"{key}_limit"] = value
         elif key in columns:
@@ -145,7 +139,7 @@ async def list_tokens(engine: AsyncEngine) -> list[dict[str, Any]]:
             "enabled": bool(row["enabled"]),
             "created": _iso(row["created_at"]),
             "expires": _iso(row["expires_at"]),
-            "models": (row["allowed_models"] or "").split(",") if row["allowed_models"] else None,
+            "models": parse_models(row["allowed_models"]),
             "rpm": row["rpm_limit"],
             "tpm": row["tpm_limit"],
             "max_seconds": row["max_seconds"],

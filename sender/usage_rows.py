@@ -1,4 +1,4 @@
-"""Usage accounting: one row per finished request, written off the request path in batches.
+"""Usage rows (``usage_records``): one per finished request, written off the request path in batches.
 
 A request only appends its row to a bounded buffer; a background task
 inserts what piled up every ``flush_seconds`` in one statement, so a slow or
@@ -49,10 +49,6 @@ class UsageRecorder:
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._warned_at = float("-inf")
-
-    @property
-    def pending(self) -> int:
-        return len(self._rows)
 
     def record(self, row: dict[str, Any]) -> None:
         """Queue a row (keys: the columns of ``usage_records`` but ``id`` and ``finished_at``)."""

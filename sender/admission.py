@@ -1,0 +1,231 @@
+"""Admission: from an HTTP request to one the broker may queue, or the error the client gets.
+
+Everything that can refuse a forwarded call before it is queued happens
+here, in this order: the bearer token, the body (size, time, JSON, ``model``),
+the priority and deadline headers, then the two admission steps: the model
+queue's numbers (unknown model, no live consumer, queue deeper than the
+token's threshold) and the token's rate limit. The first refusal wins, so
+clients see the same code for the same mistake whatever else is wrong.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from starlette.requests import ClientDisconnect, Request
+
+from contract import errors, servable_model_name
+from sender.broker import BrokerUnavailable
+from sender.errors import ApiError
+from sender.limits import RateLimiter
+from sender.queue_stats import QueueStatsCache
+from sender.settings import SenderSettings
+from sender.tokens import Token, TokenStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class AdmittedRequest:
+    """A forwarded call as read from the client, ready to be queued."""
+
+    token: Token
+    model: str
+    path: str
+    """The backend path: ``/v1/chat/completions``, ``/tokenize``, ..."""
+    body: bytes
+    """The client's JSON body, byte for byte."""
+    stream: bool
+    priority: int
+    timeout: float
+    """Seconds the request may take in all, from when it is queued."""
+    request_id: str
+
+
+class Refused(ApiError):
+    """An admission step refused a request already read: it is still counted under its model and token."""
+
+    def __init__(self, error: ApiError, request: AdmittedRequest) -> None:
+        super().__init__(
+            error.kind, error.message, param=error.param, retry_after=error.retry_after, close=error.close
+        )
+        self.request = request
+
+
+class Admission:
+    def __init__(
+        self,
+        tokens: TokenStore,
+        queue_stats: QueueStatsCache,
+        limiter: RateLimiter,
+        settings: SenderSettings,
+    ) -> None:
+        self._tokens = tokens
+        self._queue_stats = queue_stats
+        self._limiter = limiter
+        self._settings = settings
+
+    async def admit(self, request: Request, path: str, request_id: str) -> AdmittedRequest:
+        """The request, read and admitted; :class:`ApiError` (:class:`Refused` once it was read) if not."""
+        settings = self._settings
+        token = await self.authenticate(request)
+        body = await _read_body(request, settings.max_body_bytes, settings.body_timeout_seconds)
+        payload = _parse_json(body)
+        model = payload.get("model")
+        if not isinstance(model, str) or not model:
+            raise ApiError(errors.MISSING_MODEL, param="model")
+        if not token.may_use(model):
+            raise model_not_found(model)  # as if it did not exist: do not tell which models do
+        admitted = AdmittedRequest(
+            token=token,
+            model=model,
+            path=path,
+            body=body,
+            stream=payload.get("stream") is True,
+            priority=effective_priority(token, request.headers.get("x-priority"), settings.max_priority),
+            timeout=request_timeout(
+                request.headers.get("x-request-timeout"), token.deadline_seconds(settings.deadline_seconds)
+            ),
+            request_id=request_id,
+        )
+        try:
+            await self._check_queue(model, token)
+            retry_after = await self._limiter.admit(token)
+        except ApiError as exc:
+            raise Refused(exc, admitted) from exc
+        if retry_after is not None:
+            raise Refused(ApiError(errors.RATE_LIMIT_EXCEEDED, retry_after=retry_after), admitted)
+        return admitted
+
+    async def authenticate(self, request: Request) -> Token:
+        """The caller's token, usable now; the 401 (or 503) it gets otherwise."""
+        header = request.headers.get("authorization", "")
+        scheme, _, secret = header.partition(" ")
+        secret = secret.strip()
+        if scheme.lower() != "bearer" or not secret:
+            raise ApiError(
+                errors.INVALID_API_KEY, "missing bearer token: send 'Authorization: Bearer <token>'"
+            )
+        try:
+            token = await self._tokens.lookup(secret)
+        except Exception as exc:  # TokenUnavailable, or anything the lookup could not survive
+            log.warning("token lookup failed: %s", type(exc.__cause__ or exc).__name__)
+            raise ApiError(errors.AUTH_UNAVAILABLE, retry_after=self._settings.retry_after_seconds) from exc
+        if token is None:
+            raise ApiError(errors.INVALID_API_KEY)
+        if not token.enabled:
+            raise ApiError(errors.TOKEN_DISABLED)
+        if token.expired():
+            raise ApiError(errors.TOKEN_EXPIRED)
+        return token
+
+    async def _check_queue(self, model: str, token: Token) -> None:
+        """Raise the error the client should get if ``model``'s queue cannot take this request now."""
+        settings = self._settings
+        if not servable_model_name(model):
+            raise model_not_found(model)
+        try:
+            stats = await self._queue_stats.get(model)
+            if not stats.exists or stats.consumers == 0:
+                # Refusing is rare: make sure with numbers newer than, say, a consumer's announcement.
+                stats = await self._queue_stats.get(model, fresh=True)
+        except (BrokerUnavailable, TimeoutError, ConnectionError) as exc:
+            raise self._unavailable(errors.BROKER_UNAVAILABLE) from exc
+        if not stats.exists:
+            raise model_not_found(model)
+        if stats.consumers == 0 and not settings.queue_without_consumers:
+            raise self._unavailable(
+                errors.MODEL_UNAVAILABLE, f"no server is available for model `{model}` right now"
+            )
+        if stats.messages >= settings.max_queued_per_model:
+            raise self._unavailable(
+                errors.OVERLOADED,
+                f"the dispatcher is overloaded: too many requests are waiting for model `{model}`",
+            )
+        if stats.messages >= token.threshold:
+            raise ApiError(
+                errors.QUEUE_FULL,
+                f"too many requests are waiting for model `{model}`; retry later",
+                retry_after=settings.retry_after_seconds,
+            )
+
+    def _unavailable(self, kind: errors.ErrorKind, message: str | None = None) -> ApiError:
+        return ApiError(kind, message, retry_after=self._settings.retry_after_seconds)
+
+
+def effective_priority(token: Token, requested: str | None, max_priority: int) -> int:
+    """The token's priority, or the lower one the request asks for with ``X-Priority``,
+    within the queue's scale (0 to ``max_priority``)."""
+    ceiling = max(0, min(token.priority, max_priority))
+    if requested is None:
+        return ceiling
+    try:
+        value = int(requested.strip())
+    except ValueError:
+        raise ApiError(errors.INVALID_PRIORITY) from None
+    return max(0, min(value, ceiling))
+
+
+def request_timeout(requested: str | None, ceiling: float) -> float:
+    """Seconds the request may take in all: the server's deadline, or the shorter one the client
+    asks for with ``X-Request-Timeout`` (a client that gives up sooner should not keep a GPU busy)."""
+    if requested is None:
+        return ceiling
+    try:
+        value = float(requested.strip())
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise ApiError(errors.INVALID_REQUEST_TIMEOUT)
+    return min(value, ceiling)
+
+
+def model_not_found(model: str) -> ApiError:
+    return ApiError(
+        errors.MODEL_NOT_FOUND,
+        f"The model `{model}` does not exist or you do not have access to it.",
+        param="model",
+    )
+
+
+async def _read_body(request: Request, limit: int, timeout: float) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise _too_large(limit)
+                chunks.append(chunk)
+    except TimeoutError:
+        raise ApiError(
+            errors.REQUEST_TIMEOUT,
+            f"the request body was not received within {timeout:g} seconds",
+            close=True,
+        ) from None
+    except ClientDisconnect:
+        # Nobody reads the answer; 499 (as nginx logs it) marks the request in the log and metrics.
+        raise ApiError(errors.CLIENT_DISCONNECTED) from None
+    return b"".join(chunks)
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(errors.REQUEST_TOO_LARGE, f"request body is larger than {limit} bytes")
+
+
+def _parse_json(body: bytes) -> dict[str, Any]:
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise ApiError(errors.INVALID_JSON) from None
+    if not isinstance(payload, dict):
+        raise ApiError(errors.INVALID_JSON, "the request body must be a JSON object")
+    return payload

@@ -1,0 +1,139 @@
+"""Start-up wiring: every long-lived part of the sender, built, started and stopped in one place.
+
+The routes and the forwarding front reach all of it through one
+:class:`Services`, built once per process by the app's lifespan, so that
+nothing is created per request and the order of start and stop is written once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from sender.accounting import Accounting
+from sender.admission import Admission
+from sender.broker import Broker
+from sender.calls import Calls
+from sender.database import async_database_url
+from sender.limits import RateLimiter
+from sender.metrics import SenderMetrics
+from sender.migrate import kind_of, schema_scripts, schema_version
+from sender.queue_stats import QueueStatsCache
+from sender.registry import ModelRegistry
+from sender.relay import Relay
+from sender.settings import SenderSettings
+from sender.tokens import TokenStore
+from sender.usage_rows import UsageRecorder
+
+log = logging.getLogger(__name__)
+
+
+class Services:
+    """What the routes need, built once per process."""
+
+    def __init__(self, settings: SenderSettings) -> None:
+        self.settings = settings
+        self.engine: AsyncEngine = create_async_engine(
+            async_database_url(settings.database_url),
+            pool_size=settings.db_pool_size,
+            pool_pre_ping=True,
+            pool_recycle=1800,
+        )
+        self.registry = ModelRegistry(settings.max_priority)
+        self.metrics = SenderMetrics(token_label=settings.metrics_token_label)
+        self.tokens = TokenStore(
+            self.engine,
+            ttl=settings.token_cache_seconds,
+            negative_ttl=settings.unknown_token_cache_seconds,
+            max_entries=settings.token_cache_size,
+            stale_ttl=settings.token_stale_seconds,
+            timeout=settings.db_timeout_seconds,
+            on_query=self.metrics.token_queries.inc,
+        )
+        self.limiter = RateLimiter(
+            self.engine, sync_seconds=settings.rate_sync_seconds, timeout=settings.db_timeout_seconds
+        )
+        self.usage = UsageRecorder(
+            self.engine,
+            flush_seconds=settings.usage_flush_seconds,
+            max_rows=settings.usage_buffer_rows,
+            on_dropped=self.metrics.usage_rows_dropped.inc,
+            on_written=self.metrics.usage_rows_written.inc,
+        )
+        self.broker = Broker(settings.rabbitmq_url, reconnect_interval=settings.broker_reconnect_seconds)
+        self.queue_stats = QueueStatsCache(
+            self.broker, ttl=settings.queue_stats_seconds, on_read=self.metrics.queue_read
+        )
+        self.calls = Calls(
+            self.broker,
+            on_published=self.queue_stats.published,
+            on_taken=self.queue_stats.taken,
+            liveness_interval=settings.liveness_seconds,
+        )
+        self.admission = Admission(self.tokens, self.queue_stats, self.limiter, settings)
+        self.relay = Relay(self.calls, retry_after=settings.retry_after_seconds)
+        self.accounting = Accounting(
+            self.metrics, self.limiter, self.usage, usage_rows=settings.usage_accounting
+        )
+        self.metrics.broker_connected.set_function(lambda: 1.0 if self.broker.connected else 0.0)
+        self._db_checked_at = 0.0
+        self._db_ok = False
+
+    async def start(self) -> None:
+        await self.broker.connect(
+            on_reply=self.calls.on_reply,
+            on_announcement=self.registry.receive,
+            on_reconnect=self.metrics.broker_reconnects.inc,
+        )
+        self.calls.start()
+        await _check_schema(self.engine)
+        self.tokens.start()
+        self.limiter.start()
+        self.usage.start()
+        # Consumers answer the roll call within milliseconds; waiting a moment
+        # means the first /v1/models after start is already complete.
+        await asyncio.sleep(self.settings.rollcall_wait_seconds)
+
+    async def close(self) -> None:
+        self.calls.close()
+        self.queue_stats.close()
+        await self.broker.close()
+        await self.usage.close()
+        await self.limiter.close()
+        await self.tokens.close()
+        await self.engine.dispose()
+
+    async def database_reachable(self) -> bool:
+        if time.monotonic() - self._db_checked_at < 1.0:
+            return self._db_ok
+        try:
+            async with asyncio.timeout(2.0), self.engine.connect() as conn:
+                await conn.execute(sa.text("SELECT 1"))
+            self._db_ok = True
+        except Exception as exc:
+            log.warning("token database unreachable: %s", type(exc).__name__)
+            self._db_ok = False
+        self._db_checked_at = time.monotonic()
+        return self._db_ok
+
+
+async def _check_schema(engine: AsyncEngine) -> None:
+    """Say plainly when the database was not migrated: every lookup would fail otherwise, unexplained."""
+    try:
+        async with asyncio.timeout(5):
+            version = await schema_version(engine)
+        expected = schema_scripts(kind_of(engine))[-1].version
+    except Exception as exc:
+        log.warning("could not read the token database's schema version: %s", type(exc).__name__)
+        return
+    if version < expected:
+        log.error(
+            "the token database is at schema version %d, this sender needs %d: "
+            "run `python -m sender.admin migrate`",
+            version,
+            expected,
+        )
