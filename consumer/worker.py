@@ -90,7 +90,7 @@ class Worker:
         self._tasks: list[asyncio.Task[None]] = []
         self._cancellations = Cancellations()
         self._serving: Serving | None = None
-        self._liveness = ""
+        self._liveness_queue = ""
         """This connection's liveness queue (see the contract); a new one after each reconnect."""
 
     @property
@@ -201,7 +201,7 @@ class Worker:
         gone, and the sender knows their answer will not continue.
         """
         assert self._reply_channel is not None
-        self._liveness = await liveness.declare(await self._reply_channel.get_underlay_channel())
+        self._liveness_queue = await liveness.declare(await self._reply_channel.get_underlay_channel())
 
     def _on_connection_lost(self, *_: object) -> None:
         """The broker hands the unacked requests to another consumer: stop serving them here."""
@@ -335,7 +335,7 @@ class Worker:
         if correlation_id and task is not None:
             self._cancellations.track(correlation_id, task)
         try:
-            async with self._serving.serve(message, liveness_queue=self._liveness) as served:
+            async with self._serving.serve(message, liveness_queue=self._liveness_queue) as served:
                 await self._act_on(served)
         finally:
             self._cancellations.untrack(correlation_id)

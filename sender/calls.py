@@ -47,11 +47,11 @@ class PendingCall:
         self._replies: asyncio.Queue[Reply] = asyncio.Queue()
         self._on_done = on_done
         self._expected_seq = 0
-        self.owner: str | None = None
+        self.liveness_queue: str | None = None
         """Liveness queue of the consumer serving the answer, from its first piece."""
         self.finished = False
         """Whether the last piece of the answer arrived."""
-        self.owner_gone = False
+        self.server_gone = False
         self.abandoned = False
         self.publish_error: str | None = None
         """Set when the broker refused the request; the call then ends without any reply."""
@@ -79,9 +79,9 @@ class PendingCall:
                 if self.abandoned or self.publish_error is not None:
                     return reply
                 if reply.liveness_queue is not None:
-                    if self.owner is None:
-                        self.owner = reply.liveness_queue
-                    elif reply.liveness_queue != self.owner:
+                    if self.liveness_queue is None:
+                        self.liveness_queue = reply.liveness_queue  # the first consumer to answer owns it
+                    elif reply.liveness_queue != self.liveness_queue:
                         continue  # a redelivered copy served by another consumer: the first answer stands
                 return self._check(reply)
 
@@ -96,13 +96,13 @@ class PendingCall:
 
     def consumer_gone(self) -> None:
         """The consumer serving the answer lost its broker connection: the answer will not go on."""
-        self.owner_gone = True
+        self.server_gone = True
         self.deliver(
             Reply(
                 seq=self._expected_seq,
                 last=True,
                 error="the model server stopped in the middle of the answer",
-                liveness_queue=self.owner,
+                liveness_queue=self.liveness_queue,
             )
         )
 
@@ -190,7 +190,7 @@ class Calls:
         self._pending.pop(call.correlation_id, None)
         # Also after a failed publish (a confirm lost with the connection may hide a request the
         # broker did take) and when the consumer died mid-answer (the broker hands its copy on).
-        if (not call.finished or call.owner_gone) and self._broker.control is not None:
+        if (not call.finished or call.server_gone) and self._broker.control is not None:
             task = asyncio.ensure_future(self._send_cancel(call))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
@@ -222,12 +222,16 @@ class Calls:
         """End the answers whose consumer connection is gone (its liveness queue no longer exists)."""
         while True:
             await asyncio.sleep(self._liveness_interval)
-            owners = {call.owner for call in self._pending.values() if call.owner and not call.finished}
-            if not owners:
+            watched = {
+                call.liveness_queue
+                for call in self._pending.values()
+                if call.liveness_queue and not call.finished
+            }
+            if not watched:
                 continue
             try:
                 async with asyncio.timeout(max(2.0, self._liveness_interval * 2)):
-                    gone = await self._broker.vanished(owners)
+                    gone = await self._broker.vanished(watched)
             except asyncio.CancelledError:
                 if really_cancelled():
                     raise
@@ -235,8 +239,8 @@ class Calls:
             except Exception as exc:  # disconnected: check again next round
                 log.info("liveness check skipped: %s", type(exc).__name__)
                 continue
-            for owner in gone:
+            for queue in gone:
                 log.warning("a consumer lost its broker connection in the middle of answers")
                 for call in list(self._pending.values()):
-                    if call.owner == owner and not call.finished:
+                    if call.liveness_queue == queue and not call.finished:
                         call.consumer_gone()
