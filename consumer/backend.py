@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+from yarl import URL
 
 _JSON_HEADERS = {"Content-Type": "application/json"}
 
@@ -37,14 +38,19 @@ class BackendFailed(Exception):
 class Backend:
     def __init__(self, base_url: str, *, max_connections: int) -> None:
         self.base_url = base_url.rstrip("/")
+        self._origin = URL(self.base_url).origin()
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
+
+    def url(self, path: str) -> URL:
+        """The backend's URL of ``path``, taken as it is: never decoded, normalised or joined
+        (``path`` is one of the served routes; see :mod:`contract.routes`)."""
+        return self._origin.with_path(path, encoded=True)
 
     @property
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
             self._session = aiohttp.ClientSession(
-                base_url=self.base_url,
                 connector=aiohttp.TCPConnector(limit=self._max_connections, keepalive_timeout=60),
                 # Reads wait as long as generation takes: each request is bounded by its own deadline.
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
@@ -60,7 +66,7 @@ class Backend:
         """POST ``body`` to ``path``; connection failures become :class:`BackendUnreachable`,
         later ones :class:`BackendFailed`."""
         try:
-            response = await self.session.post(path, data=body, headers=_JSON_HEADERS)
+            response = await self.session.post(self.url(path), data=body, headers=_JSON_HEADERS)
         except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as exc:
             # A keep-alive connection the backend closed while restarting looks the same as a refused one.
             raise BackendUnreachable(str(exc) or type(exc).__name__) from exc
@@ -76,7 +82,9 @@ class Backend:
     async def health(self, timeout: float) -> Health:
         """``/health`` of the backend: up, down (refused, or not 200), or too slow to tell."""
         try:
-            async with self.session.get("/health", timeout=aiohttp.ClientTimeout(total=timeout)) as response:
+            async with self.session.get(
+                self.url("/health"), timeout=aiohttp.ClientTimeout(total=timeout)
+            ) as response:
                 return Health.UP if response.status == 200 else Health.DOWN
         except TimeoutError:
             return Health.SLOW
@@ -85,7 +93,9 @@ class Backend:
 
     async def model_card(self, model: str) -> dict[str, Any]:
         """The backend's ``/v1/models`` entry for ``model`` (or its only entry), renamed to ``model``."""
-        async with self.session.get("/v1/models", timeout=aiohttp.ClientTimeout(total=5)) as response:
+        async with self.session.get(
+            self.url("/v1/models"), timeout=aiohttp.ClientTimeout(total=5)
+        ) as response:
             response.raise_for_status()
             entries = (await response.json()).get("data") or []
         card = next((e for e in entries if e.get("id") == model), entries[0] if entries else {})
@@ -95,7 +105,9 @@ class Backend:
 
     async def load(self) -> BackendLoad | None:
         try:
-            async with self.session.get("/metrics", timeout=aiohttp.ClientTimeout(total=1)) as response:
+            async with self.session.get(
+                self.url("/metrics"), timeout=aiohttp.ClientTimeout(total=1)
+            ) as response:
                 if response.status != 200:
                     return None
                 return parse_vllm_metrics(await response.text())

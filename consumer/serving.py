@@ -1,7 +1,9 @@
 """Serving one delivered request, from its delivery to its ack.
 
 Every request takes this path, so it reads in one place: decode the message
-(a malformed one is dead-lettered), answer 504 at once if its deadline passed,
+(a malformed one is dead-lettered), answer 404 ``unknown_url`` without calling
+the backend if its path is not one of the served routes (:mod:`contract.routes`,
+compared byte for byte), answer 504 at once if its deadline passed,
 call the backend, relay its answer through a :class:`ReplyWriter`, settle the
 message exactly once (ack, requeue, or nothing when the broker took it back),
 then count it and write its log line.
@@ -32,7 +34,7 @@ from consumer.metrics import ConsumerMetrics
 from consumer.replies import ReplyPublisher, ReplyWriter
 from consumer.settings import ConsumerSettings
 from contract import ContractError, Request, errors
-from contract.errors import BROKER_GONE
+from contract.errors import BROKER_GONE, clip
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,8 @@ class Outcome(enum.Enum):
     """The broker connection dropped: the broker hands it to another consumer; not settled here."""
     REJECTED = "rejected"
     """Malformed: kept in the dead-letter queue."""
+    REFUSED = "refused"
+    """Its path is not a served route: answered 404 without calling the backend."""
 
 
 class Trouble(enum.Enum):
@@ -87,6 +91,7 @@ class Serving:
         self.metrics = metrics
         self.cancellations = cancellations
         self.channel = channel
+        self.routes = settings.served_routes
 
     def serve(self, message: AbstractIncomingMessage, *, liveness_queue: str) -> Delivery:
         """``async with serving.serve(message) as served``: answer it; settle it when the block ends."""
@@ -97,11 +102,21 @@ class Serving:
         await _settle(message.ack())
         self.metrics.requests.labels(self.settings.model, "", Outcome.SKIPPED.value).inc()
         request_id = contract.request_id_of(message)
-        log.info("request", extra={"fields": {"request_id": request_id, "outcome": Outcome.SKIPPED.value}})
+        fields = {"request_id": clip(request_id or ""), "outcome": Outcome.SKIPPED.value}
+        log.info("request", extra={"fields": fields})
         return Served(Outcome.SKIPPED)
 
     async def answer(self, request: Request, writer: ReplyWriter, *, redelivered: bool) -> Served:
         """Answer ``request`` through ``writer``, mapping the backend's failures to answers."""
+        if request.path not in self.routes:
+            # Only a sender that was bypassed, or one relaying routes this consumer was not told of.
+            log.error(
+                "refused request %s for path %r: not a served route",
+                clip(request.request_id),
+                clip(request.path),
+            )
+            await _fail(writer, errors.UNKNOWN_URL, f"no route for POST {clip(request.path)}")
+            return Served(Outcome.REFUSED)
         remaining = request.deadline - time.time()
         if remaining <= 0:
             await _fail(writer, errors.DEADLINE_EXCEEDED, "the request expired while it waited in the queue")
@@ -119,7 +134,7 @@ class Serving:
                 await _fail(writer, errors.DEADLINE_EXCEEDED, "the request ran past its deadline")
         except BackendUnreachable as exc:
             if not redelivered:
-                log.warning("backend unreachable (%s); requeueing request %s", exc, request.request_id)
+                log.warning("backend unreachable (%s); requeueing request %s", exc, clip(request.request_id))
                 return Served(Outcome.REQUEUED, Trouble.UNREACHABLE)
             await _fail(writer, errors.BACKEND_UNAVAILABLE)
             return Served(Outcome.ANSWERED, Trouble.UNREACHABLE)
@@ -163,7 +178,9 @@ class Serving:
 
     async def dead_letter(self, message: AbstractIncomingMessage, reason: str) -> None:
         """Keep an unreadable message for inspection, then settle it: never a crash, never a loop."""
-        log.error("malformed request message moved to %s: %s", self.settings.dead_letter_queue, reason)
+        log.error(
+            "malformed request message moved to %s: %s", self.settings.dead_letter_queue, clip(reason, 500)
+        )
         try:
             channel = await self.channel.get_underlay_channel()
             await channel.basic_publish(
@@ -192,9 +209,9 @@ class Serving:
         if not log.isEnabledFor(logging.INFO):
             return
         fields = {
-            "request_id": request.request_id,
+            "request_id": clip(request.request_id),
             "model": model,
-            "path": request.path,
+            "path": clip(request.path),
             "stream": request.stream,
             "priority": request.priority,
             "status": status,
@@ -275,7 +292,7 @@ class Delivery:
             if task is not None:
                 task.uncancel()
         elif isinstance(exc, Exception):
-            log.error("request %s failed in the consumer", self._request.request_id, exc_info=exc)
+            log.error("request %s failed in the consumer", clip(self._request.request_id), exc_info=exc)
             outcome = Outcome.FAILED
             if not writer.finished:
                 await _fail(writer, errors.INTERNAL_ERROR, "the dispatcher failed while serving this request")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from contract import DEAD_LETTER_QUEUE, DEFAULT_MAX_PRIORITY, DEFAULT_RABBITMQ_URL
+from contract import DEAD_LETTER_QUEUE, DEFAULT_MAX_PRIORITY, DEFAULT_RABBITMQ_URL, routes
 
 
 class ConsumerSettings(BaseSettings):
@@ -63,3 +63,18 @@ class ConsumerSettings(BaseSettings):
     """Durable queue where unreadable request messages are kept for inspection."""
     reconnect_interval: float = 1.0
     """Seconds between attempts to reconnect to the broker after losing it."""
+    extra_routes: str = ""
+    """Backend routes served besides :data:`contract.routes.RELAYED_ROUTES`, comma-separated exact
+    paths, as the senders' ``SENDER_EXTRA_ROUTES``; a request naming any other path gets 404
+    ``unknown_url`` and never reaches the backend."""
+
+    @field_validator("extra_routes")
+    @classmethod
+    def _check_extra_routes(cls, value: str) -> str:
+        routes.parse_extra_routes(value)
+        return value
+
+    @property
+    def served_routes(self) -> frozenset[str]:
+        """Every route this consumer calls its backend on, exact paths."""
+        return routes.relayed_routes(routes.parse_extra_routes(self.extra_routes))

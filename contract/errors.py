@@ -101,6 +101,21 @@ INVALID_REQUEST_TIMEOUT = _kind(
 )
 INVALID_REQUEST_PARAMS = _kind("invalid_request", 400, INVALID_REQUEST, "bad_request", "invalid request")
 UNKNOWN_URL = _kind("unknown_url", 404, INVALID_REQUEST, "bad_request", "no such route")
+INVALID_PATH = _kind(
+    "invalid_path",
+    400,
+    INVALID_REQUEST,
+    "bad_request",
+    "invalid request path: paths are matched exactly, without dot segments, percent-encoding, "
+    "backslashes, empty segments or a query string",
+)
+DUPLICATE_AUTHORIZATION = _kind(
+    "duplicate_authorization",
+    400,
+    INVALID_REQUEST,
+    "bad_request",
+    "the Authorization header must appear at most once",
+)
 METHOD_NOT_ALLOWED = _kind(
     "method_not_allowed", 405, INVALID_REQUEST, "bad_request", "method not allowed here"
 )
@@ -146,6 +161,17 @@ STREAM_INTERRUPTED = _kind("stream_interrupted", 200, SERVER, "interrupted", "th
 SHUTTING_DOWN = _kind("shutting_down", 200, SERVER, "shutting_down", "the dispatcher is shutting down; retry")
 """Only ever an event inside a stream that started with 200."""
 INTERNAL_ERROR = _kind("internal_error", 500, SERVER, "other", "internal error in the dispatcher")
+
+
+ECHO_LIMIT = 100
+"""Characters of a client's input (a model name, a path, a header) quoted back in an error or a log line."""
+
+
+def clip(value: str, limit: int = ECHO_LIMIT) -> str:
+    """``value`` as it may be quoted back: at most ``limit`` characters, then an ellipsis and the length."""
+    if len(value) <= limit:
+        return value
+    return f"{value[:limit]}\u2026 ({len(value)} characters)"
 
 
 def reason_of(code: str | None) -> str:

@@ -116,7 +116,7 @@ class Request:
             request_id = _text(headers.get(H_REQUEST_ID, ""))
             sent = int(headers.get(H_SENT, 0)) / 1000
         except (KeyError, TypeError, ValueError) as exc:
-            raise ContractError(f"request header missing or invalid: {exc}") from exc
+            raise ContractError(f"request header missing or invalid: {str(exc)[:200]}") from exc
         if version != VERSION:
             raise ContractError(f"unsupported contract version {version}")
         if not path.startswith("/"):
@@ -237,7 +237,7 @@ class Reply:
             queue_ms = _count(headers.get(H_QUEUE_MS))
             liveness_queue = _text(headers[H_CONSUMER]) if H_CONSUMER in headers else None
         except (KeyError, TypeError, ValueError) as exc:
-            raise ContractError(f"reply header missing or invalid: {exc}") from exc
+            raise ContractError(f"reply header missing or invalid: {str(exc)[:200]}") from exc
         return cls(
             seq=seq,
             last=last,

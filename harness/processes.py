@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from harness import stack
 from harness.testrun import DATABASE_URLS, DEAD_LETTER_QUEUE, FAST_SIMULATOR, RABBITMQ_URL
+
+
+class Backend(Protocol):
+    """What a consumer needs of its backend: where it answers."""
+
+    @property
+    def url(self) -> str: ...
 
 
 class Processes:
@@ -34,7 +41,7 @@ class Processes:
     def consumer(
         self,
         model: str,
-        backend: stack.Service,
+        backend: Backend,
         name: str | None = None,
         rabbitmq_url: str = RABBITMQ_URL,
         **options: object,

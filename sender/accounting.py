@@ -11,6 +11,7 @@ import logging
 import time
 
 from contract import errors
+from contract.errors import clip
 from sender.admission import AdmittedRequest
 from sender.calls import PendingCall
 from sender.limits import RateLimiter
@@ -62,12 +63,12 @@ class Accounting:
             if request is not None:
                 fields.update(
                     token=request.token.name,
-                    model=request.model,
+                    model=clip(request.model),
                     priority=request.priority,
                     stream=request.stream,
                 )
             fields.update(
-                request_id=request_id, path=path, status=status, code=code, ms=round(seconds * 1000, 1)
+                request_id=request_id, path=clip(path), status=status, code=code, ms=round(seconds * 1000, 1)
             )
             log.info("request", extra={"fields": fields})
         if call is not None and request is not None:

@@ -19,6 +19,7 @@ import orjson
 from starlette.requests import ClientDisconnect, Request
 
 from contract import errors, servable_model_name
+from contract.errors import clip
 from sender.broker import BrokerUnavailable
 from sender.errors import ApiError
 from sender.limits import RateLimiter
@@ -139,17 +140,17 @@ class Admission:
             raise model_not_found(model)
         if stats.consumers == 0 and not settings.queue_without_consumers:
             raise self._unavailable(
-                errors.MODEL_UNAVAILABLE, f"no server is available for model `{model}` right now"
+                errors.MODEL_UNAVAILABLE, f"no server is available for model `{clip(model)}` right now"
             )
         if stats.messages >= settings.max_queued_per_model:
             raise self._unavailable(
                 errors.OVERLOADED,
-                f"the dispatcher is overloaded: too many requests are waiting for model `{model}`",
+                f"the dispatcher is overloaded: too many requests are waiting for model `{clip(model)}`",
             )
         if stats.messages >= token.threshold:
             raise ApiError(
                 errors.QUEUE_FULL,
-                f"too many requests are waiting for model `{model}`; retry later",
+                f"too many requests are waiting for model `{clip(model)}`; retry later",
                 retry_after=settings.retry_after_seconds,
             )
 
@@ -187,7 +188,7 @@ def request_timeout(requested: str | None, ceiling: float) -> float:
 def model_not_found(model: str) -> ApiError:
     return ApiError(
         errors.MODEL_NOT_FOUND,
-        f"The model `{model}` does not exist or you do not have access to it.",
+        f"The model `{clip(model)}` does not exist or you do not have access to it.",
         param="model",
     )
 

@@ -20,6 +20,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp
 
 from contract import errors
+from contract.errors import clip
 from sender.admission import model_not_found
 from sender.errors import ApiError, error_response
 from sender.front import ForwardingFront
@@ -90,18 +91,16 @@ def create_app(settings: SenderSettings | None = None) -> ASGIApp:
             raise model_not_found(model)
         return Response(orjson.dumps(card), media_type=JSON)
 
-    @app.post("/v1/{endpoint:path}", openapi_extra=forwarded_call)
-    async def openai_call(endpoint: str) -> Response:
-        """Any OpenAI call whose JSON body names a ``model``: chat, completions, embeddings, ..."""
+    async def relayed_call() -> Response:
+        """Relayed to the model's backend: a JSON body naming a ``model``."""
         raise _served_by_front()
 
-    @app.post("/tokenize", openapi_extra=forwarded_call)
-    async def tokenize() -> Response:
-        raise _served_by_front()
-
-    @app.post("/detokenize", openapi_extra=forwarded_call)
-    async def detokenize() -> Response:
-        raise _served_by_front()
+    routes = settings.relayed_routes
+    for route in sorted(routes):
+        # Declared for the OpenAPI description and for the 405 (with ``Allow``) of other methods.
+        app.add_api_route(
+            route, relayed_call, methods=["POST"], openapi_extra=forwarded_call, name=f"relay {route}"
+        )
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -109,7 +108,7 @@ def create_app(settings: SenderSettings | None = None) -> ASGIApp:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
-    return ForwardingFront(app, settings.max_header_bytes)
+    return ForwardingFront(app, settings.max_header_bytes, routes)
 
 
 def _services(request: Request) -> Services:
@@ -128,11 +127,16 @@ async def _api_error(request: Request, exc: Exception) -> Response:
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
+    where = f"{clip(request.method, 20)} {clip(request.url.path)}"
     if exc.status_code == 404:
-        return ApiError(errors.UNKNOWN_URL, f"no route for {request.method} {request.url.path}").response()
+        return ApiError(errors.UNKNOWN_URL, f"no route for {where}").response()
     if exc.status_code == 405:
-        return ApiError(errors.METHOD_NOT_ALLOWED, f"method {request.method} is not allowed here").response()
-    return error_response(exc.status_code, str(exc.detail))
+        response = ApiError(errors.METHOD_NOT_ALLOWED, f"method not allowed: {where}").response()
+        allow = (exc.headers or {}).get("Allow")
+        if allow:
+            response.headers["Allow"] = allow
+        return response
+    return error_response(exc.status_code, clip(str(exc.detail)))
 
 
 async def _validation_error(request: Request, exc: Exception) -> Response:
@@ -140,5 +144,5 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
-    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    log.exception("unhandled error on %s %s", clip(request.method, 20), clip(request.url.path))
     return ApiError(errors.INTERNAL_ERROR).response()

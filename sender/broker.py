@@ -125,11 +125,16 @@ class Broker:
         except BROKER_GONE as exc:
             raise BrokerUnavailable(type(exc).__name__) from exc
 
-    async def open_channel(self) -> AbstractChannel:
-        """A plain channel (no confirms), e.g. for passive declares; the caller closes it."""
-        if self._connection is None or not self.connected:
+    async def open_channel(self) -> aiormq.abc.AbstractChannel:
+        """A plain channel (no confirms), e.g. for passive declares; the caller closes it.
+
+        A bare channel of the connection, outside aio-pika's robust bookkeeping: a robust channel
+        that the broker closes (a passive declare of a queue that does not exist) reopens itself,
+        and each one that does stays open on the broker, until the connection reaches its
+        ``channel_max`` and the broker closes it: about 2,000 made-up model names did that."""
+        if self._connection is None or self._connection.transport is None or not self.connected:
             raise BrokerUnavailable("not connected to the broker")
-        return await self._connection.channel(publisher_confirms=False)
+        return await self._connection.transport.connection.channel(publisher_confirms=False)
 
     async def vanished(self, queues: set[str]) -> list[str]:
         """Which of these liveness queues no longer exist (their consumer connection is gone)."""

@@ -1,7 +1,9 @@
 """Prometheus metrics of the sender, served at ``GET /metrics``.
 
-Label values are bounded: models are those served, token names are chosen by
-operators (``SENDER_METRICS_TOKEN_LABEL=false`` drops them), statuses and
+Label values are bounded: a model is labelled by its name only once its
+queue was seen to exist (queues are declared by consumers, never by clients);
+any other name a client sends is labelled ``_unknown``. Token names are chosen
+by operators (``SENDER_METRICS_TOKEN_LABEL=false`` drops them), statuses and
 priorities are small sets.
 """
 
@@ -11,6 +13,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from sender.queue_stats import QueueStats
 
+UNKNOWN_MODEL = "_unknown"
+"""The ``model`` label of requests for a model that has no queue (whatever name the client sent)."""
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 
@@ -18,6 +23,8 @@ class SenderMetrics:
     def __init__(self, *, token_label: bool) -> None:
         self.registry = CollectorRegistry()
         self._token_label = token_label
+        self._models: set[str] = set()
+        """Models whose queue was seen to exist: the only names used as labels."""
         self.requests = Counter(
             "dispatcher_requests",
             "Requests answered by the sender, by model, token name, status and priority.",
@@ -87,13 +94,20 @@ class SenderMetrics:
             registry=self.registry,
         )
 
+    def model_label(self, model: str) -> str:
+        """``model`` if its queue exists (or existed), else ``_unknown``: clients choose the name."""
+        return model if model in self._models else UNKNOWN_MODEL
+
     def answered(self, model: str, token: str, status: int, priority: int, seconds: float) -> None:
-        self.requests.labels(model, token if self._token_label else "", str(status), str(priority)).inc()
-        self.duration.labels(model, str(priority)).observe(seconds)
+        label = self.model_label(model)
+        self.requests.labels(label, token if self._token_label else "", str(status), str(priority)).inc()
+        self.duration.labels(label, str(priority)).observe(seconds)
 
     def queue_read(self, model: str, stats: QueueStats) -> None:
+        """Numbers of a queue that exists (only those are read out)."""
+        self._models.add(model)
         self.queue_depth.labels(model).set(stats.messages)
         self.queue_consumers.labels(model).set(stats.consumers)
 
     def first_piece(self, model: str, priority: int, seconds: float) -> None:
-        self.first_byte.labels(model, str(priority)).observe(seconds)
+        self.first_byte.labels(self.model_label(model), str(priority)).observe(seconds)

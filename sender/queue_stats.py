@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import aiormq
 import aiormq.abc
-from aio_pika.abc import AbstractChannel
 
 import contract
 from contract.errors import BROKER_GONE
@@ -47,7 +46,7 @@ class QueueStatsCache:
         self._broker = broker
         self._ttl = ttl
         self._on_read = on_read
-        self._channel: AbstractChannel | None = None
+        self._channel: aiormq.abc.AbstractChannel | None = None
         self._lock = asyncio.Lock()
         self._stats: dict[str, tuple[float, QueueStats]] = {}
         """model -> (monotonic time fetched, stats)"""
@@ -154,10 +153,10 @@ class QueueStatsCache:
     async def _underlay(self) -> aiormq.abc.AbstractChannel:
         if self._channel is None or self._channel.is_closed:
             self._channel = await self._broker.open_channel()
-        return await self._channel.get_underlay_channel()
+        return self._channel
 
     async def _drop_channel(self) -> None:
-        """The broker closed the channel (NOT_FOUND); close our side too so it is not reopened."""
+        """The broker closed the channel (NOT_FOUND); make sure our side is closed too."""
         channel, self._channel = self._channel, None
         if channel is not None:
             with contextlib.suppress(Exception):  # already closed by the broker

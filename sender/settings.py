@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from contract import DEFAULT_MAX_PRIORITY, DEFAULT_RABBITMQ_URL
+from contract import DEFAULT_MAX_PRIORITY, DEFAULT_RABBITMQ_URL, routes
 
 
 class SenderSettings(BaseSettings):
@@ -76,3 +76,18 @@ class SenderSettings(BaseSettings):
     db_pool_size: int = 5
     metrics_token_label: bool = True
     """Label request metrics with the token name (names are operator-chosen; turn off for many tokens)."""
+    extra_routes: str = ""
+    """Routes relayed besides :data:`contract.routes.RELAYED_ROUTES`: comma-separated exact paths
+    (``/v1/foo,/bar``), each a POST of a JSON body naming a ``model``. The consumers must list them
+    too (``CONSUMER_EXTRA_ROUTES``); routes that control the backend are refused."""
+
+    @field_validator("extra_routes")
+    @classmethod
+    def _check_extra_routes(cls, value: str) -> str:
+        routes.parse_extra_routes(value)
+        return value
+
+    @property
+    def relayed_routes(self) -> frozenset[str]:
+        """Every route this sender relays, exact paths."""
+        return routes.relayed_routes(routes.parse_extra_routes(self.extra_routes))
