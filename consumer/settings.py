@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from pathlib import Path
+from typing import Literal, Self
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from contract import DEAD_LETTER_QUEUE, DEFAULT_MAX_PRIORITY, DEFAULT_RABBITMQ_URL
@@ -20,6 +21,14 @@ class ConsumerSettings(BaseSettings):
     vllm_url: str = Field(
         "http://127.0.0.1:8000", validation_alias=AliasChoices("VLLM_URL", "CONSUMER_VLLM_URL")
     )
+    vllm_api_key: SecretStr | None = None
+    """vLLM's ``--api-key``, sent as ``Authorization: Bearer`` on every backend call; never logged."""
+    vllm_api_key_file: Path | None = None
+    """A file holding that key (a mounted Secret), instead of ``CONSUMER_VLLM_API_KEY``."""
+    backend_metrics_max_bytes: int = Field(8 * 1024 * 1024, ge=1)
+    """Largest backend ``/metrics`` relayed on ``/backend-metrics`` of the status port."""
+    backend_metrics_timeout: float = Field(5.0, gt=0)
+    """Longest wait for the backend's ``/metrics`` when relaying it."""
     rabbitmq_url: str = Field(
         DEFAULT_RABBITMQ_URL,
         validation_alias=AliasChoices("RABBITMQ_URL", "CONSUMER_RABBITMQ_URL"),
@@ -63,3 +72,19 @@ class ConsumerSettings(BaseSettings):
     """Durable queue where unreadable request messages are kept for inspection."""
     reconnect_interval: float = 1.0
     """Seconds between attempts to reconnect to the broker after losing it."""
+
+    @model_validator(mode="after")
+    def _one_api_key(self) -> Self:
+        if self.vllm_api_key is not None and self.vllm_api_key_file is not None:
+            raise ValueError("set CONSUMER_VLLM_API_KEY or CONSUMER_VLLM_API_KEY_FILE, not both")
+        return self
+
+    def backend_api_key(self) -> str | None:
+        """The vLLM API key, from the file if one is named (read at each call: a rotated Secret is
+        picked up on restart); None: no key."""
+        if self.vllm_api_key_file is not None:
+            key = self.vllm_api_key_file.read_text().strip()
+            if not key:
+                raise ValueError(f"{self.vllm_api_key_file} is empty")
+            return key
+        return self.vllm_api_key.get_secret_value() if self.vllm_api_key is not None else None
