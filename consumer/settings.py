@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 from typing import Literal, Self
 
@@ -9,6 +10,7 @@ from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from contract import DEAD_LETTER_QUEUE, DEFAULT_MAX_PRIORITY, DEFAULT_RABBITMQ_URL
+from contract.broker_tls import broker_ssl_context
 
 
 class ConsumerSettings(BaseSettings):
@@ -33,6 +35,11 @@ class ConsumerSettings(BaseSettings):
         DEFAULT_RABBITMQ_URL,
         validation_alias=AliasChoices("RABBITMQ_URL", "CONSUMER_RABBITMQ_URL"),
     )
+    rabbitmq_ca_file: Path | None = None
+    """CA (PEM) that signed the broker's certificate, for an ``amqps://`` URL; unset: the system's CAs."""
+    rabbitmq_cert_file: Path | None = None
+    """Client certificate (PEM) presented to the broker, with ``rabbitmq_key_file``; unset: none."""
+    rabbitmq_key_file: Path | None = None
     log_level: str = "info"
 
     max_inflight: int = Field(128, ge=1)
@@ -72,6 +79,14 @@ class ConsumerSettings(BaseSettings):
     """Durable queue where unreadable request messages are kept for inspection."""
     reconnect_interval: float = 1.0
     """Seconds between attempts to reconnect to the broker after losing it."""
+
+    def rabbitmq_ssl_context(self) -> ssl.SSLContext | None:
+        return broker_ssl_context(
+            self.rabbitmq_url,
+            ca_file=self.rabbitmq_ca_file,
+            cert_file=self.rabbitmq_cert_file,
+            key_file=self.rabbitmq_key_file,
+        )
 
     @model_validator(mode="after")
     def _one_api_key(self) -> Self:

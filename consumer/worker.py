@@ -176,6 +176,7 @@ class Worker:
     async def _connect(self) -> None:
         self._connection = await aio_pika.connect_robust(
             self.settings.rabbitmq_url,
+            ssl_context=self.settings.rabbitmq_ssl_context(),
             client_properties={"connection_name": f"consumer-{self.consumer_id}"},
             reconnect_interval=self.settings.reconnect_interval,
         )
