@@ -29,7 +29,8 @@ from harness.processes import Processes
 from harness.stack import Service
 from harness.testrun import unique
 
-USERS = {role: (f"dispatch-{role}", f"{role}-password-for-tests") for role in ROLES}
+USERS = {role: (f"test-{role}", f"{role}-password-for-tests") for role in ROLES}
+COMPOSE_USERS = Path(__file__).resolve().parents[2] / "rabbitmq" / "compose-users.json"
 
 
 @pytest.fixture(scope="module")
@@ -226,3 +227,20 @@ async def test_amqps_with_the_test_ca(
     # Without the test CA the broker's certificate is not trusted: nothing is sent to it.
     with pytest.raises(aiormq.exceptions.AMQPConnectionError, match="CERTIFICATE_VERIFY_FAILED"):
         await aio_pika.connect(url(node, "sender", tls=True), timeout=10)
+
+
+async def test_compose_users_import_and_keep_their_roles(role_stack: RoleStack, node: BrokerNode) -> None:
+    """rabbitmq/compose-users.json, as compose's broker-init imports it: its users log in with the
+    passwords of docker-compose.yml's URLs and have their roles."""
+    node.ctl("import_definitions", str(COMPOSE_USERS))
+    sender = node.url_for("dispatch-sender", "sender-demo")
+    consumer = node.url_for("dispatch-consumer", "consumer-demo")
+    assert await refused(sender, "queue depth", role_stack.model, "") is None
+    assert isinstance(
+        await refused(sender, "consume model queue", role_stack.model, ""),
+        aiormq.exceptions.ChannelAccessRefused,
+    )
+    assert await refused(consumer, "announce", role_stack.model, "") is None
+    assert isinstance(
+        await refused(consumer, "cancel", role_stack.model, ""), aiormq.exceptions.ChannelAccessRefused
+    )
