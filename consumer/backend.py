@@ -35,11 +35,19 @@ class BackendFailed(Exception):
     """The connection to the backend broke while a request was under way."""
 
 
+class MetricsTooLarge(Exception):
+    """The backend's ``/metrics`` exposition is larger than the consumer relays."""
+
+
 class Backend:
-    def __init__(self, base_url: str, *, max_connections: int) -> None:
+    """``api_key`` (vLLM's ``--api-key``) goes as ``Authorization: Bearer`` on every call: vLLM wants
+    it on ``/v1/*`` and ignores it elsewhere, and one session header cannot be forgotten on a new route."""
+
+    def __init__(self, base_url: str, *, max_connections: int, api_key: str | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self._origin = URL(self.base_url).origin()
         self._max_connections = max_connections
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._session: aiohttp.ClientSession | None = None
 
     def url(self, path: str) -> URL:
@@ -52,6 +60,7 @@ class Backend:
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=self._max_connections, keepalive_timeout=60),
+                headers=self._headers,
                 # Reads wait as long as generation takes: each request is bounded by its own deadline.
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
             )
@@ -113,6 +122,17 @@ class Backend:
                 return parse_vllm_metrics(await response.text())
         except (TimeoutError, aiohttp.ClientError):
             return None
+
+    async def metrics_exposition(self, *, max_bytes: int, timeout: float) -> tuple[int, bytes, str]:
+        """The backend's ``/metrics`` as it answered (status, body, content type), for Prometheus
+        through the consumer's status port; :class:`MetricsTooLarge` past ``max_bytes``."""
+        async with self.session.get(
+            self.url("/metrics"), timeout=aiohttp.ClientTimeout(total=timeout)
+        ) as response:
+            body = await response.content.read(max_bytes + 1)
+            if len(body) > max_bytes:
+                raise MetricsTooLarge(f"more than {max_bytes} bytes")
+            return response.status, body, response.headers.get("Content-Type", "text/plain")
 
 
 _CARD_FIELDS = {"id", "object", "created", "owned_by", "root", "parent", "max_model_len"}

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import ssl
+from pathlib import Path
+from typing import Literal, Self
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from contract import DEAD_LETTER_QUEUE, DEFAULT_MAX_PRIORITY, DEFAULT_RABBITMQ_URL, routes
+from contract.broker_tls import broker_ssl_context
 
 
 class ConsumerSettings(BaseSettings):
@@ -20,10 +23,23 @@ class ConsumerSettings(BaseSettings):
     vllm_url: str = Field(
         "http://127.0.0.1:8000", validation_alias=AliasChoices("VLLM_URL", "CONSUMER_VLLM_URL")
     )
+    vllm_api_key: SecretStr | None = None
+    """vLLM's ``--api-key``, sent as ``Authorization: Bearer`` on every backend call; never logged."""
+    vllm_api_key_file: Path | None = None
+    """A file holding that key (a mounted Secret), instead of ``CONSUMER_VLLM_API_KEY``."""
+    backend_metrics_max_bytes: int = Field(8 * 1024 * 1024, ge=1)
+    """Largest backend ``/metrics`` relayed on ``/backend-metrics`` of the status port."""
+    backend_metrics_timeout: float = Field(5.0, gt=0)
+    """Longest wait for the backend's ``/metrics`` when relaying it."""
     rabbitmq_url: str = Field(
         DEFAULT_RABBITMQ_URL,
         validation_alias=AliasChoices("RABBITMQ_URL", "CONSUMER_RABBITMQ_URL"),
     )
+    rabbitmq_ca_file: Path | None = None
+    """CA (PEM) that signed the broker's certificate, for an ``amqps://`` URL; unset: the system's CAs."""
+    rabbitmq_cert_file: Path | None = None
+    """Client certificate (PEM) presented to the broker, with ``rabbitmq_key_file``; unset: none."""
+    rabbitmq_key_file: Path | None = None
     log_level: str = "info"
 
     max_inflight: int = Field(128, ge=1)
@@ -78,3 +94,27 @@ class ConsumerSettings(BaseSettings):
     def served_routes(self) -> frozenset[str]:
         """Every route this consumer calls its backend on, exact paths."""
         return routes.relayed_routes(routes.parse_extra_routes(self.extra_routes))
+
+    def rabbitmq_ssl_context(self) -> ssl.SSLContext | None:
+        return broker_ssl_context(
+            self.rabbitmq_url,
+            ca_file=self.rabbitmq_ca_file,
+            cert_file=self.rabbitmq_cert_file,
+            key_file=self.rabbitmq_key_file,
+        )
+
+    @model_validator(mode="after")
+    def _one_api_key(self) -> Self:
+        if self.vllm_api_key is not None and self.vllm_api_key_file is not None:
+            raise ValueError("set CONSUMER_VLLM_API_KEY or CONSUMER_VLLM_API_KEY_FILE, not both")
+        return self
+
+    def backend_api_key(self) -> str | None:
+        """The vLLM API key, from the file if one is named (read at each call: a rotated Secret is
+        picked up on restart); None: no key."""
+        if self.vllm_api_key_file is not None:
+            key = self.vllm_api_key_file.read_text().strip()
+            if not key:
+                raise ValueError(f"{self.vllm_api_key_file} is empty")
+            return key
+        return self.vllm_api_key.get_secret_value() if self.vllm_api_key is not None else None

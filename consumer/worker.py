@@ -54,7 +54,9 @@ class Worker:
     def __init__(self, settings: ConsumerSettings) -> None:
         self.settings = settings
         self.consumer_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.backend = Backend(settings.vllm_url, max_connections=settings.max_inflight + 4)
+        self.backend = Backend(
+            settings.vllm_url, max_connections=settings.max_inflight + 4, api_key=settings.backend_api_key()
+        )
         self.window = Window(
             maximum=settings.max_inflight,
             initial=settings.initial_window,
@@ -101,7 +103,14 @@ class Worker:
         """Serve until ``stop`` is set, then drain gracefully."""
         if self.settings.status_port:
             self._status = await serve_status(
-                self.metrics, lambda: self.consuming, self.settings.status_host, self.settings.status_port
+                self.metrics,
+                lambda: self.consuming,
+                self.settings.status_host,
+                self.settings.status_port,
+                backend_metrics=lambda: self.backend.metrics_exposition(
+                    max_bytes=self.settings.backend_metrics_max_bytes,
+                    timeout=self.settings.backend_metrics_timeout,
+                ),
             )
         await self._wait_for_backend(stop)
         if stop.is_set():
@@ -167,6 +176,7 @@ class Worker:
     async def _connect(self) -> None:
         self._connection = await aio_pika.connect_robust(
             self.settings.rabbitmq_url,
+            ssl_context=self.settings.rabbitmq_ssl_context(),
             client_properties={"connection_name": f"consumer-{self.consumer_id}"},
             reconnect_interval=self.settings.reconnect_interval,
         )

@@ -4,6 +4,9 @@ Restarting or cutting off a broker that other processes share would break
 them, so faults are injected into a node of our own: its own name, ports,
 data and log directories (in a temporary directory), started with the
 system's ``rabbitmq-server`` and driven with ``rabbitmqctl -n <node>``.
+With ``tls=True`` it also listens for ``amqps://`` on a second port, with a
+certificate from a CA made on the spot (:func:`make_test_certificates`); the
+security tests add users with the dispatcher's roles (:meth:`BrokerNode.add_user`).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import time
 import uuid
 from pathlib import Path
 
+from contract.broker_roles import TOPIC_EXCHANGE, BrokerRole
 from harness.services import port_open
 from harness.stack import free_port
 
@@ -24,19 +28,44 @@ from harness.stack import free_port
 class BrokerNode:
     """One RabbitMQ node listening on 127.0.0.1 on a free port."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, tls: bool = False) -> None:
         self.name = f"dispatch-fault-{uuid.uuid4().hex[:8]}@localhost"
         self.port = free_port()
         self.dist_port = free_port()
         self.url = f"amqp://guest:guest@127.0.0.1:{self.port}/"
         self.directory = Path(tempfile.mkdtemp(prefix="dispatch-broker-"))
+        self.tls_port = free_port() if tls else 0
+        self.certificates: dict[str, Path] = {}
         self._process: subprocess.Popen[bytes] | None = None
+
+    def url_for(self, user: str, password: str, *, tls: bool = False) -> str:
+        """The URL of this node for another user; ``tls``: ``amqps://localhost`` on the TLS port."""
+        if tls:
+            return f"amqps://{user}:{password}@localhost:{self.tls_port}/"
+        return f"amqp://{user}:{password}@127.0.0.1:{self.port}/"
+
+    def add_user(self, user: str, password: str, role: BrokerRole) -> None:
+        """A user of the default virtual host with exactly ``role``'s permissions."""
+        self.ctl("add_user", user, password)
+        self.ctl("set_permissions", "-p", "/", user, role.configure, role.write, role.read)
+        self.ctl("set_topic_permissions", "-p", "/", user, TOPIC_EXCHANGE, role.topic_write, role.topic_read)
 
     def start(self, timeout: float = 90.0) -> None:
         for sub in ("mnesia", "log"):
             (self.directory / sub).mkdir(exist_ok=True)
         (self.directory / "enabled_plugins").write_text("[].\n")
-        (self.directory / "rabbitmq.conf").write_text(f"listeners.tcp.local = 127.0.0.1:{self.port}\n")
+        config = f"listeners.tcp.local = 127.0.0.1:{self.port}\n"
+        if self.tls_port:
+            self.certificates = make_test_certificates(self.directory / "tls")
+            config += (
+                f"listeners.ssl.local = 127.0.0.1:{self.tls_port}\n"
+                f"ssl_options.cacertfile = {self.certificates['ca']}\n"
+                f"ssl_options.certfile = {self.certificates['server_cert']}\n"
+                f"ssl_options.keyfile = {self.certificates['server_key']}\n"
+                "ssl_options.verify = verify_peer\n"
+                "ssl_options.fail_if_no_peer_cert = false\n"
+            )
+        (self.directory / "rabbitmq.conf").write_text(config)
         (self.directory / "rabbitmq-env.conf").write_text("")
         if os.geteuid() == 0:
             # rabbitmq-server drops to the rabbitmq user, which must own its directories.
@@ -70,7 +99,7 @@ class BrokerNode:
         while time.monotonic() < deadline:
             if self._process is not None and self._process.poll() is not None:
                 raise RuntimeError(f"rabbitmq-server exited:\n{self.log_tail()}")
-            if port_open(self.port):
+            if port_open(self.port) and (not self.tls_port or port_open(self.tls_port)):
                 return
             time.sleep(0.2)
         raise RuntimeError(f"private RabbitMQ not listening after {timeout} s:\n{self.log_tail()}")
@@ -116,3 +145,46 @@ class BrokerNode:
         except OSError:
             return ""
         return "\n".join(text.splitlines()[-lines:])
+
+
+def make_test_certificates(directory: Path) -> dict[str, Path]:
+    """A throw-away CA, a server certificate for localhost/127.0.0.1 and a client certificate,
+    made with the openssl command line: paths by name (``ca``, ``server_cert``, ``server_key``,
+    ``client_cert``, ``client_key``)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {
+        name: directory / file
+        for name, file in {
+            "ca": "ca.crt",
+            "ca_key": "ca.key",
+            "server_cert": "server.crt",
+            "server_key": "server.key",
+            "client_cert": "client.crt",
+            "client_key": "client.key",
+        }.items()
+    }
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=directory)
+
+    key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    openssl(
+        "req", "-x509", *key, "-keyout", str(paths["ca_key"]), "-out", str(paths["ca"]), "-days", "2",
+        "-subj", "/CN=dispatch test CA",
+        "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+    )  # fmt: skip
+    for who, subject, usage, san in [
+        ("server", "/CN=localhost", "serverAuth", "subjectAltName=DNS:localhost,IP:127.0.0.1\n"),
+        ("client", "/CN=dispatch-client", "clientAuth", ""),
+    ]:
+        csr = directory / f"{who}.csr"
+        extensions = directory / f"{who}.ext"
+        extensions.write_text(f"{san}extendedKeyUsage={usage}\nbasicConstraints=CA:FALSE\n")
+        openssl("req", *key, "-keyout", str(paths[f"{who}_key"]), "-out", str(csr), "-subj", subject)
+        openssl(
+            "x509", "-req", "-in", str(csr), "-CA", str(paths["ca"]), "-CAkey", str(paths["ca_key"]),
+            "-CAcreateserial", "-out", str(paths[f"{who}_cert"]), "-days", "2", "-extfile", str(extensions),
+        )  # fmt: skip
+    for path in directory.iterdir():
+        path.chmod(0o644)  # the broker runs as the rabbitmq user
+    return paths

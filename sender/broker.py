@@ -17,6 +17,7 @@ reconnected. ``x-expires`` removes it once this sender is gone for good.
 from __future__ import annotations
 
 import asyncio
+import ssl
 import uuid
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -46,8 +47,11 @@ class BrokerUnavailable(Exception):
 class Broker:
     """Connection to RabbitMQ for one sender process."""
 
-    def __init__(self, url: str, *, reconnect_interval: float = 1.0) -> None:
+    def __init__(
+        self, url: str, *, reconnect_interval: float = 1.0, ssl_context: ssl.SSLContext | None = None
+    ) -> None:
         self._url = url
+        self._ssl_context = ssl_context
         self._reconnect_interval = reconnect_interval
         self.instance_id = uuid.uuid4().hex[:12]
         self.reply_queue_name = contract.REPLY_QUEUE_PREFIX + self.instance_id
@@ -77,6 +81,7 @@ class Broker:
         and ask the consumers to announce themselves."""
         self._connection = await aio_pika.connect_robust(
             self._url,
+            ssl_context=self._ssl_context,
             client_properties={"connection_name": f"sender-{self.instance_id}"},
             reconnect_interval=self._reconnect_interval,
         )

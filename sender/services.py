@@ -64,7 +64,11 @@ class Services:
             on_dropped=self.metrics.usage_rows_dropped.inc,
             on_written=self.metrics.usage_rows_written.inc,
         )
-        self.broker = Broker(settings.rabbitmq_url, reconnect_interval=settings.broker_reconnect_seconds)
+        self.broker = Broker(
+            settings.rabbitmq_url,
+            reconnect_interval=settings.broker_reconnect_seconds,
+            ssl_context=settings.rabbitmq_ssl_context(),
+        )
         self.queue_stats = QueueStatsCache(
             self.broker, ttl=settings.queue_stats_seconds, on_read=self.metrics.queue_read
         )

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import ssl
+from pathlib import Path
+
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from contract import DEFAULT_MAX_PRIORITY, DEFAULT_RABBITMQ_URL, routes
+from contract.broker_tls import broker_ssl_context
 
 
 class SenderSettings(BaseSettings):
@@ -18,6 +22,11 @@ class SenderSettings(BaseSettings):
         DEFAULT_RABBITMQ_URL,
         validation_alias=AliasChoices("RABBITMQ_URL", "SENDER_RABBITMQ_URL"),
     )
+    rabbitmq_ca_file: Path | None = None
+    """CA (PEM) that signed the broker's certificate, for an ``amqps://`` URL; unset: the system's CAs."""
+    rabbitmq_cert_file: Path | None = None
+    """Client certificate (PEM) presented to the broker, with ``rabbitmq_key_file``; unset: none."""
+    rabbitmq_key_file: Path | None = None
     database_url: str = Field(
         "postgresql+psycopg://postgres@127.0.0.1:5432/test",
         validation_alias=AliasChoices("DATABASE_URL", "SENDER_DATABASE_URL"),
@@ -91,3 +100,11 @@ class SenderSettings(BaseSettings):
     def relayed_routes(self) -> frozenset[str]:
         """Every route this sender relays, exact paths."""
         return routes.relayed_routes(routes.parse_extra_routes(self.extra_routes))
+
+    def rabbitmq_ssl_context(self) -> ssl.SSLContext | None:
+        return broker_ssl_context(
+            self.rabbitmq_url,
+            ca_file=self.rabbitmq_ca_file,
+            cert_file=self.rabbitmq_cert_file,
+            key_file=self.rabbitmq_key_file,
+        )

@@ -27,6 +27,8 @@ from harness.tokens import create_token_at
 
 def main() -> None:
     rabbitmq_url = os.environ.get("RABBITMQ_URL", contract.DEFAULT_RABBITMQ_URL)
+    # The consumer's own broker user, where one exists (README, "Threat model"); else the sender's URL.
+    consumer_rabbitmq_url = os.environ.get("RABBITMQ_CONSUMER_URL", rabbitmq_url)
     database_url = os.environ.get("DATABASE_URL", stack.DEFAULT_POSTGRES_URL)
     port = int(os.environ.get("SENDER_PORT", "8080"))
     log_dir = stack.ROOT / ".run"
@@ -54,7 +56,7 @@ def main() -> None:
             services.append(simulator)
             backend_url = simulator.url
         consumer = stack.start_consumer(
-            log_dir, model=model, vllm_url=backend_url, rabbitmq_url=rabbitmq_url, **consumer_options
+            log_dir, model=model, vllm_url=backend_url, rabbitmq_url=consumer_rabbitmq_url, **consumer_options
         )
         services.append(consumer)
         stack.migrate(database_url)

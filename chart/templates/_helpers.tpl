@@ -73,29 +73,74 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- printf "%s.%s.svc" (include "dispatcher.rabbitmqName" .) .Release.Namespace }}
 {{- end }}
 
-{{/* RABBITMQ_URL for the sender and the consumers. With the internal broker it is built from the
-     operator's default-user Secret, so the password never appears in a manifest. */}}
+{{/* The Secret of a role's broker user (sender, consumer, autoscaler) on the internal broker. */}}
+{{- define "dispatcher.rabbitmqUserSecret" -}}
+{{- include "dispatcher.componentName" (list (index . 0) (printf "rabbitmq-user-%s" (index . 1))) }}
+{{- end }}
+
+{{/* Key of a role's URL in rabbitmq.urlSecret (external broker): its own key, or the sender's. */}}
+{{- define "dispatcher.rabbitmqUrlKey" -}}
+{{- $root := index . 0 }}
+{{- $role := index . 1 }}
+{{- $own := get (dict "consumer" $root.Values.rabbitmq.consumerUrlSecretKey "autoscaler" $root.Values.rabbitmq.kedaUrlSecretKey) $role }}
+{{- default $root.Values.rabbitmq.urlSecretKey $own }}
+{{- end }}
+
+{{- define "dispatcher.rabbitmqCaDir" -}}/etc/llm-dispatcher/rabbitmq-ca{{- end }}
+
+{{/* RABBITMQ_URL (and the broker CA) of a role, sender or consumer. Call with (list $ "sender").
+     With the internal broker it is built from the role's own user Secret, so the password never
+     appears in a manifest; with an external one it is the role's key of rabbitmq.urlSecret. */}}
 {{- define "dispatcher.rabbitmqEnv" -}}
-{{- if .Values.rabbitmq.internal }}
+{{- $root := index . 0 }}
+{{- $role := index . 1 }}
+{{- $tls := $root.Values.rabbitmq.tls }}
+{{- if $root.Values.rabbitmq.internal }}
 - name: RABBITMQ_USERNAME
   valueFrom:
     secretKeyRef:
-      name: {{ include "dispatcher.rabbitmqName" . }}-default-user
+      name: {{ include "dispatcher.rabbitmqUserSecret" (list $root $role) }}
       key: username
 - name: RABBITMQ_PASSWORD
   valueFrom:
     secretKeyRef:
-      name: {{ include "dispatcher.rabbitmqName" . }}-default-user
+      name: {{ include "dispatcher.rabbitmqUserSecret" (list $root $role) }}
       key: password
 - name: RABBITMQ_URL
-  value: {{ printf "amqp://$(RABBITMQ_USERNAME):$(RABBITMQ_PASSWORD)@%s:5672/" (include "dispatcher.rabbitmqHost" .) | quote }}
+  value: {{ printf "%s://$(RABBITMQ_USERNAME):$(RABBITMQ_PASSWORD)@%s:%d/" (ternary "amqps" "amqp" $tls.enabled) (include "dispatcher.rabbitmqHost" $root) (ternary 5671 5672 $tls.enabled) | quote }}
 {{- else }}
 - name: RABBITMQ_URL
   valueFrom:
     secretKeyRef:
-      name: {{ required "rabbitmq.urlSecret is required when rabbitmq.internal is false: create a Secret with the broker URL and name it here" .Values.rabbitmq.urlSecret }}
-      key: {{ .Values.rabbitmq.urlSecretKey }}
+      name: {{ required "rabbitmq.urlSecret is required when rabbitmq.internal is false: create a Secret with the broker URL and name it here" $root.Values.rabbitmq.urlSecret }}
+      key: {{ include "dispatcher.rabbitmqUrlKey" (list $root $role) }}
 {{- end }}
+{{- if and $tls.enabled $tls.caSecret }}
+- name: {{ upper $role }}_RABBITMQ_CA_FILE
+  value: {{ printf "%s/%s" (include "dispatcher.rabbitmqCaDir" $root) $tls.caSecretKey | quote }}
+{{- end }}
+{{- end }}
+
+{{/* The broker CA's volume and mount, when rabbitmq.tls names a CA Secret. */}}
+{{- define "dispatcher.rabbitmqCaVolume" -}}
+{{- if and .Values.rabbitmq.tls.enabled .Values.rabbitmq.tls.caSecret }}
+- name: rabbitmq-ca
+  secret:
+    secretName: {{ .Values.rabbitmq.tls.caSecret }}
+    items:
+      - {key: {{ .Values.rabbitmq.tls.caSecretKey }}, path: {{ .Values.rabbitmq.tls.caSecretKey }}}
+{{- end }}
+{{- end }}
+
+{{- define "dispatcher.rabbitmqCaMount" -}}
+{{- if and .Values.rabbitmq.tls.enabled .Values.rabbitmq.tls.caSecret }}
+- {name: rabbitmq-ca, mountPath: {{ include "dispatcher.rabbitmqCaDir" . }}, readOnly: true}
+{{- end }}
+{{- end }}
+
+{{/* vLLM's API key: the given Secret, or the one the chart generates. Returns "name key". */}}
+{{- define "dispatcher.vllmApiKeySecret" -}}
+{{- default (include "dispatcher.componentName" (list . "vllm-api-key")) .Values.vllm.apiKey.existingSecret }}
 {{- end }}
 
 {{- define "dispatcher.databaseSecretName" -}}
@@ -132,7 +177,8 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- end }}
 {{- end }}
 
-{{/* Scrape annotations for Prometheus without the operator. Call with (list $ port). */}}
+{{/* Scrape annotations for Prometheus without the operator. Call with (list $ port). Only one path
+     per pod: a model pod's annotations scrape the consumer; vLLM's metrics need the ServiceMonitor. */}}
 {{- define "dispatcher.scrapeAnnotations" -}}
 {{- $root := index . 0 -}}
 {{- if $root.Values.metrics.enabled }}

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 import contract
+from contract.broker_roles import ROLES, TOPIC_EXCHANGE
 from harness.chart_render import (
     CASES,
     CHART,
@@ -120,19 +121,38 @@ def test_pods_are_locked_down(case: str) -> None:
                 assert context.get("readOnlyRootFilesystem") is True, where
 
 
+def generated_secrets(values: dict[str, Any]) -> list[str]:
+    """The Secrets the chart itself makes (random, kept across upgrades): nothing a value holds."""
+    names = []
+    if values.get("database", {}).get("internal"):
+        names.append("rel-llm-dispatcher-database")
+    if values.get("rabbitmq", {}).get("internal"):
+        roles = ["sender", "consumer", *(["autoscaler"] if values.get("keda", {}).get("enabled") else [])]
+        names += [f"rel-llm-dispatcher-rabbitmq-user-{role}" for role in roles]
+    vllm_models = [m for m in values.get("models", []) if m.get("backend", "vllm") == "vllm"]
+    if vllm_models and not values.get("vllm", {}).get("apiKey", {}).get("existingSecret"):
+        names.append("rel-llm-dispatcher-vllm-api-key")
+    return sorted(names)
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_secrets_only_by_reference(case: str) -> None:
-    """No credential in a manifest: the only Secret rendered is the generated one of the trial database."""
+    """No credential in a manifest: the only Secrets rendered are the generated ones."""
     objects = render_case(case)
     secrets = of_kind(objects, "Secret")
-    assert [s["metadata"]["name"] for s in secrets] == (
-        ["rel-llm-dispatcher-database"] if case_values(case).get("database", {}).get("internal") else []
-    )
+    assert sorted(s["metadata"]["name"] for s in secrets) == generated_secrets(case_values(case))
     for obj in objects:
         spec = pod_spec(obj)
         for c in containers(spec) if spec else []:
             for name, value in env(c).items():
-                if name in {"RABBITMQ_URL", "DATABASE_URL", "HF_TOKEN", "RABBITMQ_PASSWORD"}:
+                if name in {
+                    "RABBITMQ_URL",
+                    "DATABASE_URL",
+                    "HF_TOKEN",
+                    "RABBITMQ_PASSWORD",
+                    "VLLM_API_KEY",
+                    "CONSUMER_VLLM_API_KEY",
+                }:
                     assert isinstance(value, dict) or "$(RABBITMQ_PASSWORD)" in value, (name, value)
 
 
@@ -231,12 +251,26 @@ def test_model_pod_runs_vllm_and_the_consumer_beside_it() -> None:
     startup = vllm["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 1800  # big models load slowly
     assert env(vllm)["HF_TOKEN"]["secretKeyRef"] == {"name": "hf-token", "key": "token"}
+    # vLLM on the pod's loopback, with an API key from a Secret; nothing else listens for it.
+    assert arg("--host") == "127.0.0.1"
+    assert "--api-key" not in args  # from the environment, not in the process's arguments
+    assert "ports" not in vllm
+    key = {"name": "rel-llm-dispatcher-vllm-api-key", "key": "api-key"}
+    assert env(vllm)["VLLM_API_KEY"]["secretKeyRef"] == key
+    secret = named(objects, "Secret", "-vllm-api-key")
+    assert len(secret["stringData"]["api-key"]) == 48
+    # The kubelet cannot reach a loopback address: the probes run in the container, on loopback.
+    port = args[args.index("--port") + 1]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        command = vllm[probe]["exec"]["command"]
+        assert command[:2] == ["python3", "-c"], probe
+        assert f"http://127.0.0.1:{port}/health" in command[2], probe
 
     consumer = container(deployment, "consumer")
     variables = env(consumer)
     assert variables["MODEL"] == "llama-3.1-8b"
-    port = next(p["containerPort"] for p in vllm["ports"] if p["name"] == "vllm")
     assert variables["VLLM_URL"] == f"http://127.0.0.1:{port}"
+    assert variables["CONSUMER_VLLM_API_KEY"]["secretKeyRef"] == key
     assert variables["CONSUMER_FORWARD_PRIORITY"] == "true"
     # The consumer's readiness follows vLLM's (it is ready only while it consumes).
     assert consumer["readinessProbe"]["httpGet"] == {"path": "/health", "port": "status"}
@@ -316,7 +350,8 @@ def test_keda_scales_each_model_on_its_queue() -> None:
     sender = container(named(objects, "Deployment", "-sender"), "sender")
     assert env(sender)["SENDER_QUEUE_WITHOUT_CONSUMERS"] == "true"
     secrets = {ref["parameter"]: ref for ref in auth["spec"]["secretTargetRef"]}
-    assert secrets["password"]["name"] == "rel-llm-dispatcher-rabbitmq-default-user"
+    assert secrets["password"]["name"] == "rel-llm-dispatcher-rabbitmq-user-autoscaler"
+    assert secrets["username"]["name"] == "rel-llm-dispatcher-rabbitmq-user-autoscaler"
 
 
 def test_keda_with_an_external_broker_reads_its_url_secret() -> None:
@@ -351,18 +386,127 @@ def test_internal_rabbitmq() -> None:
                     variables["RABBITMQ_URL"]
                     == f"amqp://$(RABBITMQ_USERNAME):$(RABBITMQ_PASSWORD)@{host}:5672/"
                 )
-                assert (
-                    variables["RABBITMQ_PASSWORD"]["secretKeyRef"]["name"]
-                    == f"{cluster['metadata']['name']}-default-user"
-                )
+                for part in ("USERNAME", "PASSWORD"):  # each role its own user, never the administrator
+                    assert variables[f"RABBITMQ_{part}"]["secretKeyRef"]["name"] == (
+                        f"{cluster['metadata']['name']}-user-{c['name']}"
+                    )
     definitions = named(objects, "ConfigMap", "-rabbitmq-definitions")
-    assert json.loads(definitions["data"]["definitions.json"]) == json.loads(
-        (ROOT / "rabbitmq" / "definitions.json").read_text()
-    )
+    expected = json.loads((ROOT / "rabbitmq" / "definitions.json").read_text())
+    assert json.loads(definitions["data"]["definitions.json"]) == expected
+    dead_letter = next(p for p in expected["policies"] if p["name"] == "dispatch-dead-letter")
+    assert dead_letter["definition"]["message-ttl"] == 600_000  # prompts kept 10 minutes, no more
     (job,) = [j for j in of_kind(objects, "Job") if "-rabbitmq-definitions-" in j["metadata"]["name"]]
     command = container(job, "import-definitions")["command"]
     assert command[-1] == f"http://{host}:15672/api/definitions"
     assert "@/definitions/definitions.json" in command
+
+
+def test_each_role_has_its_own_broker_user() -> None:
+    """The internal broker's users carry exactly the permissions tests/security proves on a real broker."""
+    objects = render_case("three-models-keda-values")
+    cluster = of_kind(objects, "RabbitmqCluster")[0]["metadata"]["name"]
+    users = {
+        u["metadata"]["name"].removeprefix("rel-llm-dispatcher-rabbitmq-"): u
+        for u in of_kind(objects, "User")
+    }
+    assert set(users) == set(ROLES)
+    for role, permissions in ROLES.items():
+        user = users[role]
+        assert user["spec"]["rabbitmqClusterReference"] == {"name": cluster}
+        assert "tags" not in user["spec"]  # no management rights
+        secret = named(objects, "Secret", f"-rabbitmq-user-{role}")
+        assert user["spec"]["importCredentialsSecret"] == {"name": secret["metadata"]["name"]}
+        assert secret["stringData"]["username"] == f"dispatch-{role}"
+        assert len(secret["stringData"]["password"]) == 32
+        permission = named(objects, "Permission", f"-rabbitmq-{role}")["spec"]
+        assert permission["userReference"] == {"name": user["metadata"]["name"]}
+        assert permission["vhost"] == "/"
+        assert permission["permissions"] == {
+            "configure": permissions.configure,
+            "write": permissions.write,
+            "read": permissions.read,
+        }
+        topics = [
+            t["spec"] for t in of_kind(objects, "TopicPermission") if t["metadata"]["name"].endswith(role)
+        ]
+        if role == "autoscaler":
+            assert not topics  # it may write and read nothing at all
+        else:
+            assert topics[0]["userReference"] == {"name": user["metadata"]["name"]}
+            assert topics[0]["permissions"] == {
+                "exchange": TOPIC_EXCHANGE,
+                "write": permissions.topic_write,
+                "read": permissions.topic_read,
+            }
+    # Without KEDA there is no autoscaler user.
+    plain = render(case_values("internal-trial-values"))
+    assert {u["metadata"]["name"] for u in of_kind(plain, "User")} == {
+        "rel-llm-dispatcher-rabbitmq-sender",
+        "rel-llm-dispatcher-rabbitmq-consumer",
+    }
+
+
+def test_external_broker_urls_per_role() -> None:
+    values = case_values("one-model-values")
+    values["rabbitmq"] |= {"consumerUrlSecretKey": "consumer-url", "kedaUrlSecretKey": "keda-url"}
+    values["keda"] = {"enabled": True}
+    objects = render(values)
+    sender = env(container(named(objects, "Deployment", "-sender"), "sender"))
+    consumer = env(container(named(objects, "Deployment", "-model-llama-3-1-8b"), "consumer"))
+    assert sender["RABBITMQ_URL"]["secretKeyRef"] == {"name": "dispatcher-broker", "key": "url"}
+    assert consumer["RABBITMQ_URL"]["secretKeyRef"] == {"name": "dispatcher-broker", "key": "consumer-url"}
+    auth = named(objects, "TriggerAuthentication", "-rabbitmq-queue-reader")
+    assert auth["spec"]["secretTargetRef"] == [
+        {"parameter": "host", "name": "dispatcher-broker", "key": "keda-url"}
+    ]
+
+
+def test_broker_tls() -> None:
+    values = case_values("three-models-keda-values")
+    values["rabbitmq"] |= {"tls": {"enabled": True, "caSecret": "broker-ca"}}
+    values["rabbitmq"]["cluster"]["tlsSecret"] = "broker-tls"
+    objects = render(values)
+    (cluster,) = of_kind(objects, "RabbitmqCluster")
+    assert cluster["spec"]["tls"] == {"secretName": "broker-tls"}
+    host = f"{cluster['metadata']['name']}.llm.svc"
+    for name, role in (("-sender", "sender"), ("-model-bge-m3", "consumer")):
+        deployment = named(objects, "Deployment", name)
+        c = container(deployment, role)
+        variables = env(c)
+        assert variables["RABBITMQ_URL"] == f"amqps://$(RABBITMQ_USERNAME):$(RABBITMQ_PASSWORD)@{host}:5671/"
+        ca_file = variables[f"{role.upper()}_RABBITMQ_CA_FILE"]
+        mount = next(m for m in c["volumeMounts"] if m["name"] == "rabbitmq-ca")
+        assert ca_file == f"{mount['mountPath']}/ca.crt" and mount["readOnly"] is True
+        volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+        assert volumes["rabbitmq-ca"]["secret"]["secretName"] == "broker-ca"
+    policy = named(objects, "NetworkPolicy", "-rabbitmq")["spec"]
+    assert any({"port": 5671, "protocol": "TCP"} in rule["ports"] for rule in policy["ingress"])
+    for case in CASES:  # and without TLS: plain amqp, no CA
+        for obj in render_case(case):
+            for c in containers(pod_spec(obj) or {"containers": []}):
+                assert not any(name.endswith("_RABBITMQ_CA_FILE") for name in env(c)), obj["metadata"]["name"]
+
+
+def test_vllm_api_key_from_an_existing_secret() -> None:
+    values = case_values("one-model-values")
+    values["vllm"]["apiKey"] = {"existingSecret": "my-vllm-key", "secretKey": "key"}
+    objects = render(values)
+    assert not [s for s in of_kind(objects, "Secret") if s["metadata"]["name"].endswith("-vllm-api-key")]
+    deployment = named(objects, "Deployment", "-model-llama-3-1-8b")
+    for name, variable in (("vllm", "VLLM_API_KEY"), ("consumer", "CONSUMER_VLLM_API_KEY")):
+        assert env(container(deployment, name))[variable]["secretKeyRef"] == {
+            "name": "my-vllm-key",
+            "key": "key",
+        }
+
+
+def test_the_simulator_listens_on_loopback_too() -> None:
+    deployment = named(render_case("internal-trial-values"), "Deployment", "-model-demo")
+    simulator = container(deployment, "simulator")
+    assert env(simulator)["SIMULATOR_HOST"] == "127.0.0.1"
+    assert "ports" not in simulator
+    assert simulator["readinessProbe"]["exec"]["command"][:2] == ["python", "-c"]
+    assert "CONSUMER_VLLM_API_KEY" not in env(container(deployment, "consumer"))
 
 
 def test_internal_database_and_db_init_job() -> None:
@@ -473,6 +617,21 @@ def test_unset_token_fields_are_left_out() -> None:
     assert list(options) == ["--name", "--priority", "--threshold", "--secret-file"]
 
 
+def test_network_policies_are_on_by_default() -> None:
+    objects = render({"models": [{"name": "m", "model": "x"}]})
+    names = {p["metadata"]["name"] for p in of_kind(objects, "NetworkPolicy")}
+    assert names == {"rel-llm-dispatcher-sender", "rel-llm-dispatcher-models"}
+    models = named(objects, "NetworkPolicy", "-models")["spec"]
+    assert [port for rule in models["ingress"] for port in rule["ports"]] == [
+        {"port": "status", "protocol": "TCP"}
+    ]
+    off = render({"models": [{"name": "m", "model": "x"}], "networkPolicy": {"enabled": False}})
+    assert not of_kind(off, "NetworkPolicy")
+    clients = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "webui"}}}]
+    more = render({"networkPolicy": {"senderClients": clients}})
+    assert clients[0] in named(more, "NetworkPolicy", "-sender")["spec"]["ingress"][0]["from"]
+
+
 def test_network_policies() -> None:
     objects = render_case("internal-trial-values")
     policies = {
@@ -501,6 +660,15 @@ def test_network_policies() -> None:
     assert selects(policies["models"]["podSelector"], labels["model"])
     open_ports = {port["port"] for rule in policies["models"].get("ingress", []) for port in rule["ports"]}
     assert "vllm" not in open_ports and 8000 not in open_ports
+    # The management API: the definitions Job and the operators (which create the users).
+    management = next(
+        rule
+        for rule in policies["rabbitmq"]["ingress"]
+        if {"port": 15672, "protocol": "TCP"} in rule["ports"]
+    )
+    assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "rabbitmq-system"}}} in (
+        management["from"]
+    )
     # The broker's AMQP port: the sender and the consumers only.
     amqp = next(
         rule for rule in policies["rabbitmq"]["ingress"] if {"port": 5672, "protocol": "TCP"} in rule["ports"]
@@ -532,6 +700,11 @@ def test_monitoring_resources() -> None:
         <= sender["metadata"]["labels"].items()
     )
     assert {e["port"] for e in models["spec"]["endpoints"]} == {p["name"] for p in service["spec"]["ports"]}
+    # vLLM's metrics through the consumer's status port: vLLM itself is on loopback.
+    assert {(e["port"], e["path"]) for e in models["spec"]["endpoints"]} == {
+        ("status", "/metrics"),
+        ("status", "/backend-metrics"),
+    }
     assert {e["port"] for e in monitors["rel-llm-dispatcher-rabbitmq"]["spec"]["endpoints"]} == {"prometheus"}
     (rule,) = of_kind(objects, "PrometheusRule")
     assert rule["spec"] == yaml.safe_load((ROOT / "observability" / "prometheus-alerts.yaml").read_text())
@@ -607,6 +780,10 @@ def test_chart_files_are_links_to_the_sources() -> None:
         ({"database": {"urlSecret": ""}}, "/database/urlSecret"),
         ({"rabbitmq": {"internal": True, "cluster": {"replicas": 2}}}, "/rabbitmq/cluster/replicas"),
         ({"keda": {"enabled": "yes"}}, "/keda/enabled"),
+        ({"rabbitmq": {"deadLetterTTLSeconds": 0}}, "/rabbitmq/deadLetterTTLSeconds"),
+        ({"rabbitmq": {"internal": True, "tls": {"enabled": True}}}, "/rabbitmq/cluster/tlsSecret"),
+        ({"rabbitmq": {"tls": {"caSecret": "Bad_Name"}}}, "/rabbitmq/tls/caSecret"),
+        ({"vllm": {"apiKey": {"secret": "k"}}}, "additional properties 'secret' not allowed"),
         ({"keda": {"minReplicaCount": -1}}, "/keda/minReplicaCount"),
         ({"sender": {"env": {"bad-name": "1"}}}, "/sender/env"),
         ({"sender": {"shutdownGraceSeconds": 0}}, "/sender/shutdownGraceSeconds"),
@@ -651,6 +828,10 @@ def test_values_schema_accepts_the_examples(case: str) -> None:
         (
             {"models": [{"name": "m", "model": "x", "consumerEnv": {"CONSUMER_SHUTDOWN_GRACE": 5}}]},
             'models "m": consumer.env / consumerEnv sets CONSUMER_SHUTDOWN_GRACE',
+        ),
+        (
+            {"models": [{"name": "m", "model": "x", "consumerEnv": {"CONSUMER_VLLM_API_KEY": "k"}}]},
+            "CONSUMER_VLLM_API_KEY, which comes from vllm.apiKey",
         ),
     ],
 )
@@ -724,3 +905,14 @@ def test_zero_and_false_overrides_are_kept() -> None:
     scaled = {s["metadata"]["name"]: s["spec"] for s in of_kind(render(values), "ScaledObject")}
     assert scaled["rel-llm-dispatcher-model-idle"]["minReplicaCount"] == 0
     assert scaled["rel-llm-dispatcher-model-busy"]["minReplicaCount"] == 1
+
+
+def test_dead_letter_retention_is_a_value() -> None:
+    values = case_values("internal-trial-values")
+    values["rabbitmq"]["deadLetterTTLSeconds"] = 120
+    definitions = json.loads(
+        named(render(values), "ConfigMap", "-rabbitmq-definitions")["data"]["definitions.json"]
+    )
+    policies = {p["name"]: p["definition"] for p in definitions["policies"]}
+    assert policies["dispatch-dead-letter"]["message-ttl"] == 120_000
+    assert policies["dispatch-model-queues"]["message-ttl"] == 3_600_000  # unchanged

@@ -3,18 +3,23 @@ and the same commands as the chart and the README (no Docker engine here to buil
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import importlib.util
+import json
 import re
 import shlex
 import shutil
 import subprocess
 import sys
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from contract.broker_roles import ROLES, TOPIC_EXCHANGE
 from harness.chart_render import HELPER_VARIABLES, ROOT, SETTINGS, case_values, of_kind, render_case
 from harness.vllm_cpu import VERSION as TESTED_VLLM
 
@@ -188,10 +193,47 @@ def test_compose_wiring() -> None:
     )
     assert services["vllm"]["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
     assert services["mysql"]["profiles"] == ["mysql"]
-    for name in ("sender", "consumer", "consumer-vllm"):
-        assert services[name]["environment"]["RABBITMQ_URL"].startswith(
-            "amqp://dispatcher:dispatcher@rabbitmq:5672"
+    assert "./rabbitmq/compose-users.json:/definitions/compose-users.json:ro" in init["volumes"]
+    assert "@/definitions/compose-users.json" in init["command"]
+    # Each role its own broker user, with the permissions of contract/broker_roles.py.
+    users = json.loads((ROOT / "rabbitmq" / "compose-users.json").read_text())
+    hashes = {user["name"]: user["password_hash"] for user in users["users"]}
+    for name, role in (("sender", "sender"), ("consumer", "consumer"), ("consumer-vllm", "consumer")):
+        url = urllib.parse.urlsplit(services[name]["environment"]["RABBITMQ_URL"])
+        assert (url.scheme, url.hostname, url.port, url.username) == (
+            "amqp",
+            "rabbitmq",
+            5672,
+            f"dispatch-{role}",
         )
+        assert url.password is not None and rabbit_password_matches(hashes[url.username], url.password)
+    for entry in users["permissions"]:
+        granted = ROLES[entry["user"].removeprefix("dispatch-")]
+        assert (entry["vhost"], entry["configure"], entry["write"], entry["read"]) == (
+            "/",
+            granted.configure,
+            granted.write,
+            granted.read,
+        )
+    for entry in users["topic_permissions"]:
+        granted = ROLES[entry["user"].removeprefix("dispatch-")]
+        assert (entry["exchange"], entry["write"], entry["read"]) == (
+            TOPIC_EXCHANGE,
+            granted.topic_write,
+            granted.topic_read,
+        )
+    assert all(not user["tags"] for user in users["users"])
+    # vLLM of the gpu profile sits on the compose network: the consumer holds its key.
+    assert (
+        services["vllm"]["environment"]["VLLM_API_KEY"]
+        == (services["consumer-vllm"]["environment"]["CONSUMER_VLLM_API_KEY"])
+    )
+
+
+def rabbit_password_matches(password_hash: str, password: str) -> bool:
+    """RabbitMQ's rabbit_password_hashing_sha256: base64(salt + sha256(salt + password)), 4-byte salt."""
+    raw = base64.b64decode(password_hash)
+    return hashlib.sha256(raw[:4] + password.encode()).digest() == raw[4:]
 
 
 IMPORT_FROM_IMAGE_LAYOUT = """

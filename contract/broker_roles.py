@@ -1,0 +1,71 @@
+"""The broker users of the dispatcher and the least each one needs (RabbitMQ permission regexes).
+
+One source for the chart's ``Permission``/``TopicPermission`` objects, compose's users and the
+test that proves them on a real broker (``tests/security/test_broker_roles.py``). RabbitMQ checks
+*configure* on declaring or deleting a queue or exchange, *write* on publishing to an exchange
+(the default exchange is ``amq.default``) and on binding a queue, *read* on consuming, purging
+and on the exchange side of a binding; a passive declare (whether a queue exists, its depth)
+needs nothing. The short-lived queues are of two kinds: the consumer's liveness queue is named by
+the server (``amq.gen-*``, a name no client may declare), and the announcement and roll-call
+queues are named by aio-pika itself (``amq_<32 hex>``, kept across a robust reconnect); both are
+exclusive, so only their own connection can use them. Topic permissions on ``dispatch.control`` restrict
+routing keys: only senders roll-call and cancel, only consumers announce.
+
+What permissions cannot separate: publishing through the default exchange reaches any queue by
+name, so the sender could publish into a reply queue and a consumer into a model queue. Reply
+pieces are matched to pending calls by correlation id, and requests carry the sender's deadline:
+a forged message needs knowledge a stolen broker password does not give, but the broker does not
+stop it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from contract.names import CONTROL_EXCHANGE
+
+
+@dataclass(frozen=True)
+class BrokerRole:
+    configure: str
+    write: str
+    read: str
+    topic_write: str
+    """Routing keys it may publish on the control exchange."""
+    topic_read: str
+    """Routing keys it may bind to on the control exchange."""
+
+
+SENDER = BrokerRole(
+    # its reply queue dispatch.reply.<id>, the control exchange, its announcement queue
+    configure=r"^(dispatch\.reply\..+|dispatch\.control|amq_[0-9a-f]{32})$",
+    # requests through the default exchange, roll calls and cancels, binding its announcement queue
+    write=r"^(amq\.default|dispatch\.control|amq_[0-9a-f]{32})$",
+    # its reply queue, announcements, the control exchange's side of a binding
+    read=r"^(dispatch\.reply\..+|dispatch\.control|amq_[0-9a-f]{32})$",
+    topic_write=r"^(rollcall|cancel)$",
+    topic_read=r"^announce$",
+)
+
+CONSUMER = BrokerRole(
+    # its model queue, the dead-letter queue, the control exchange, its liveness and roll-call queues
+    configure=r"^(dispatch\.model\..+|dispatch\.dead-letter|dispatch\.control|amq\.gen-.+|amq_[0-9a-f]{32})$",
+    # replies and dead letters through the default exchange, announcements, binding its roll-call queue
+    write=r"^(amq\.default|dispatch\.control|amq_[0-9a-f]{32})$",
+    # its model queue, roll calls and cancels
+    read=r"^(dispatch\.model\..+|dispatch\.control|amq_[0-9a-f]{32})$",
+    topic_write=r"^announce$",
+    topic_read=r"^(rollcall|cancel)$",
+)
+
+AUTOSCALER = BrokerRole(
+    # KEDA's rabbitmq scaler (protocol amqp) reads a queue's depth with a passive declare: nothing else.
+    configure="^$",
+    write="^$",
+    read="^$",
+    topic_write="^$",
+    topic_read="^$",
+)
+
+ROLES = {"sender": SENDER, "consumer": CONSUMER, "autoscaler": AUTOSCALER}
+TOPIC_EXCHANGE = CONTROL_EXCHANGE
