@@ -14,7 +14,6 @@ from typing import Any
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp
@@ -67,12 +66,6 @@ def create_app(settings: SenderSettings | None = None) -> ASGIApp:
         ok = broker_ok and (db_ok or services.tokens.warm)
         body = orjson.dumps({"status": "ok" if ok else "unavailable", "broker": broker_ok, "database": db_ok})
         return Response(body, status_code=200 if ok else 503, media_type=JSON)
-
-    @app.get("/metrics")
-    async def metrics(request: Request) -> Response:
-        """Prometheus metrics (no token: keep this path off the public ingress)."""
-        registry = _services(request).metrics.registry
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models", openapi_extra=AUTHENTICATED)
     async def list_models(request: Request) -> Response:

@@ -21,6 +21,7 @@ from sender.calls import Calls
 from sender.database import async_database_url
 from sender.limits import RateLimiter
 from sender.metrics import SenderMetrics
+from sender.metrics_server import MetricsServer
 from sender.migrate import kind_of, schema_scripts, schema_version
 from sender.queue_stats import QueueStatsCache
 from sender.registry import ModelRegistry
@@ -82,8 +83,15 @@ class Services:
         self.metrics.broker_connected.set_function(lambda: 1.0 if self.broker.connected else 0.0)
         self._db_checked_at = 0.0
         self._db_ok = False
+        self.metrics_server: MetricsServer | None = None
 
     async def start(self) -> None:
+        if self.settings.metrics_port:
+            # First: a port already taken stops the start here, before anything else is opened.
+            self.metrics_server = MetricsServer(
+                self.metrics.registry, self.settings.metrics_host, self.settings.metrics_port
+            )
+            log.info("metrics at http://%s:%d/metrics", self.settings.metrics_host, self.metrics_server.port)
         await self.broker.connect(
             on_reply=self.calls.on_reply,
             on_announcement=self.registry.receive,
@@ -106,6 +114,8 @@ class Services:
         await self.limiter.close()
         await self.tokens.close()
         await self.engine.dispose()
+        if self.metrics_server is not None:
+            await asyncio.to_thread(self.metrics_server.close)
 
     async def database_reachable(self) -> bool:
         if time.monotonic() - self._db_checked_at < 1.0:

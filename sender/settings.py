@@ -24,6 +24,10 @@ class SenderSettings(BaseSettings):
     )
     host: str = "127.0.0.1"
     port: int = 8080
+    metrics_host: str = "127.0.0.1"
+    """Where ``GET /metrics`` is served: a port of its own, never the API's (0.0.0.0 in a pod)."""
+    metrics_port: int = 9100
+    """The metrics port; 0 turns it off. Metrics carry token names: keep it off the ingress."""
     log_level: str = "info"
 
     max_body_bytes: int = 16 * 1024 * 1024

@@ -139,7 +139,7 @@ async def test_requests_per_minute_hold_across_two_senders(
     assert 1 <= int(refused.headers["retry-after"]) <= 60
     # Each sender asked the database for this token once (the first token these senders see).
     for front in (first, second):
-        _, samples = await scrape(front.url)
+        _, samples = await scrape(front)
         assert total(samples, "dispatcher_token_queries_total") == 1
 
 
