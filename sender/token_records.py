@@ -19,6 +19,37 @@ from sender.tokens import format_models, hash_secret, new_secret, parse_models
 UNSET: Any = object()
 """A field left as it is by :func:`set_token` (None clears an optional field)."""
 
+STORED_PRIORITY_MAX = 255
+"""The highest priority a row may hold (RabbitMQ's largest ``x-max-priority``; the database's CHECK
+says the same). The admin CLI holds tokens to the sender's own scale, ``SENDER_MAX_PRIORITY``."""
+
+
+class InvalidTokenField(ValueError):
+    """A token field outside what the sender can honour; the message says what is accepted."""
+
+
+def check_columns(values: dict[str, Any]) -> None:
+    """Refuse values the sender could not honour (a priority off the scale, a threshold that refuses
+    every request, a limit of zero or less), before the database's own CHECK refuses them less clearly."""
+    priority = values.get("priority")
+    if priority is not None and not (isinstance(priority, int) and 0 <= priority <= STORED_PRIORITY_MAX):
+        raise InvalidTokenField(
+            f"priority must be an integer from 0 to {STORED_PRIORITY_MAX}, got {priority!r}"
+        )
+    threshold = values.get("threshold")
+    if threshold is not None and not (isinstance(threshold, int) and threshold >= 1):
+        raise InvalidTokenField(f"threshold must be an integer of at least 1, got {threshold!r}")
+    for column in ("rpm_limit", "tpm_limit"):
+        limit = values.get(column)
+        if limit is not None and not (isinstance(limit, int) and limit >= 1):
+            name = column.removesuffix("_limit")
+            raise InvalidTokenField(f"{name} must be a positive integer (or none: no limit), got {limit!r}")
+    seconds = values.get("max_seconds")
+    if seconds is not None and not (0 < seconds < float("inf")):
+        raise InvalidTokenField(
+            f"max_seconds must be a positive number of seconds (or none), got {seconds!r}"
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class TokenFields:
@@ -63,6 +94,7 @@ async def add_token(
     """
     secret = secret or new_secret()
     values = (fields or TokenFields()).columns()
+    check_columns(values)
     values["token_hash"] = hash_secret(secret)
     async with engine.begin() as conn:
         existing = (
@@ -90,6 +122,7 @@ async def set_token(engine: AsyncEngine, name: str, **changes: Any) -> bool:
             values[key] = value
         else:
             raise ValueError(f"unknown token field {key}")
+    check_columns(values)
     async with engine.begin() as conn:
         found = (await conn.execute(sa.select(tokens_table.c.id).where(tokens_table.c.name == name))).scalar()
         if found is None:
