@@ -196,7 +196,14 @@ async def _command(engine: AsyncEngine, args: argparse.Namespace) -> int:
             max_seconds=args.max_seconds,
         )
         given = _read_secret(args.secret_file) if args.secret_file else None
-        secret = await token_records.add_token(engine, args.name, secret=given, fields=fields)
+        pepper = SenderSettings().pepper()
+        if pepper is None and given is not None:
+            print(
+                "warning: no SENDER_TOKEN_PEPPER(_FILE): the secret is stored as a plain SHA-256, "
+                "which guesses can be tested against; a pepper is strongly recommended",
+                file=sys.stderr,
+            )
+        secret = await token_records.add_token(engine, args.name, secret=given, fields=fields, pepper=pepper)
         if given is None:  # a generated secret is shown now or never
             print(json.dumps({"name": args.name, "secret": secret}) if args.json else secret)
         elif args.json:

@@ -27,7 +27,7 @@ from sender.queue_stats import QueueStatsCache
 from sender.registry import ModelRegistry
 from sender.relay import Relay
 from sender.settings import SenderSettings
-from sender.tokens import TokenStore
+from sender.tokens import SecretHasher, TokenStore
 from sender.usage_rows import UsageRecorder
 
 log = logging.getLogger(__name__)
@@ -46,11 +46,19 @@ class Services:
         )
         self.registry = ModelRegistry(settings.max_priority)
         self.metrics = SenderMetrics(token_label=settings.metrics_token_label)
+        pepper = settings.pepper()
+        if pepper is None:
+            log.warning(
+                "no SENDER_TOKEN_PEPPER(_FILE): token hashes are plain SHA-256, safe only for long "
+                "random secrets; a pepper is strongly recommended"
+            )
         self.tokens = TokenStore(
             self.engine,
             ttl=settings.token_cache_seconds,
             negative_ttl=settings.unknown_token_cache_seconds,
             max_entries=settings.token_cache_size,
+            negative_entries=settings.unknown_token_cache_size,
+            hasher=SecretHasher(pepper, accept_legacy=settings.token_legacy_hashes),
             stale_ttl=settings.token_stale_seconds,
             timeout=settings.db_timeout_seconds,
             on_query=self.metrics.token_queries.inc,

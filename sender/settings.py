@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import AliasChoices, Field
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from contract import DEFAULT_MAX_PRIORITY, DEFAULT_RABBITMQ_URL
@@ -52,6 +54,16 @@ class SenderSettings(BaseSettings):
     """How long a token lookup is trusted; a revoked token works at most this long."""
     unknown_token_cache_seconds: float = 1.0
     token_cache_size: int = 10_000
+    """Known tokens cached (LRU)."""
+    unknown_token_cache_size: int = 10_000
+    """Unknown secrets remembered, apart from the known tokens: spraying random keys evicts none."""
+    token_pepper: SecretStr | None = None
+    """Server-side secret keying the token hashes (HMAC-SHA-256); strongly recommended. Without one,
+    hashes are plain SHA-256, enough only for long random secrets such as the admin CLI makes."""
+    token_pepper_file: Path | None = None
+    """A file holding the pepper instead (a mounted Kubernetes Secret); surrounding whitespace is ignored."""
+    token_legacy_hashes: bool = True
+    """With a pepper, still accept rows hashed with plain SHA-256 (made before it), and upgrade them."""
     token_stale_seconds: float = 3600.0
     """While the token database is unreachable, tokens looked up within this time keep working."""
     db_timeout_seconds: float = 2.0
@@ -80,3 +92,16 @@ class SenderSettings(BaseSettings):
     db_pool_size: int = 5
     metrics_token_label: bool = True
     """Label request metrics with the token name (names are operator-chosen; turn off for many tokens)."""
+
+    def pepper(self) -> bytes | None:
+        """The token pepper as bytes (UTF-8), from ``SENDER_TOKEN_PEPPER`` or the file; None if neither."""
+        if self.token_pepper is not None and self.token_pepper_file is not None:
+            raise ValueError("set SENDER_TOKEN_PEPPER or SENDER_TOKEN_PEPPER_FILE, not both")
+        if self.token_pepper_file is not None:
+            text = self.token_pepper_file.read_text().strip()
+            if not text:
+                raise ValueError(f"the pepper file {self.token_pepper_file} is empty")
+            return text.encode()
+        if self.token_pepper is not None and self.token_pepper.get_secret_value():
+            return self.token_pepper.get_secret_value().encode()
+        return None

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from sender.tables import tokens_table, usage_table
-from sender.tokens import format_models, hash_secret, new_secret, parse_models
+from sender.tokens import HASH_HMAC, HASH_SHA256, format_models, hash_secret, new_secret, parse_models
 
 UNSET: Any = object()
 """A field left as it is by :func:`set_token` (None clears an optional field)."""
@@ -87,15 +87,19 @@ async def add_token(
     *,
     secret: str | None = None,
     fields: TokenFields | None = None,
+    pepper: bytes | None = None,
 ) -> str:
     """Store a token and return its secret (generated unless given).
 
-    A token of the same name is replaced: new secret, fields as given, enabled.
+    A token of the same name is replaced: new secret, fields as given, enabled. The secret is
+    hashed with ``pepper`` (HMAC-SHA-256) if given, as the sender with the same pepper checks it;
+    else with plain SHA-256 (which a sender with a pepper still accepts, and upgrades).
     """
     secret = secret or new_secret()
     values = (fields or TokenFields()).columns()
     check_columns(values)
-    values["token_hash"] = hash_secret(secret)
+    values["token_hash"] = hash_secret(secret, pepper)
+    values["hash_kind"] = HASH_HMAC if pepper else HASH_SHA256
     async with engine.begin() as conn:
         existing = (
             await conn.execute(sa.select(tokens_table.c.id).where(tokens_table.c.name == name))
@@ -160,6 +164,7 @@ async def list_tokens(engine: AsyncEngine) -> list[dict[str, Any]]:
         t.tpm_limit,
         t.max_seconds,
         t.token_hash,
+        t.hash_kind,
     ).order_by(t.name)
     async with engine.connect() as conn:
         rows = (await conn.execute(statement)).mappings().all()
@@ -177,6 +182,7 @@ async def list_tokens(engine: AsyncEngine) -> list[dict[str, Any]]:
             "tpm": row["tpm_limit"],
             "max_seconds": row["max_seconds"],
             "hash_prefix": row["token_hash"][:8],
+            "hash_kind": row["hash_kind"],
         }
         for row in rows
     ]
