@@ -20,6 +20,7 @@ from starlette.types import ASGIApp
 
 from contract import errors
 from sender.admission import model_not_found
+from sender.auth_throttle import AuthThrottle, FailureTable, parse_networks
 from sender.errors import ApiError, error_response
 from sender.front import ForwardingFront
 from sender.openapi import AUTHENTICATED, add_security_scheme, forwarded
@@ -33,12 +34,22 @@ JSON = "application/json"
 
 def create_app(settings: SenderSettings | None = None) -> ASGIApp:
     settings = settings or SenderSettings()
+    failures = FailureTable(
+        limit=settings.auth_failure_limit,
+        window=settings.auth_failure_window_seconds,
+        block=settings.auth_block_seconds,
+        max_clients=settings.auth_failure_clients,
+    )
+    throttle: AuthThrottle | None = None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         services = Services(settings)
         await services.start()
         app.state.services = services
+        if throttle is not None:
+            throttle.known = services.tokens.known
+            throttle.on_refused = services.metrics.rejected.labels(errors.TOO_MANY_AUTH_FAILURES.reason).inc
         try:
             yield
         finally:
@@ -102,7 +113,10 @@ def create_app(settings: SenderSettings | None = None) -> ASGIApp:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
-    return ForwardingFront(app, settings.max_header_bytes)
+    throttle = AuthThrottle(
+        ForwardingFront(app, settings.max_header_bytes), failures, parse_networks(settings.trusted_proxies)
+    )
+    return throttle
 
 
 def _services(request: Request) -> Services:

@@ -64,6 +64,16 @@ class SenderSettings(BaseSettings):
     """A file holding the pepper instead (a mounted Kubernetes Secret); surrounding whitespace is ignored."""
     token_legacy_hashes: bool = True
     """With a pepper, still accept rows hashed with plain SHA-256 (made before it), and upgrade them."""
+    auth_failure_limit: int = 20
+    """401s from one client within ``auth_failure_window_seconds`` after which it gets 429
+    ``too_many_auth_failures`` for ``auth_block_seconds``; 0 turns this off."""
+    auth_failure_window_seconds: float = 60.0
+    auth_block_seconds: float = 60.0
+    auth_failure_clients: int = 10_000
+    """Clients whose failures are remembered (LRU): the table stays bounded."""
+    trusted_proxies: str = ""
+    """Comma-separated addresses or networks (CIDR) of proxies whose ``X-Forwarded-For`` names the
+    client; by default (none) the client is the connection's peer, whatever the headers say."""
     token_stale_seconds: float = 3600.0
     """While the token database is unreachable, tokens looked up within this time keep working."""
     db_timeout_seconds: float = 2.0

@@ -1,6 +1,6 @@
 """Token secrets at rest and at the door: peppered hashes made alike by the sender and the operators'
 SQL scripts on both databases, legacy rows upgraded, bad inputs refused by the scripts, random keys that
-cannot evict known tokens."""
+cannot evict known tokens, and clients that keep failing authentication refused for a while."""
 
 from __future__ import annotations
 
@@ -188,4 +188,57 @@ async def test_random_keys_do_not_evict_known_tokens(
         for _ in range(20):
             assert (await http.get("/v1/models", headers=auth(secret))).status_code == 200
     assert await token_queries(front) == after_spray  # ...but the known token was never evicted
+    await asyncio.to_thread(front.stop)
+
+
+async def test_repeated_401s_from_one_client_get_429_for_a_while(
+    processes: Processes, ready_model: str, engines: dict[str, AsyncEngine]
+) -> None:
+    secret = await create_token(engines["postgres"], unique("throttled-ip"), priority=5, threshold=1000)
+    front = await asyncio.to_thread(
+        processes.sender,
+        "postgres",
+        auth_failure_limit=5,
+        auth_block_seconds=2,
+        auth_failure_window_seconds=60,
+    )
+    async with httpx.AsyncClient(base_url=front.url) as http:
+        assert (await http.get("/v1/models", headers=auth(secret))).status_code == 200  # known, cached
+        statuses = [
+            (await http.get("/v1/models", headers=auth(f"sk-wrong-{i}"))).status_code for i in range(5)
+        ]
+        assert statuses == [401] * 5
+        refused = await http.post(
+            "/v1/completions",
+            json={"model": ready_model, "prompt": "x"},
+            headers={**auth("sk-wrong-again"), "X-Forwarded-For": "203.0.113.9"},  # not trusted: ignored
+        )
+        assert refused.status_code == 429, refused.text
+        assert refused.json()["error"]["code"] == "too_many_auth_failures"
+        assert 1 <= int(refused.headers["retry-after"]) <= 2
+        assert (await http.get("/v1/models")).status_code == 429  # no token at all: refused too
+        # A known token from the same address keeps working; health is never refused.
+        assert (await http.get("/v1/models", headers=auth(secret))).status_code == 200
+        assert (await http.get("/health/live")).status_code == 200
+        _, samples = await scrape(front)
+        assert total(samples, "dispatcher_rejected_requests_total", reason="auth_throttled") == 2
+        await asyncio.sleep(2.2)
+        assert (await http.get("/v1/models", headers=auth("sk-wrong-later"))).status_code == 401
+    await asyncio.to_thread(front.stop)
+
+
+async def test_behind_a_trusted_proxy_clients_are_told_apart_by_x_forwarded_for(
+    processes: Processes, ready_model: str
+) -> None:
+    front = await asyncio.to_thread(
+        processes.sender, "postgres", auth_failure_limit=3, auth_block_seconds=30, trusted_proxies="127.0.0.1"
+    )
+
+    def from_(client: str) -> dict[str, str]:
+        return {**auth("sk-wrong"), "X-Forwarded-For": f"198.51.100.1, {client}"}
+
+    async with httpx.AsyncClient(base_url=front.url) as http:
+        statuses = [(await http.get("/v1/models", headers=from_("192.0.2.1"))).status_code for _ in range(4)]
+        assert statuses == [401, 401, 401, 429]
+        assert (await http.get("/v1/models", headers=from_("192.0.2.2"))).status_code == 401
     await asyncio.to_thread(front.stop)
