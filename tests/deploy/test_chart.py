@@ -575,6 +575,20 @@ def test_sender_metrics_are_on_their_own_port_only_prometheus_reaches() -> None:
     assert all("ingress" not in json.dumps(source) for source in rules[("metrics",)])
 
 
+def test_the_token_pepper_reaches_the_senders_and_the_db_init_job() -> None:
+    pepper = {"tokenPepper": {"secretName": "dispatcher-pepper"}, **case_values("one-model-values")}
+    objects = render(pepper)
+    sender = container(named(objects, "Deployment", "-sender"), "sender")
+    assert env(sender)["SENDER_TOKEN_PEPPER"]["secretKeyRef"] == {
+        "name": "dispatcher-pepper",
+        "key": "pepper",
+    }
+    job = next(j for j in of_kind(objects, "Job") if j["metadata"]["name"].endswith("-db-init"))
+    steps = job["spec"]["template"]["spec"]["initContainers"][1:]
+    assert steps and all("SENDER_TOKEN_PEPPER" in env(step) for step in steps)
+    assert "SENDER_TOKEN_PEPPER" not in env(container(named(render({}), "Deployment", "-sender"), "sender"))
+
+
 def test_chart_files_are_links_to_the_sources() -> None:
     """chart/files holds symbolic links (Helm's loader and `helm package` follow them): no copy to drift."""
     for link in (CHART / "files").iterdir():
