@@ -60,6 +60,13 @@ def _kind(code: str, status: int, type: str, reason: str, message: str) -> Error
 INVALID_API_KEY = _kind("invalid_api_key", 401, INVALID_REQUEST, "auth", "invalid bearer token")
 TOKEN_DISABLED = _kind("token_disabled", 401, INVALID_REQUEST, "auth", "this bearer token has been revoked")
 TOKEN_EXPIRED = _kind("token_expired", 401, INVALID_REQUEST, "auth", "this bearer token has expired")
+TOO_MANY_AUTH_FAILURES = _kind(
+    "too_many_auth_failures",
+    429,
+    RATE_LIMIT,
+    "auth_throttled",
+    "too many requests with an invalid bearer token from this client; retry later",
+)
 AUTH_UNAVAILABLE = _kind(
     "auth_unavailable", 503, SERVER, "auth_unavailable", "the token database is unreachable"
 )

@@ -51,9 +51,16 @@ async def wait_running(backend: Service, timeout: float = 10) -> None:
     raise AssertionError("the blocker never started")
 
 
-async def scrape(url: str) -> tuple[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]]:
+def metrics_url(service: Service) -> str:
+    """Where ``service`` serves ``/metrics``: the sender on a port of its own, the others on ``url``."""
+    return (service.metrics_url or service.url) + "/metrics"
+
+
+async def scrape(service: Service) -> tuple[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]]:
     async with httpx.AsyncClient() as http:
-        text = (await http.get(url + "/metrics")).text
+        response = await http.get(metrics_url(service))
+    response.raise_for_status()
+    text = response.text
     samples = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:

@@ -78,6 +78,8 @@ class Processes:
         options.setdefault("max_body_bytes", 1024 * 1024)
         options.setdefault("queue_stats_seconds", 0.02)
         options.setdefault("token_cache_seconds", 1.0)
+        # Every test client is 127.0.0.1: one test's 401s must not get the next one refused.
+        options.setdefault("auth_failure_limit", 0)
         service = stack.start_sender(
             self.log_dir,
             database_url=database_url or DATABASE_URLS[database],

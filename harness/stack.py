@@ -39,6 +39,8 @@ class Service:
     log_path: Path
     url: str = ""
     env: dict[str, str] = field(default_factory=dict)
+    metrics_url: str = ""
+    """Where its Prometheus metrics are, if not at ``url``: the sender serves them on a port of its own."""
     group: bool = False
     """The process leads its own process group (it has children), which is signalled as a whole."""
 
@@ -195,9 +197,17 @@ def start_sender(
     **options: object,
 ) -> Service:
     port = port or free_port()
-    env = {"DATABASE_URL": database_url, "RABBITMQ_URL": rabbitmq_url, "SENDER_PORT": str(port)}
+    metrics_port = int(str(options.pop("metrics_port", 0))) or free_port()
+    env = {
+        "DATABASE_URL": database_url,
+        "RABBITMQ_URL": rabbitmq_url,
+        "SENDER_PORT": str(port),
+        "SENDER_METRICS_HOST": "127.0.0.1",
+        "SENDER_METRICS_PORT": str(metrics_port),
+    }
     env.update({f"SENDER_{key.upper()}": str(value) for key, value in options.items()})
     service = start(name, "sender", env, log_dir, url=f"http://127.0.0.1:{port}")
+    service.metrics_url = f"http://127.0.0.1:{metrics_port}"
     wait_http(service, "/health/ready")
     return service
 

@@ -17,9 +17,12 @@ from sender.database import async_database_url
 from sender.token_records import TokenFields, add_token
 
 
-async def create_token(engine: AsyncEngine, name: str, **fields: Any) -> str:
-    """Create (or replace) the token ``name`` with ``fields`` (those of ``TokenFields``); its secret."""
-    return await add_token(engine, name, fields=TokenFields(**fields))
+async def create_token(engine: AsyncEngine, name: str, *, pepper: str | None = None, **fields: Any) -> str:
+    """Create (or replace) the token ``name`` with ``fields`` (those of ``TokenFields``); its secret.
+    With ``pepper``, hashed as a sender with that ``SENDER_TOKEN_PEPPER`` checks it."""
+    return await add_token(
+        engine, name, fields=TokenFields(**fields), pepper=pepper.encode() if pepper else None
+    )
 
 
 async def create_tokens_at(database_url: str, names: list[str], **fields: Any) -> list[str]:

@@ -25,6 +25,8 @@ def main() -> None:
         log_config=None,  # keep the JSON logging configured above
         log_level=settings.log_level.lower(),
         access_log=False,
+        # The client is the connection's peer: X-Forwarded-For counts only behind SENDER_TRUSTED_PROXIES.
+        proxy_headers=False,
         timeout_graceful_shutdown=settings.shutdown_grace,
     )
 

@@ -32,17 +32,67 @@ _DURATION = re.compile(r"^(\d+)([smhd])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 
 
+WHEN_FORMATS = (
+    "a date (2027-01-01), a date and time in the database's local time (2027-01-01 12:00, "
+    "2027-01-01T12:00:00) or a duration (30d, 12h, 90m, 45s)"
+)
+
+
+def _integer(text: str, what: str) -> int:
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{what}, got {text!r}") from None
+
+
+def _priority(text: str) -> int:
+    """0 to the sender's scale (``SENDER_MAX_PRIORITY``): a larger one would be stored and served lower."""
+    top = _max_priority()
+    what = f"the priority must be an integer from 0 to {top} (SENDER_MAX_PRIORITY; higher is served first)"
+    value = _integer(text, what)
+    if not 0 <= value <= top:
+        raise argparse.ArgumentTypeError(f"{what}, got {text!r}")
+    return value
+
+
+def _max_priority() -> int:
+    try:
+        return SenderSettings().max_priority
+    except ValueError:
+        return DEFAULT_MAX_PRIORITY
+
+
+def _threshold(text: str) -> int:
+    """At least 1: a threshold of 0 or less refuses every request, whatever the queue."""
+    what = "the threshold must be an integer of at least 1 (the queue depth at which requests get 429)"
+    value = _integer(text, what)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{what}, got {text!r}")
+    return value
+
+
 def _optional_int(text: str) -> int | None:
-    return None if text.lower() == "none" else int(text)
+    """A positive whole number per minute, or none (no limit); 0 or less would refuse everything."""
+    if text.strip().lower() == "none":
+        return None
+    what = "the limit must be a positive integer per minute, or none for no limit"
+    value = _integer(text, what)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{what}, got {text!r}")
+    return value
 
 
 def _optional_seconds(text: str) -> float | None:
     """A positive number of seconds, or none; the database refuses the rest too, less clearly."""
-    if text.lower() == "none":
+    if text.strip().lower() == "none":
         return None
-    seconds = float(text)
+    what = "max-seconds must be a positive number of seconds, or none for the server's deadline"
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{what}, got {text!r}") from None
     if not seconds > 0 or seconds == float("inf"):
-        raise ValueError(text)
+        raise argparse.ArgumentTypeError(f"{what}, got {text!r}")
     return seconds
 
 
@@ -50,13 +100,25 @@ def _models(text: str) -> list[str] | None:
     return None if text.lower() == "none" else parse_models(text)
 
 
-def _when(text: str) -> str | None:
-    """Kept as text until the database's clock is known (durations count from its now)."""
-    if text.lower() == "none":
-        return None
+def _point(text: str) -> str:
+    """A date, date and time, or duration, checked now; kept as text until the database's clock is
+    known (durations count from its now)."""
     if not _DURATION.match(text):
-        dt.datetime.fromisoformat(text)  # raises ValueError, which argparse reports
+        try:
+            dt.datetime.fromisoformat(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {WHEN_FORMATS}, got {text!r}") from None
     return text
+
+
+def _when(text: str) -> str | None:
+    """As :func:`_point`, or none (never expires)."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return _point(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected {WHEN_FORMATS}, or none, got {text!r}") from None
 
 
 async def _resolve_when(engine: AsyncEngine, text: str | None, *, ago: bool = False) -> dt.datetime | None:
@@ -108,6 +170,9 @@ async def _run(args: argparse.Namespace) -> int:
     engine = create_async_engine(async_database_url(args.database_url or SenderSettings().database_url))
     try:
         return await _command(engine, args)
+    except token_records.InvalidTokenField as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     finally:
         await engine.dispose()
 
@@ -131,7 +196,14 @@ async def _command(engine: AsyncEngine, args: argparse.Namespace) -> int:
             max_seconds=args.max_seconds,
         )
         given = _read_secret(args.secret_file) if args.secret_file else None
-        secret = await token_records.add_token(engine, args.name, secret=given, fields=fields)
+        pepper = SenderSettings().pepper()
+        if pepper is None and given is not None:
+            print(
+                "warning: no SENDER_TOKEN_PEPPER(_FILE): the secret is stored as a plain SHA-256, "
+                "which guesses can be tested against; a pepper is strongly recommended",
+                file=sys.stderr,
+            )
+        secret = await token_records.add_token(engine, args.name, secret=given, fields=fields, pepper=pepper)
         if given is None:  # a generated secret is shown now or never
             print(json.dumps({"name": args.name, "secret": secret}) if args.json else secret)
         elif args.json:
@@ -194,18 +266,20 @@ def parser() -> argparse.ArgumentParser:
     add.add_argument("--name", required=True)
     add.add_argument(
         "--priority",
-        type=int,
+        type=_priority,
         default=0,
-        help=f"higher is served first, 0-{DEFAULT_MAX_PRIORITY} (default 0)",
+        help=f"higher is served first, 0-{DEFAULT_MAX_PRIORITY} (SENDER_MAX_PRIORITY; default 0)",
     )
-    add.add_argument("--threshold", type=int, default=100, help="queue depth at which requests get 429")
+    add.add_argument(
+        "--threshold", type=_threshold, default=100, help="queue depth at which requests get 429 (>= 1)"
+    )
     add.add_argument("--owner", help="person or team, for reports")
     add.add_argument(
-        "--expires", type=_when, help="ISO date/time (database local time) or a duration: 30d, 12h"
+        "--expires", type=_when, help="date, date and time (database local time) or a duration: 30d, 12h"
     )
     add.add_argument("--models", type=_models, help="comma-separated models it may use (default: all)")
-    add.add_argument("--rpm", type=_optional_int, help="requests per minute (default: no limit)")
-    add.add_argument("--tpm", type=_optional_int, help="tokens per minute (default: no limit)")
+    add.add_argument("--rpm", type=_optional_int, help="requests per minute, > 0 (default: no limit)")
+    add.add_argument("--tpm", type=_optional_int, help="tokens per minute, > 0 (default: no limit)")
     add.add_argument(
         "--max-seconds",
         type=_optional_seconds,
@@ -221,8 +295,8 @@ def parser() -> argparse.ArgumentParser:
         "'none' clears --expires, --models, --rpm, --tpm, --max-seconds.",
     )
     change.add_argument("--name", required=True)
-    change.add_argument("--priority", type=int, default=UNSET)
-    change.add_argument("--threshold", type=int, default=UNSET)
+    change.add_argument("--priority", type=_priority, default=UNSET, help="0 to SENDER_MAX_PRIORITY")
+    change.add_argument("--threshold", type=_threshold, default=UNSET, help="at least 1")
     change.add_argument("--owner", default=UNSET)
     change.add_argument("--expires", type=_when, default=UNSET, help="date/time, duration (30d) or none")
     change.add_argument("--models", type=_models, default=UNSET, help="comma-separated, or none for all")
@@ -247,9 +321,9 @@ def parser() -> argparse.ArgumentParser:
 
     usage = commands.add_parser("usage", help="requests and tokens per token and model over a time range")
     usage.add_argument(
-        "--since", help="date/time (database local time) or a duration ago: 2h, 7d (default 1d)"
+        "--since", type=_point, help="date/time (database local time) or a duration ago: 2h, 7d (default 1d)"
     )
-    usage.add_argument("--until", help="date/time or a duration ago (default: now)")
+    usage.add_argument("--until", type=_point, help="date/time or a duration ago (default: now)")
     usage.add_argument("--name", help="one token only")
     usage.add_argument("--json", action="store_true")
     return root

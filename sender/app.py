@@ -14,7 +14,6 @@ from typing import Any
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp
@@ -22,6 +21,7 @@ from starlette.types import ASGIApp
 from contract import errors
 from contract.errors import clip
 from sender.admission import model_not_found
+from sender.auth_throttle import AuthThrottle, FailureTable, parse_networks
 from sender.errors import ApiError, error_response
 from sender.front import ForwardingFront
 from sender.openapi import AUTHENTICATED, add_security_scheme, forwarded
@@ -35,12 +35,22 @@ JSON = "application/json"
 
 def create_app(settings: SenderSettings | None = None) -> ASGIApp:
     settings = settings or SenderSettings()
+    failures = FailureTable(
+        limit=settings.auth_failure_limit,
+        window=settings.auth_failure_window_seconds,
+        block=settings.auth_block_seconds,
+        max_clients=settings.auth_failure_clients,
+    )
+    throttle: AuthThrottle | None = None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         services = Services(settings)
         await services.start()
         app.state.services = services
+        if throttle is not None:
+            throttle.known = services.tokens.known
+            throttle.on_refused = services.metrics.rejected.labels(errors.TOO_MANY_AUTH_FAILURES.reason).inc
         try:
             yield
         finally:
@@ -68,12 +78,6 @@ def create_app(settings: SenderSettings | None = None) -> ASGIApp:
         ok = broker_ok and (db_ok or services.tokens.warm)
         body = orjson.dumps({"status": "ok" if ok else "unavailable", "broker": broker_ok, "database": db_ok})
         return Response(body, status_code=200 if ok else 503, media_type=JSON)
-
-    @app.get("/metrics")
-    async def metrics(request: Request) -> Response:
-        """Prometheus metrics (no token: keep this path off the public ingress)."""
-        registry = _services(request).metrics.registry
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models", openapi_extra=AUTHENTICATED)
     async def list_models(request: Request) -> Response:
@@ -108,7 +112,12 @@ def create_app(settings: SenderSettings | None = None) -> ASGIApp:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
-    return ForwardingFront(app, settings.max_header_bytes, routes)
+    throttle = AuthThrottle(
+        ForwardingFront(app, settings.max_header_bytes, routes),
+        failures,
+        parse_networks(settings.trusted_proxies),
+    )
+    return throttle
 
 
 def _services(request: Request) -> Services:

@@ -21,12 +21,13 @@ from sender.calls import Calls
 from sender.database import async_database_url
 from sender.limits import RateLimiter
 from sender.metrics import SenderMetrics
+from sender.metrics_server import MetricsServer
 from sender.migrate import kind_of, schema_scripts, schema_version
 from sender.queue_stats import QueueStatsCache
 from sender.registry import ModelRegistry
 from sender.relay import Relay
 from sender.settings import SenderSettings
-from sender.tokens import TokenStore
+from sender.tokens import SecretHasher, TokenStore
 from sender.usage_rows import UsageRecorder
 
 log = logging.getLogger(__name__)
@@ -45,11 +46,19 @@ class Services:
         )
         self.registry = ModelRegistry(settings.max_priority)
         self.metrics = SenderMetrics(token_label=settings.metrics_token_label)
+        pepper = settings.pepper()
+        if pepper is None:
+            log.warning(
+                "no SENDER_TOKEN_PEPPER(_FILE): token hashes are plain SHA-256, safe only for long "
+                "random secrets; a pepper is strongly recommended"
+            )
         self.tokens = TokenStore(
             self.engine,
             ttl=settings.token_cache_seconds,
             negative_ttl=settings.unknown_token_cache_seconds,
             max_entries=settings.token_cache_size,
+            negative_entries=settings.unknown_token_cache_size,
+            hasher=SecretHasher(pepper, accept_legacy=settings.token_legacy_hashes),
             stale_ttl=settings.token_stale_seconds,
             timeout=settings.db_timeout_seconds,
             on_query=self.metrics.token_queries.inc,
@@ -86,8 +95,15 @@ class Services:
         self.metrics.broker_connected.set_function(lambda: 1.0 if self.broker.connected else 0.0)
         self._db_checked_at = 0.0
         self._db_ok = False
+        self.metrics_server: MetricsServer | None = None
 
     async def start(self) -> None:
+        if self.settings.metrics_port:
+            # First: a port already taken stops the start here, before anything else is opened.
+            self.metrics_server = MetricsServer(
+                self.metrics.registry, self.settings.metrics_host, self.settings.metrics_port
+            )
+            log.info("metrics at http://%s:%d/metrics", self.settings.metrics_host, self.metrics_server.port)
         await self.broker.connect(
             on_reply=self.calls.on_reply,
             on_announcement=self.registry.receive,
@@ -110,6 +126,8 @@ class Services:
         await self.limiter.close()
         await self.tokens.close()
         await self.engine.dispose()
+        if self.metrics_server is not None:
+            await asyncio.to_thread(self.metrics_server.close)
 
     async def database_reachable(self) -> bool:
         if time.monotonic() - self._db_checked_at < 1.0:

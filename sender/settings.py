@@ -5,7 +5,7 @@ from __future__ import annotations
 import ssl
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from contract import DEFAULT_MAX_PRIORITY, DEFAULT_RABBITMQ_URL, routes
@@ -33,6 +33,10 @@ class SenderSettings(BaseSettings):
     )
     host: str = "127.0.0.1"
     port: int = 8080
+    metrics_host: str = "127.0.0.1"
+    """Where ``GET /metrics`` is served: a port of its own, never the API's (0.0.0.0 in a pod)."""
+    metrics_port: int = 9100
+    """The metrics port; 0 turns it off. Metrics carry token names: keep it off the ingress."""
     log_level: str = "info"
 
     max_body_bytes: int = 16 * 1024 * 1024
@@ -57,6 +61,26 @@ class SenderSettings(BaseSettings):
     """How long a token lookup is trusted; a revoked token works at most this long."""
     unknown_token_cache_seconds: float = 1.0
     token_cache_size: int = 10_000
+    """Known tokens cached (LRU)."""
+    unknown_token_cache_size: int = 10_000
+    """Unknown secrets remembered, apart from the known tokens: spraying random keys evicts none."""
+    token_pepper: SecretStr | None = None
+    """Server-side secret keying the token hashes (HMAC-SHA-256); strongly recommended. Without one,
+    hashes are plain SHA-256, enough only for long random secrets such as the admin CLI makes."""
+    token_pepper_file: Path | None = None
+    """A file holding the pepper instead (a mounted Kubernetes Secret); surrounding whitespace is ignored."""
+    token_legacy_hashes: bool = True
+    """With a pepper, still accept rows hashed with plain SHA-256 (made before it), and upgrade them."""
+    auth_failure_limit: int = 20
+    """401s from one client within ``auth_failure_window_seconds`` after which it gets 429
+    ``too_many_auth_failures`` for ``auth_block_seconds``; 0 turns this off."""
+    auth_failure_window_seconds: float = 60.0
+    auth_block_seconds: float = 60.0
+    auth_failure_clients: int = 10_000
+    """Clients whose failures are remembered (LRU): the table stays bounded."""
+    trusted_proxies: str = ""
+    """Comma-separated addresses or networks (CIDR) of proxies whose ``X-Forwarded-For`` names the
+    client; by default (none) the client is the connection's peer, whatever the headers say."""
     token_stale_seconds: float = 3600.0
     """While the token database is unreachable, tokens looked up within this time keep working."""
     db_timeout_seconds: float = 2.0
@@ -108,3 +132,16 @@ class SenderSettings(BaseSettings):
             cert_file=self.rabbitmq_cert_file,
             key_file=self.rabbitmq_key_file,
         )
+
+    def pepper(self) -> bytes | None:
+        """The token pepper as bytes (UTF-8), from ``SENDER_TOKEN_PEPPER`` or the file; None if neither."""
+        if self.token_pepper is not None and self.token_pepper_file is not None:
+            raise ValueError("set SENDER_TOKEN_PEPPER or SENDER_TOKEN_PEPPER_FILE, not both")
+        if self.token_pepper_file is not None:
+            text = self.token_pepper_file.read_text().strip()
+            if not text:
+                raise ValueError(f"the pepper file {self.token_pepper_file} is empty")
+            return text.encode()
+        if self.token_pepper is not None and self.token_pepper.get_secret_value():
+            return self.token_pepper.get_secret_value().encode()
+        return None

@@ -36,6 +36,12 @@ tokens_table = sa.Table(
     sa.Column("rpm_limit", sa.Integer, nullable=True),
     sa.Column("tpm_limit", sa.Integer, nullable=True),
     sa.Column("max_seconds", sa.Double, sa.CheckConstraint("max_seconds > 0"), nullable=True),
+    sa.Column("hash_kind", sa.String(16), nullable=False, server_default="sha256"),
+    sa.CheckConstraint("priority BETWEEN 0 AND 255", name="tokens_priority_range"),
+    sa.CheckConstraint("threshold >= 1", name="tokens_threshold_positive"),
+    sa.CheckConstraint("rpm_limit >= 1", name="tokens_rpm_positive"),
+    sa.CheckConstraint("tpm_limit >= 1", name="tokens_tpm_positive"),
+    sa.CheckConstraint("hash_kind IN ('sha256', 'hmac-sha256')", name="tokens_hash_kind"),
 )
 
 usage_table = sa.Table(

@@ -14,10 +14,41 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from sender.tables import tokens_table, usage_table
-from sender.tokens import format_models, hash_secret, new_secret, parse_models
+from sender.tokens import HASH_HMAC, HASH_SHA256, format_models, hash_secret, new_secret, parse_models
 
 UNSET: Any = object()
 """A field left as it is by :func:`set_token` (None clears an optional field)."""
+
+STORED_PRIORITY_MAX = 255
+"""The highest priority a row may hold (RabbitMQ's largest ``x-max-priority``; the database's CHECK
+says the same). The admin CLI holds tokens to the sender's own scale, ``SENDER_MAX_PRIORITY``."""
+
+
+class InvalidTokenField(ValueError):
+    """A token field outside what the sender can honour; the message says what is accepted."""
+
+
+def check_columns(values: dict[str, Any]) -> None:
+    """Refuse values the sender could not honour (a priority off the scale, a threshold that refuses
+    every request, a limit of zero or less), before the database's own CHECK refuses them less clearly."""
+    priority = values.get("priority")
+    if priority is not None and not (isinstance(priority, int) and 0 <= priority <= STORED_PRIORITY_MAX):
+        raise InvalidTokenField(
+            f"priority must be an integer from 0 to {STORED_PRIORITY_MAX}, got {priority!r}"
+        )
+    threshold = values.get("threshold")
+    if threshold is not None and not (isinstance(threshold, int) and threshold >= 1):
+        raise InvalidTokenField(f"threshold must be an integer of at least 1, got {threshold!r}")
+    for column in ("rpm_limit", "tpm_limit"):
+        limit = values.get(column)
+        if limit is not None and not (isinstance(limit, int) and limit >= 1):
+            name = column.removesuffix("_limit")
+            raise InvalidTokenField(f"{name} must be a positive integer (or none: no limit), got {limit!r}")
+    seconds = values.get("max_seconds")
+    if seconds is not None and not (0 < seconds < float("inf")):
+        raise InvalidTokenField(
+            f"max_seconds must be a positive number of seconds (or none), got {seconds!r}"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,14 +87,19 @@ async def add_token(
     *,
     secret: str | None = None,
     fields: TokenFields | None = None,
+    pepper: bytes | None = None,
 ) -> str:
     """Store a token and return its secret (generated unless given).
 
-    A token of the same name is replaced: new secret, fields as given, enabled.
+    A token of the same name is replaced: new secret, fields as given, enabled. The secret is
+    hashed with ``pepper`` (HMAC-SHA-256) if given, as the sender with the same pepper checks it;
+    else with plain SHA-256 (which a sender with a pepper still accepts, and upgrades).
     """
     secret = secret or new_secret()
     values = (fields or TokenFields()).columns()
-    values["token_hash"] = hash_secret(secret)
+    check_columns(values)
+    values["token_hash"] = hash_secret(secret, pepper)
+    values["hash_kind"] = HASH_HMAC if pepper else HASH_SHA256
     async with engine.begin() as conn:
         existing = (
             await conn.execute(sa.select(tokens_table.c.id).where(tokens_table.c.name == name))
@@ -90,6 +126,7 @@ async def set_token(engine: AsyncEngine, name: str, **changes: Any) -> bool:
             values[key] = value
         else:
             raise ValueError(f"unknown token field {key}")
+    check_columns(values)
     async with engine.begin() as conn:
         found = (await conn.execute(sa.select(tokens_table.c.id).where(tokens_table.c.name == name))).scalar()
         if found is None:
@@ -127,6 +164,7 @@ async def list_tokens(engine: AsyncEngine) -> list[dict[str, Any]]:
         t.tpm_limit,
         t.max_seconds,
         t.token_hash,
+        t.hash_kind,
     ).order_by(t.name)
     async with engine.connect() as conn:
         rows = (await conn.execute(statement)).mappings().all()
@@ -144,6 +182,7 @@ async def list_tokens(engine: AsyncEngine) -> list[dict[str, Any]]:
             "tpm": row["tpm_limit"],
             "max_seconds": row["max_seconds"],
             "hash_prefix": row["token_hash"][:8],
+            "hash_kind": row["hash_kind"],
         }
         for row in rows
     ]

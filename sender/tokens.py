@@ -1,9 +1,20 @@
 """Bearer tokens: how secrets are hashed, and the cached lookup.
 
-Secrets are random strings that clients present as ``Authorization: Bearer``.
-Only their SHA-256 (hex) is stored: tokens are high-entropy, so a slow password
-hash would buy nothing, and SHA-256 can be computed by the stock SQL clients of
-both databases (``SHA2(x, 256)`` in MySQL, ``sha256()`` in PostgreSQL).
+Secrets are strings that clients present as ``Authorization: Bearer``; only a
+hash is stored. With a pepper (``SENDER_TOKEN_PEPPER`` or
+``SENDER_TOKEN_PEPPER_FILE``, a server-side secret kept out of the database)
+the hash is HMAC-SHA-256 keyed with it (``hash_kind`` ``hmac-sha256``): a
+copy of the token table alone then lets nobody test guesses, which matters
+for secrets operators chose themselves. Without one it is plain SHA-256
+(``sha256``), which is enough only for the CLI's 256-bit random secrets. Both
+can be computed by the stock SQL clients (``db-init/*/add_token.sql`` builds
+the HMAC from ``sha256()`` / ``SHA2()``), and a fast hash is right for
+high-entropy secrets checked on every request.
+
+Rows hashed before a pepper was configured keep working: a lookup asks for the
+peppered hash and the plain one together, and a row found by its plain hash
+is rewritten with the peppered one (``SENDER_TOKEN_LEGACY_HASHES=false`` stops
+accepting plain hashes once none are left).
 """
 
 from __future__ import annotations
@@ -11,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import hmac
 import logging
 import secrets
 import time
@@ -26,8 +38,38 @@ from sender.tables import tokens_table
 log = logging.getLogger(__name__)
 
 
-def hash_secret(secret: str) -> str:
+HASH_SHA256 = "sha256"
+"""``hash_kind`` of a plain SHA-256 (hex) of the secret: no pepper."""
+HASH_HMAC = "hmac-sha256"
+"""``hash_kind`` of HMAC-SHA-256 (hex) of the secret, keyed with the pepper."""
+
+
+def hash_secret(secret: str, pepper: bytes | None = None) -> str:
+    """The stored form of ``secret``: HMAC-SHA-256 keyed with ``pepper`` (hex), or without one,
+    the plain SHA-256 (hex)."""
+    if pepper:
+        return hmac.new(pepper, secret.encode(), hashlib.sha256).hexdigest()
     return hashlib.sha256(secret.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class SecretHasher:
+    """How this sender hashes secrets: with the pepper if there is one; and whether rows hashed
+    before it was configured (plain SHA-256) are still accepted, and upgraded when they are."""
+
+    pepper: bytes | None = None
+    accept_legacy: bool = True
+
+    @property
+    def kind(self) -> str:
+        return HASH_HMAC if self.pepper else HASH_SHA256
+
+    def hash(self, secret: str) -> str:
+        return hash_secret(secret, self.pepper)
+
+    def legacy(self, secret: str) -> str | None:
+        """The plain hash a row made before the pepper may hold; None if there is nothing to try."""
+        return hash_secret(secret) if self.pepper and self.accept_legacy else None
 
 
 def new_secret() -> str:
@@ -94,8 +136,10 @@ class TokenStore:
     shortly before their entry expires (up to 500 in one query), so requests
     of known tokens do not wait for the database, a token is re-read about
     once per TTL, and a change reaches the cache within the TTL. Unknown
-    tokens are cached too (shorter), so a client hammering with a bad key does
-    not reach the database on every request; the cache is bounded (LRU).
+    secrets are remembered too (shorter), so a client hammering with a bad key
+    does not reach the database on every request, in a cache of their own
+    (``negative_entries``, LRU): spraying random keys can neither evict a
+    known token nor grow memory. Both caches are bounded.
     When the database cannot be reached, a token seen within ``stale_ttl``
     keeps working from its cached entry (asked for again at most every
     second), so a short outage does not stop traffic; an unknown one raises
@@ -116,6 +160,8 @@ class TokenStore:
         stale_ttl: float = 3600.0,
         timeout: float = 2.0,
         on_query: Callable[[], None] = lambda: None,
+        hasher: SecretHasher | None = None,
+        negative_entries: int | None = None,
     ) -> None:
         self._engine = engine
         self._ttl = ttl
@@ -125,8 +171,15 @@ class TokenStore:
         self._timeout = timeout
         self._retry = min(ttl, 1.0)
         self._on_query = on_query
-        self._cache: OrderedDict[str, tuple[float, float, Token | None]] = OrderedDict()
-        """hash -> (fresh until, usable until during an outage, token or None if unknown)"""
+        self._hasher = hasher or SecretHasher()
+        self._negative_entries = max_entries if negative_entries is None else negative_entries
+        self._cache: OrderedDict[str, tuple[float, float, Token]] = OrderedDict()
+        """Known tokens: hash -> (fresh until, usable until during an outage, token)."""
+        self._unknown: OrderedDict[str, float] = OrderedDict()
+        """Secrets the database does not know: hash -> until when they are believed unknown."""
+        self._legacy: dict[str, str] = {}
+        """Hash -> plain SHA-256 of the same secret, while a row may hold the latter: for misses being
+        asked for, and for known tokens whose row could not be upgraded."""
         self._waiting: dict[str, asyncio.Future[Token | None]] = {}
         """Misses not yet answered: hash -> what their lookups await."""
         self._queued: list[str] = []
@@ -150,21 +203,30 @@ class TokenStore:
     @property
     def warm(self) -> bool:
         """Whether some token is cached, so that traffic can go on while the database is away."""
-        return any(entry[2] is not None for entry in reversed(self._cache.values()))
+        return bool(self._cache)
+
+    def known(self, secret: str) -> bool:
+        """Whether ``secret`` is a known token in the cache (fresh or not); never asks the database."""
+        return self._hasher.hash(secret) in self._cache
 
     async def lookup(self, secret: str) -> Token | None:
         """The token whose secret this is, None if there is none; :class:`TokenUnavailable` if the
         database cannot say and nothing usable is cached."""
-        key = hash_secret(secret)
+        key = self._hasher.hash(secret)
         entry = self._cache.get(key)
         now = time.monotonic()
         if entry is not None and entry[0] > now:
-            if entry[2] is not None:
-                self._used[key] = now
+            self._used[key] = now
             return entry[2]
+        unknown_until = self._unknown.get(key)
+        if unknown_until is not None and unknown_until > now:
+            return None
         future = self._waiting.get(key)
         if future is None:
             future = self._waiting[key] = asyncio.get_running_loop().create_future()
+            legacy = self._hasher.legacy(secret)
+            if legacy is not None:
+                self._legacy[key] = legacy
             self._queued.append(key)
             if self._worker is None:
                 self._worker = asyncio.create_task(self._answer_misses())
@@ -213,21 +275,32 @@ class TokenStore:
         now = time.monotonic()
         for key in keys:
             token = found.get(key)
-            ttl = self._ttl if token is not None else self._negative_ttl
-            self._cache[key] = (now + ttl, now + self._stale_ttl, token)
-            self._cache.move_to_end(key)
-            if token is not None and key in self._waiting:
-                self._used[key] = now  # asked for by a request, not only refreshed
+            if token is None:
+                self._cache.pop(key, None)
+                self._legacy.pop(key, None)
+                self._unknown[key] = now + self._negative_ttl
+                self._unknown.move_to_end(key)
+            else:
+                self._unknown.pop(key, None)
+                self._cache[key] = (now + self._ttl, now + self._stale_ttl, token)
+                self._cache.move_to_end(key)
+                if key in self._waiting:
+                    self._used[key] = now  # asked for by a request, not only refreshed
             self._settle(key, token)
         while len(self._cache) > self._max_entries:
-            self._cache.popitem(last=False)
+            evicted, _ = self._cache.popitem(last=False)
+            self._legacy.pop(evicted, None)
+        while len(self._unknown) > self._negative_entries:
+            self._unknown.popitem(last=False)
 
     def _unreachable(self, keys: list[str], exc: Exception) -> None:
         now = time.monotonic()
         served = 0
         for key in keys:
             entry = self._cache.get(key)
-            if entry is None or entry[2] is None or entry[1] <= now:
+            if entry is None or entry[1] <= now:
+                if entry is None:
+                    self._legacy.pop(key, None)
                 self._settle(key, TokenUnavailable(type(exc).__name__))
                 continue
             self._cache[key] = (now + self._retry, entry[1], entry[2])
@@ -254,6 +327,9 @@ class TokenStore:
             future.set_result(outcome)
 
     async def _query(self, keys: list[str]) -> dict[str, Token]:
+        """The tokens of these hashes (by the hash asked for); rows found by the plain hash of a
+        secret whose peppered hash was asked for are upgraded to the peppered one."""
+        legacy = {self._legacy[key]: key for key in keys if key in self._legacy}
         t = tokens_table.c
         statement = sa.select(
             t.id,
@@ -268,18 +344,24 @@ class TokenStore:
             t.tpm_limit,
             t.max_seconds,
             sa.func.localtimestamp().label("db_now"),
-        ).where(t.token_hash.in_(keys))
+        ).where(t.token_hash.in_([*keys, *legacy]))
         self._on_query()
         async with self._engine.connect() as conn:
             rows = (await conn.execute(statement)).all()
-        found = {}
-        for row in rows:
+        found: dict[str, Token] = {}
+        upgrades: list[tuple[int, str, str]] = []
+        for row in sorted(rows, key=lambda row: row.token_hash in legacy):  # a peppered row first
+            key = legacy.get(row.token_hash, row.token_hash)
+            if key in found:
+                continue
+            if row.token_hash in legacy:
+                upgrades.append((row.id, row.token_hash, key))
             models = parse_models(row.allowed_models)
             expires = None
             if row.expires_at is not None:
                 # Both times come from the database's clock and zone, so their difference is exact.
                 expires = time.monotonic() + (row.expires_at - row.db_now).total_seconds()
-            found[row.token_hash] = Token(
+            found[key] = Token(
                 id=row.id,
                 name=row.name,
                 priority=row.priority,
@@ -291,4 +373,30 @@ class TokenStore:
                 tpm=row.tpm_limit,
                 max_seconds=row.max_seconds,
             )
+        for key in keys:
+            if key in found and not any(upgrade[2] == key for upgrade in upgrades):
+                self._legacy.pop(key, None)  # its row holds the peppered hash: nothing left to upgrade
+        if upgrades:
+            await self._upgrade(upgrades)
         return found
+
+    async def _upgrade(self, upgrades: list[tuple[int, str, str]]) -> None:
+        """Rewrite rows found by their plain hash with the peppered one. A failure is no harm: the
+        row keeps working by its plain hash (remembered for refreshes) and is upgraded next time."""
+        t = tokens_table.c
+        try:
+            async with self._engine.begin() as conn:
+                for token_id, old, new in upgrades:
+                    await conn.execute(
+                        sa.update(tokens_table)
+                        .where(t.id == token_id, t.token_hash == old)
+                        .values(token_hash=new, hash_kind=self._hasher.kind)
+                    )
+        except Exception as exc:
+            log.warning(
+                "could not upgrade %d token hashes to the pepper: %s", len(upgrades), type(exc).__name__
+            )
+            return
+        for _, _, key in upgrades:
+            self._legacy.pop(key, None)
+        log.info("upgraded %d token hashes to the pepper (HMAC-SHA-256)", len(upgrades))

@@ -330,9 +330,9 @@ class Bench:
             single_runs.append(await chat_load(baseline.url, one_token))
             # Steady state, as for the single cached token: every token looked up once already.
             await warm_tokens(sender.url, secrets_)
-            before = await token_queries(sender.url)
+            before = await token_queries(sender.metrics_url)
             many_runs.append(await chat_load(sender.url, many))
-            queries.append(await token_queries(sender.url) - before)
+            queries.append(await token_queries(sender.metrics_url) - before)
         single_rps = sum(r.throughput for r in single_runs) / len(single_runs)
         many_rps = sum(r.throughput for r in many_runs) / len(many_runs)
         run_seconds = args.seconds + args.warmup

@@ -31,6 +31,7 @@ def main() -> None:
     consumer_rabbitmq_url = os.environ.get("RABBITMQ_CONSUMER_URL", rabbitmq_url)
     database_url = os.environ.get("DATABASE_URL", stack.DEFAULT_POSTGRES_URL)
     port = int(os.environ.get("SENDER_PORT", "8080"))
+    metrics_port = int(os.environ.get("SENDER_METRICS_PORT", "9100"))
     log_dir = stack.ROOT / ".run"
     services: list[stack.Service] = []
     stopping = False
@@ -60,10 +61,16 @@ def main() -> None:
         )
         services.append(consumer)
         stack.migrate(database_url)
-        sender = stack.start_sender(log_dir, database_url=database_url, rabbitmq_url=rabbitmq_url, port=port)
+        sender = stack.start_sender(
+            log_dir,
+            database_url=database_url,
+            rabbitmq_url=rabbitmq_url,
+            port=port,
+            metrics_port=metrics_port,
+        )
         services.append(sender)
         secret = asyncio.run(create_token_at(database_url, "demo", priority=5, threshold=1000))
-        _print_banner(sender.url, secret, model, backend_url, log_dir, consumer.url)
+        _print_banner(sender, secret, model, backend_url, log_dir, consumer.url)
         while not stopping:
             dead = [s for s in services if not s.alive()]
             if dead:
@@ -96,12 +103,14 @@ def _start_vllm_cpu(log_dir: Path) -> tuple[str, stack.Service]:
 
 
 def _print_banner(
-    url: str, secret: str, model: str, backend_url: str, log_dir: Path, consumer_url: str
+    sender: stack.Service, secret: str, model: str, backend_url: str, log_dir: Path, consumer_url: str
 ) -> None:
+    url = sender.url
     print(
         f"""
 The dispatcher is up: model "{model}" served by {backend_url}, logs in {log_dir}/.
-Prometheus metrics: {url}/metrics (sender) and {consumer_url}/metrics (consumer).
+Prometheus metrics: {sender.metrics_url}/metrics (sender, its own port: SENDER_METRICS_PORT)
+and {consumer_url}/metrics (consumer); never on the API port {url}.
 Paste these two lines into a shell to point any OpenAI client at it:
 
 export OPENAI_BASE_URL={url}/v1

@@ -159,6 +159,17 @@ app.kubernetes.io/component: {{ index . 1 }}
       key: {{ if .Values.database.internal }}url{{ else }}{{ .Values.database.urlSecretKey }}{{ end }}
 {{- end }}
 
+{{/* The token pepper, when a Secret holds one: the senders and the db-init Job hash alike. */}}
+{{- define "dispatcher.tokenPepperEnv" -}}
+{{- with .Values.tokenPepper.secretName }}
+- name: SENDER_TOKEN_PEPPER
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $.Values.tokenPepper.secretKey }}
+{{- end }}
+{{- end }}
+
 {{/* A copy of the map (index 0) with the keys of the map (index 1) set over it. Unlike merge, a zero
      or false override is kept. Returns YAML: use with fromYaml. */}}
 {{- define "dispatcher.overlay" -}}

@@ -10,6 +10,7 @@ import httpx
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from harness.observe import metrics_url
 from harness.stack import Service
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,7 +24,7 @@ async def exported_names(*services: Service) -> set[str]:
     names: set[str] = set()
     async with httpx.AsyncClient() as http:
         for service in services:
-            text = (await http.get(service.url + "/metrics")).text
+            text = (await http.get(metrics_url(service))).text
             for family in text_string_to_metric_families(text):
                 names.update(family.name + suffix for suffix in SUFFIXES.get(family.type, ("",)))
     return names

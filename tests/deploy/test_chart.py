@@ -694,7 +694,7 @@ def test_monitoring_resources() -> None:
     models = monitors["rel-llm-dispatcher-models"]
     service = named(objects, "Service", "-models-metrics")
     assert models["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
-    sender = named(objects, "Service", "-sender")
+    sender = named(objects, "Service", "-sender-metrics")
     assert (
         monitors["rel-llm-dispatcher-sender"]["spec"]["selector"]["matchLabels"].items()
         <= sender["metadata"]["labels"].items()
@@ -714,6 +714,52 @@ def test_monitoring_resources() -> None:
         dashboard["data"]["llm-dispatcher.json"]
         == (ROOT / "observability" / "grafana-dashboard.json").read_text()
     )
+
+
+def test_sender_metrics_are_on_their_own_port_only_prometheus_reaches() -> None:
+    """The metrics name tokens: never on the API port, the Service the ingress uses or the ingress."""
+    objects = render_case("three-models-keda-values")
+    deployment = named(objects, "Deployment", "-sender")
+    sender = container(deployment, "sender")
+    variables = env(sender)
+    ports = {p["name"]: p["containerPort"] for p in sender["ports"]}
+    assert ports == {"http": 8080, "metrics": 9100}
+    assert variables["SENDER_METRICS_PORT"] == "9100" and variables["SENDER_METRICS_HOST"] == "0.0.0.0"
+    # The API Service (the ingress's backend) has the API port only; a headless one the metrics port.
+    api = named(objects, "Service", "-sender")
+    assert [p["targetPort"] for p in api["spec"]["ports"]] == ["http"]
+    metrics_service = named(objects, "Service", "-sender-metrics")
+    assert metrics_service["spec"]["clusterIP"] == "None"
+    assert [p["targetPort"] for p in metrics_service["spec"]["ports"]] == ["metrics"]
+    monitor = next(m for m in of_kind(objects, "ServiceMonitor") if m["metadata"]["name"].endswith("-sender"))
+    assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= metrics_service["metadata"]["labels"].items()
+    assert not monitor["spec"]["selector"]["matchLabels"].items() <= api["metadata"]["labels"].items()
+    for ingress in of_kind(render_case("one-model-values"), "Ingress"):
+        backends = [p["backend"]["service"] for r in ingress["spec"]["rules"] for p in r["http"]["paths"]]
+        assert all(b["name"] == api["metadata"]["name"] for b in backends), backends
+    # Without the operator: the scrape annotations name the metrics port.
+    annotations = named(render({}), "Deployment", "-sender")["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == "9100"
+    # The NetworkPolicy: the ingress namespace reaches http only, the monitoring namespace metrics only.
+    policy = named(render_case("external-netpol-values"), "NetworkPolicy", "-sender")
+    rules = {tuple(p["port"] for p in rule["ports"]): rule["from"] for rule in policy["spec"]["ingress"]}
+    assert set(rules) == {("http",), ("metrics",)}
+    assert all("ingress" not in json.dumps(source) for source in rules[("metrics",)])
+
+
+def test_the_token_pepper_reaches_the_senders_and_the_db_init_job() -> None:
+    pepper = {"tokenPepper": {"secretName": "dispatcher-pepper"}, **case_values("one-model-values")}
+    objects = render(pepper)
+    sender = container(named(objects, "Deployment", "-sender"), "sender")
+    assert env(sender)["SENDER_TOKEN_PEPPER"]["secretKeyRef"] == {
+        "name": "dispatcher-pepper",
+        "key": "pepper",
+    }
+    job = next(j for j in of_kind(objects, "Job") if j["metadata"]["name"].endswith("-db-init"))
+    steps = job["spec"]["template"]["spec"]["initContainers"][1:]
+    assert steps and all("SENDER_TOKEN_PEPPER" in env(step) for step in steps)
+    assert "SENDER_TOKEN_PEPPER" not in env(container(named(render({}), "Deployment", "-sender"), "sender"))
 
 
 def test_chart_files_are_links_to_the_sources() -> None:
@@ -821,6 +867,8 @@ def test_values_schema_accepts_the_examples(case: str) -> None:
         ),
         ({"sender": {"env": {"SENDER_SHUTDOWN_GRACE": 90}}}, "set it with sender.shutdownGraceSeconds"),
         ({"sender": {"env": {"SENDER_PORT": 9000}}}, "set it with sender.port"),
+        ({"sender": {"env": {"SENDER_METRICS_PORT": 9000}}}, "set it with sender.metricsPort"),
+        ({"sender": {"metricsPort": 8080}}, "sender.metricsPort: the metrics need a port of their own"),
         (
             {"consumer": {"env": {"CONSUMER_STATUS_PORT": 9500}}, "models": [{"name": "m", "model": "x"}]},
             "CONSUMER_STATUS_PORT, which comes from consumer.statusPort",

@@ -99,7 +99,7 @@ async def test_a_request_the_backend_drops_is_requeued_once_then_answered_502(
     assert response.status_code == 502
     assert response.json()["error"]["code"] == "backend_unavailable"
     assert dropping_backend.posts == 2  # the first try, then the redelivered copy: no loop, no loss
-    _, samples = await scrape(consumer.url)
+    _, samples = await scrape(consumer)
     assert total(samples, "consumer_requests_total", outcome="requeued") == 1
     assert total(samples, "consumer_requests_total", outcome="answered", status="502") == 1
     await wait_listed(sender, token, model)  # consuming again once its health check passes
