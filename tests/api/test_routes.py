@@ -24,7 +24,7 @@ import contract
 from contract import Reply, Request
 from contract.routes import RELAYED_ROUTES
 from harness.api import auth, wait_listed
-from harness.observe import request_lines
+from harness.observe import metrics_url, request_lines
 from harness.processes import Processes
 from harness.recording_backend import RecordingBackend
 from harness.stack import Service
@@ -273,7 +273,7 @@ async def test_made_up_model_names_add_no_metric_series(roomy_sender: Service, t
         await http.post("/v1/completions", json={"model": "warm-up-name"})  # the _unknown series exist
 
         async def lines() -> int:
-            return len((await http.get("/metrics")).text.splitlines())
+            return len((await http.get(metrics_url(roomy_sender))).text.splitlines())
 
         before = await lines()
         prefix = f"made-up-{uuid.uuid4().hex[:6]}"
@@ -285,7 +285,7 @@ async def test_made_up_model_names_add_no_metric_series(roomy_sender: Service, t
                 assert response.status_code == 404
 
         await asyncio.gather(*(client() for _ in range(16)))
-        text = (await http.get("/metrics")).text
+        text = (await http.get(metrics_url(roomy_sender))).text
         after = len(text.splitlines())
     print(f"/metrics: {before} lines before 2,000 made-up model names, {after} after")
     assert prefix not in text
