@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from sender.database import async_database_url
+from sender.database import create_engine
 from sender.token_records import TokenFields, add_token
 
 
@@ -27,7 +27,7 @@ async def create_token(engine: AsyncEngine, name: str, *, pepper: str | None = N
 
 async def create_tokens_at(database_url: str, names: list[str], **fields: Any) -> list[str]:
     """Tokens ``names``, all with ``fields``, in the database at ``database_url``; their secrets."""
-    engine = create_async_engine(async_database_url(database_url))
+    engine = create_engine(database_url)
     try:
         return [await create_token(engine, name, **fields) for name in names]
     finally:

@@ -18,11 +18,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from contract import DEFAULT_MAX_PRIORITY
 from sender import token_records
-from sender.database import async_database_url
+from sender.database import DatabaseUrlError, create_engine
 from sender.migrate import migrate, schema_version
 from sender.settings import SenderSettings
 from sender.token_records import UNSET, TokenFields
@@ -167,7 +167,11 @@ def _cell(value: Any) -> str:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    engine = create_async_engine(async_database_url(args.database_url or SenderSettings().database_url))
+    try:
+        engine = create_engine(args.database_url or SenderSettings().database_url)
+    except DatabaseUrlError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         return await _command(engine, args)
     except token_records.InvalidTokenField as exc:

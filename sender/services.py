@@ -12,13 +12,13 @@ import logging
 import time
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from sender.accounting import Accounting
 from sender.admission import Admission
 from sender.broker import Broker
 from sender.calls import Calls
-from sender.database import async_database_url
+from sender.database import create_engine
 from sender.limits import RateLimiter
 from sender.metrics import SenderMetrics
 from sender.metrics_server import MetricsServer
@@ -38,8 +38,8 @@ class Services:
 
     def __init__(self, settings: SenderSettings) -> None:
         self.settings = settings
-        self.engine: AsyncEngine = create_async_engine(
-            async_database_url(settings.database_url),
+        self.engine: AsyncEngine = create_engine(
+            settings.database_url,
             pool_size=settings.db_pool_size,
             pool_pre_ping=True,
             pool_recycle=1800,

@@ -26,13 +26,12 @@ from typing import Any
 import aio_pika
 import aiohttp
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import create_async_engine
 
 import contract
 from harness import stack
 from harness.services import missing_services
 from harness.tokens import create_token_at, create_tokens_at
-from sender.database import async_database_url
+from sender.database import create_engine
 from sender.tables import usage_table
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -529,7 +528,7 @@ class Bench:
 
 
 async def count_usage_rows(database_url: str) -> int:
-    engine = create_async_engine(async_database_url(database_url))
+    engine = create_engine(database_url)
     try:
         async with engine.connect() as conn:
             return int((await conn.execute(sa.select(sa.func.count()).select_from(usage_table))).scalar_one())

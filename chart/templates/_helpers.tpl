@@ -159,9 +159,18 @@ app.kubernetes.io/component: {{ index . 1 }}
       key: {{ if .Values.database.internal }}url{{ else }}{{ .Values.database.urlSecretKey }}{{ end }}
 {{- end }}
 
+{{/* The Secret of the token pepper: the operator's (tokenPepper.secretName), else the generated one, else none. */}}
+{{- define "dispatcher.tokenPepperSecret" -}}
+{{- if .Values.tokenPepper.secretName }}
+{{- .Values.tokenPepper.secretName }}
+{{- else if .Values.tokenPepper.generate }}
+{{- include "dispatcher.componentName" (list . "token-pepper") }}
+{{- end }}
+{{- end }}
+
 {{/* The token pepper, when a Secret holds one: the senders and the db-init Job hash alike. */}}
 {{- define "dispatcher.tokenPepperEnv" -}}
-{{- with .Values.tokenPepper.secretName }}
+{{- with include "dispatcher.tokenPepperSecret" . }}
 - name: SENDER_TOKEN_PEPPER
   valueFrom:
     secretKeyRef:

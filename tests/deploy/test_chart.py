@@ -132,6 +132,9 @@ def generated_secrets(values: dict[str, Any]) -> list[str]:
     vllm_models = [m for m in values.get("models", []) if m.get("backend", "vllm") == "vllm"]
     if vllm_models and not values.get("vllm", {}).get("apiKey", {}).get("existingSecret"):
         names.append("rel-llm-dispatcher-vllm-api-key")
+    pepper = values.get("tokenPepper", {})
+    if pepper.get("generate", True) and not pepper.get("secretName"):
+        names.append("rel-llm-dispatcher-token-pepper")
     return sorted(names)
 
 
@@ -748,18 +751,55 @@ def test_sender_metrics_are_on_their_own_port_only_prometheus_reaches() -> None:
     assert all("ingress" not in json.dumps(source) for source in rules[("metrics",)])
 
 
-def test_the_token_pepper_reaches_the_senders_and_the_db_init_job() -> None:
-    pepper = {"tokenPepper": {"secretName": "dispatcher-pepper"}, **case_values("one-model-values")}
-    objects = render(pepper)
-    sender = container(named(objects, "Deployment", "-sender"), "sender")
-    assert env(sender)["SENDER_TOKEN_PEPPER"]["secretKeyRef"] == {
-        "name": "dispatcher-pepper",
-        "key": "pepper",
-    }
+def pepper_consumers(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The sender container and the db-init Job's add-token steps: whoever hashes a token."""
     job = next(j for j in of_kind(objects, "Job") if j["metadata"]["name"].endswith("-db-init"))
     steps = job["spec"]["template"]["spec"]["initContainers"][1:]
-    assert steps and all("SENDER_TOKEN_PEPPER" in env(step) for step in steps)
-    assert "SENDER_TOKEN_PEPPER" not in env(container(named(render({}), "Deployment", "-sender"), "sender"))
+    assert steps
+    return [container(named(objects, "Deployment", "-sender"), "sender"), *steps]
+
+
+def test_the_chart_generates_the_token_pepper_by_default() -> None:
+    objects = render(case_values("one-model-values"))
+    secret = named(objects, "Secret", "-token-pepper")
+    assert secret["metadata"]["name"] == "rel-llm-dispatcher-token-pepper"
+    pepper = secret["stringData"]["pepper"]
+    assert len(pepper) == 64 and pepper.isalnum()
+    annotations = secret["metadata"]["annotations"]
+    # there before the db-init Job (a pre-install hook too when the database is external) and the senders
+    assert annotations["helm.sh/hook"] == "pre-install,pre-upgrade"
+    job = next(j for j in of_kind(objects, "Job") if j["metadata"]["name"].endswith("-db-init"))
+    assert job["metadata"]["annotations"]["helm.sh/hook"] == "pre-install,pre-upgrade"
+    job_weight = job["metadata"]["annotations"]["helm.sh/hook-weight"]
+    assert int(annotations["helm.sh/hook-weight"]) < int(job_weight)
+    assert annotations["helm.sh/resource-policy"] == "keep"
+    for consumer in pepper_consumers(objects):
+        assert env(consumer)["SENDER_TOKEN_PEPPER"]["secretKeyRef"] == {
+            "name": "rel-llm-dispatcher-token-pepper",
+            "key": "pepper",
+        }, consumer["name"]
+    # a new random value at each render without a cluster to read it back from; the template keeps
+    # the one it finds (lookup), as the vLLM key's does
+    template = (CHART / "templates" / "token-pepper.yaml").read_text()
+    assert 'lookup "v1" "Secret" .Release.Namespace $name' in template
+
+
+def test_the_token_pepper_from_an_operator_secret() -> None:
+    values = {"tokenPepper": {"secretName": "dispatcher-pepper"}, **case_values("one-model-values")}
+    objects = render(values)
+    assert not [s for s in of_kind(objects, "Secret") if s["metadata"]["name"].endswith("-token-pepper")]
+    for consumer in pepper_consumers(objects):
+        assert env(consumer)["SENDER_TOKEN_PEPPER"]["secretKeyRef"] == {
+            "name": "dispatcher-pepper",
+            "key": "pepper",
+        }, consumer["name"]
+
+
+def test_the_token_pepper_can_be_turned_off() -> None:
+    objects = render({"tokenPepper": {"generate": False}, **case_values("one-model-values")})
+    assert not [s for s in of_kind(objects, "Secret") if s["metadata"]["name"].endswith("-token-pepper")]
+    for consumer in pepper_consumers(objects):
+        assert "SENDER_TOKEN_PEPPER" not in env(consumer), consumer["name"]
 
 
 def test_chart_files_are_links_to_the_sources() -> None:

@@ -314,3 +314,27 @@ def test_deployed_vllm_is_the_release_the_end_to_end_tests_run() -> None:
     vllm_images = [image for image in third_party_images() if image.startswith("vllm/vllm-openai:")]
     assert len(vllm_images) == 2  # compose's gpu profile and the chart
     assert all(image.endswith(f":v{TESTED_VLLM}") for image in vllm_images), vllm_images
+
+
+def test_compose_sender_metrics_reach_the_compose_network_only() -> None:
+    sender = compose()["services"]["sender"]
+    environment = sender["environment"]
+    assert environment["SENDER_METRICS_HOST"] == "0.0.0.0"  # the default, 127.0.0.1, is the container's own
+    port = environment["SENDER_METRICS_PORT"]
+    assert port != environment["SENDER_PORT"]
+    assert not [published for published in sender["ports"] if str(published).endswith(f":{port}")]
+
+
+def test_compose_hashes_tokens_with_a_pepper() -> None:
+    spec = compose()
+    services = spec["services"]
+    for name in ("sender", "db-tokens"):  # both hash alike: the demo token must be found
+        assert services[name]["environment"]["SENDER_TOKEN_PEPPER_FILE"] == "/run/secrets/token_pepper", name
+        assert "token_pepper" in services[name]["secrets"], name
+        assert "SENDER_TOKEN_PEPPER" not in services[name]["environment"], name
+    pepper_file = spec["secrets"]["token_pepper"]["file"]
+    pepper = (ROOT / pepper_file).read_text().strip()
+    assert len(pepper) >= 32
+    raw = (ROOT / "docker-compose.yml").read_text()
+    assert "openssl rand -hex 32 > deploy/demo-token-pepper" in raw  # the comment says how to change it
+    assert "deploy/demo-token-pepper" in (ROOT / "README.md").read_text()
