@@ -476,6 +476,18 @@ class Node43:
     def set_vm_memory_high_watermark(self, fraction: float) -> None:
         self.ctl("set_vm_memory_high_watermark", str(fraction))
 
+    def wait_cluster(self, names: list[str], timeout: float = 60.0) -> None:
+        """Wait until this node sees exactly ``names`` running in its cluster (a restarted one rejoined)."""
+        deadline = time.monotonic() + timeout
+        seen: list[str] = []
+        while time.monotonic() < deadline:
+            with contextlib.suppress(RuntimeError):
+                seen = self.running_nodes()
+                if seen == sorted(names):
+                    return
+            time.sleep(0.5)
+        raise RuntimeError(f"{self.name} sees {seen} running after {timeout} s, not {sorted(names)}")
+
     def stop_app(self) -> None:
         self.ctl("stop_app")
 
