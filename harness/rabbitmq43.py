@@ -552,6 +552,10 @@ class Testbed:
     """
 
     def __init__(self) -> None:
+        if os.geteuid() != 0:
+            raise SetupError(
+                "RabbitMQ 4.3 nodes run chroot-ed, with /proc mounted in their root: that needs root"
+            )
         self.root = setup().resolve()
         self.uid, self.gid = _ids(self.root)
         self.run_id = uuid.uuid4().hex[:8]
