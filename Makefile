@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test check chart-test run run-vllm-cpu vllm-cpu bench soak lint format services clean
+.PHONY: install test check chart-test run run-vllm-cpu vllm-cpu rabbitmq43 bench soak lint format services clean
 
 install: $(VENV)/.installed
 
@@ -38,6 +38,10 @@ run-vllm-cpu: services
 
 vllm-cpu: install
 	$(BIN)/python -m harness.vllm_cpu setup
+
+# RabbitMQ 4.3 in a cached Debian root (once per machine, needs root); tests/broker43 does it too.
+rabbitmq43: install
+	$(BIN)/python -m harness.rabbitmq43 setup
 
 bench: services
 	$(BIN)/python -m tools.bench
