@@ -218,14 +218,26 @@ def setup(*, say: Callable[[str], None] = print) -> Path:
     return root_dir()
 
 
+def _install_debootstrap(say: Callable[[str], None], log: Path) -> None:
+    """A fresh machine has no debootstrap: install it from the machine's own package lists
+    (refreshed once if the package is not found in them)."""
+    say("installing debootstrap (apt-get)...")
+    install = ["apt-get", "install", "-y", "--no-install-recommends", "debootstrap"]
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    with log.open("ab") as out:
+        if subprocess.run(install, stdout=out, stderr=subprocess.STDOUT, env=env, check=False).returncode:
+            subprocess.run(["apt-get", "update"], stdout=out, stderr=subprocess.STDOUT, env=env, check=False)
+            subprocess.run(install, stdout=out, stderr=subprocess.STDOUT, env=env, check=False)
+    if shutil.which("debootstrap") is None or not Path(DEBOOTSTRAP_SCRIPT).is_file():
+        raise SetupError(f"debootstrap could not be installed (apt-get install -y debootstrap); see {log}")
+
+
 def _install(say: Callable[[str], None]) -> None:
     root = root_dir()
     log = cache_dir() / "setup.log"
     started = time.monotonic()
-    if shutil.which("debootstrap") is None:
-        raise SetupError("debootstrap is not installed: apt-get install -y debootstrap")
-    if not Path(DEBOOTSTRAP_SCRIPT).is_file():
-        raise SetupError(f"{DEBOOTSTRAP_SCRIPT} is missing: apt-get install -y debootstrap")
+    if shutil.which("debootstrap") is None or not Path(DEBOOTSTRAP_SCRIPT).is_file():
+        _install_debootstrap(say, log)
     if root.exists():
         # Half made by an attempt that did not finish: its processes and mounts go first.
         for pid in processes_inside(root):
