@@ -68,10 +68,12 @@ def create_app(settings: SenderSettings | None = None) -> ASGIApp:
         """Liveness: the process answers."""
         return Response(b'{"status":"ok"}', media_type=JSON)
 
+    @app.get("/health")
     @app.get("/health/ready")
     async def ready(request: Request) -> Response:
         """Readiness: the broker is connected and tokens can be checked: the token database
-        answers, or (during an outage) recently seen tokens are cached and keep working."""
+        answers, or (during an outage) recently seen tokens are cached and keep working.
+        Also ``GET /health``, where tools that validate a vLLM endpoint (guidellm, ...) look."""
         services = _services(request)
         broker_ok = services.broker.connected
         db_ok = await services.database_reachable()

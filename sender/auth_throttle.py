@@ -126,7 +126,7 @@ class AuthThrottle:
         self.on_refused: Callable[[], None] = lambda: None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or self.table.limit <= 0 or scope["path"].startswith("/health/"):
+        if scope["type"] != "http" or self.table.limit <= 0 or _is_health(scope["path"]):
             await self.app(scope, receive, send)
             return
         client = client_address(scope, self.trusted)
@@ -152,3 +152,8 @@ class AuthThrottle:
             await send(message)
 
         await self.app(scope, receive, watch)
+
+
+def _is_health(path: str) -> bool:
+    """Probes are never refused: a throttled load balancer must not take the sender out of service."""
+    return path == "/health" or path.startswith("/health/")

@@ -184,3 +184,12 @@ async def test_health_endpoints(sender: Service) -> None:
         ready = await http.get("/health/ready")
     assert ready.status_code == 200
     assert ready.json() == {"status": "ok", "broker": True, "database": True}
+
+
+async def test_health_answers_where_vllm_tools_look(sender: Service) -> None:
+    """guidellm and other tools validate a vLLM endpoint with ``GET /health``, without a token."""
+    async with httpx.AsyncClient(base_url=sender.url) as http:
+        health = await http.get("/health")
+        ready = await http.get("/health/ready")
+    assert health.status_code == ready.status_code == 200
+    assert health.json()["status"] == "ok"
