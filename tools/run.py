@@ -1,4 +1,4 @@
-"""``make run``: the whole dispatcher on this machine, against the local RabbitMQ and database.
+"""``make run``: the whole dispatcher on this machine, against the RabbitMQ and database it is given.
 
 Starts a simulator (unless ``VLLM_URL`` and ``MODEL`` name a real backend), a
 consumer and the sender on 127.0.0.1:8080, brings the database schema up to
@@ -19,9 +19,13 @@ import signal
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
+
+from sqlalchemy.engine import make_url
 
 import contract
 from harness import stack, vllm_cpu
+from harness.services import SERVICES, ensure, port_open
 from harness.tokens import create_token_at
 
 
@@ -32,7 +36,9 @@ def main() -> None:
     database_url = os.environ.get("DATABASE_URL", stack.DEFAULT_POSTGRES_URL)
     port = int(os.environ.get("SENDER_PORT", "8080"))
     metrics_port = int(os.environ.get("SENDER_METRICS_PORT", "9100"))
-    log_dir = stack.ROOT / ".run"
+    _refuse_taken_ports({"SENDER_PORT": port, "SENDER_METRICS_PORT": metrics_port})
+    _require(needed_addresses([rabbitmq_url, consumer_rabbitmq_url], database_url))
+    log_dir = _fresh_log_dir()
     services: list[stack.Service] = []
     stopping = False
 
@@ -69,7 +75,9 @@ def main() -> None:
             metrics_port=metrics_port,
         )
         services.append(sender)
-        secret = asyncio.run(create_token_at(database_url, "demo", priority=5, threshold=1000))
+        # One token per port: another stack on the same database keeps its own.
+        token_name = "demo" if port == 8080 else f"demo-{port}"
+        secret = asyncio.run(create_token_at(database_url, token_name, priority=5, threshold=1000))
         _print_banner(sender, secret, model, backend_url, log_dir, consumer.url)
         while not stopping:
             dead = [s for s in services if not s.alive()]
@@ -81,6 +89,62 @@ def main() -> None:
         print("\nstopping...", flush=True)
         for service in reversed(services):
             service.stop()
+
+
+def needed_addresses(rabbitmq_urls: list[str], database_url: str) -> dict[str, tuple[str, int]]:
+    """What this stack will connect to, by what it is: only these must answer."""
+    needed: dict[str, tuple[str, int]] = {}
+    for url in rabbitmq_urls:
+        parts = urlsplit(url)
+        default = 5671 if parts.scheme == "amqps" else 5672
+        needed["RabbitMQ"] = (parts.hostname or "127.0.0.1", parts.port or default)
+    database = make_url(database_url)
+    kind = "PostgreSQL" if database.get_backend_name().startswith("postgres") else "MariaDB"
+    needed[kind] = (database.host or "127.0.0.1", database.port or (5432 if kind == "PostgreSQL" else 3306))
+    return needed
+
+
+def _require(needed: dict[str, tuple[str, int]]) -> None:
+    """Start the local services this stack uses when they are down (on their usual ports only);
+    anything elsewhere must already answer. Nothing else is asked for."""
+    local = [
+        name
+        for name, (host, port) in needed.items()
+        if host in _LOOPBACK and port == SERVICES[name][0] and not port_open(port)
+    ]
+    problems = ensure(local) if local else []
+    for name, (host, port) in needed.items():
+        if name not in local and not port_open(port, host):
+            problems.append(f"{name} is not answering on {host}:{port}")
+    if problems:
+        sys.exit("make run cannot start:\n  " + "\n  ".join(problems))
+
+
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def _refuse_taken_ports(ports: dict[str, int]) -> None:
+    for variable, port in ports.items():
+        if port and port_open(port):
+            sys.exit(
+                f"port {port} is taken (another dispatcher, or another program): "
+                f"set {variable} to a free port, e.g. {variable}={port + 1} make run"
+            )
+
+
+def _fresh_log_dir() -> Path:
+    """A directory of this run's own logs, ``.run/latest`` pointing at it."""
+    runs = stack.ROOT / ".run"
+    log_dir = runs / time.strftime("%Y%m%d-%H%M%S")
+    suffix = 0
+    while log_dir.exists():
+        suffix += 1
+        log_dir = runs / f"{time.strftime('%Y%m%d-%H%M%S')}-{suffix}"
+    log_dir.mkdir(parents=True)
+    latest = runs / "latest"
+    latest.unlink(missing_ok=True)
+    latest.symlink_to(log_dir.name)
+    return log_dir
 
 
 def _start_vllm_cpu(log_dir: Path) -> tuple[str, stack.Service]:
