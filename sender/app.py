@@ -7,6 +7,8 @@ FastAPI sees them; they are declared here only for the OpenAPI description.
 from __future__ import annotations
 
 import logging
+import time
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -132,7 +134,21 @@ def _served_by_front() -> Exception:
 
 
 async def _api_error(request: Request, exc: Exception) -> Response:
+    """A refusal on a FastAPI route (``/v1/models`` without a valid token, an unknown model card):
+    counted and logged like the forwarded calls' refusals."""
     assert isinstance(exc, ApiError)
+    services: Services | None = getattr(request.app.state, "services", None)
+    if services is not None:
+        services.accounting.finished(
+            request_id=(request.headers.get("x-request-id") or uuid.uuid4().hex)[:64],
+            path=request.url.path,
+            status=exc.status,
+            code=exc.code,
+            started=time.perf_counter(),
+            first_piece_at=None,
+            request=None,
+            call=None,
+        )
     return exc.response()
 
 

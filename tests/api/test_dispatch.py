@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import uuid
+
 import httpx
 import openai
 import orjson
 import pytest
 
 from harness.api import auth
+from harness.observe import request_lines, scrape, total
 from harness.stack import Service
 
 CHAT = {"messages": [{"role": "user", "content": "Say something"}], "max_tokens": 6}
@@ -193,3 +197,21 @@ async def test_health_answers_where_vllm_tools_look(sender: Service) -> None:
         ready = await http.get("/health/ready")
     assert health.status_code == ready.status_code == 200
     assert health.json()["status"] == "ok"
+
+
+async def test_refusals_on_the_model_list_are_counted_and_logged(sender: Service) -> None:
+    request_id = f"models-refused-{uuid.uuid4().hex[:8]}"
+    _, before = await scrape(sender)
+    async with httpx.AsyncClient(base_url=sender.url) as http:
+        _is_openai_error(await http.get("/v1/models", headers={"X-Request-Id": request_id}), 401)
+    _, after = await scrape(sender)
+    reason = "dispatcher_rejected_requests_total"
+    assert total(after, reason, reason="auth") == total(before, reason, reason="auth") + 1
+    for _ in range(50):
+        lines = request_lines(sender, request_id)
+        if lines:
+            break
+        await asyncio.sleep(0.1)
+    assert [(line["path"], line["status"], line["code"]) for line in lines] == [
+        ("/v1/models", 401, "invalid_api_key")
+    ]
