@@ -17,8 +17,12 @@ services: install
 	$(BIN)/python -m tools.services
 
 # The unit tests first (no service, seconds): a broken build fails fast. Then everything else.
+# The unit tests first; then the one-time set-ups (vLLM's CPU build, RabbitMQ 4.3) in the open, where
+# their progress shows (a failed one is reported again by the tests that need it); then the rest.
 test: services
 	$(BIN)/python -m pytest tests/unit
+	-$(BIN)/python -m harness.vllm_cpu setup
+	-$(BIN)/python -m harness.rabbitmq43 setup
 	$(BIN)/python -m pytest --ignore=tests/unit
 
 # Before a commit: lint and the unit tests; needs no running service.
