@@ -3,4 +3,6 @@
 --   mysql -e "SET @name='alice'; SOURCE db-init/mysql/revoke_token.sql;"
 
 UPDATE tokens SET enabled = FALSE WHERE name = @name;
+SELECT CONCAT('no token named ', @name, ': nothing changed') AS result
+FROM DUAL WHERE NOT EXISTS (SELECT 1 FROM tokens WHERE name = @name);
 SELECT name, enabled FROM tokens WHERE name = @name;

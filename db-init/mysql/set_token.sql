@@ -56,5 +56,7 @@ UPDATE tokens SET
     max_seconds = CASE WHEN @max_seconds IS NULL THEN max_seconds WHEN CAST(@max_seconds AS CHAR) = 'none' THEN NULL
                   ELSE CAST(@max_seconds AS DOUBLE) END
 WHERE name = @name AND @token_refusal IS NULL;
+SELECT CONCAT('no token named ', @name, ': nothing changed') AS result
+FROM DUAL WHERE NOT EXISTS (SELECT 1 FROM tokens WHERE name = @name);
 SELECT name, owner, priority, threshold, enabled, expires_at, allowed_models, rpm_limit, tpm_limit, max_seconds
 FROM tokens WHERE name = @name;

@@ -3,3 +3,5 @@
 --   psql -v name=alice -f db-init/postgres/revoke_token.sql
 \set ON_ERROR_STOP on
 UPDATE tokens SET enabled = FALSE WHERE name = :'name';
+SELECT 'no token named ' || :'name' || ': nothing changed' AS result
+WHERE NOT EXISTS (SELECT 1 FROM tokens WHERE name = :'name');

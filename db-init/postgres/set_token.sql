@@ -80,3 +80,5 @@ UPDATE tokens SET
     max_seconds = CASE :'max_seconds' WHEN '' THEN max_seconds WHEN 'none' THEN NULL
                   ELSE CAST(NULLIF(NULLIF(:'max_seconds', ''), 'none') AS DOUBLE PRECISION) END
 WHERE name = :'name';
+SELECT 'no token named ' || :'name' || ': nothing changed' AS result
+WHERE NOT EXISTS (SELECT 1 FROM tokens WHERE name = :'name');

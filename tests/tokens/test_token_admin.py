@@ -184,3 +184,12 @@ def test_every_command_has_help() -> None:
         with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_:
             parser().parse_args([command, "--help"])
         assert exit_.value.code == 0 and f"usage: python -m sender.admin {command}" in out.getvalue()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("script", ["revoke_token.sql", "set_token.sql"])
+def test_scripts_say_when_no_token_has_that_name(kind: str, script: str) -> None:
+    name = unique("nobody")
+    fields: dict[str, object] = {"priority": 3} if script == "set_token.sql" else {}
+    output = sql_script(kind, script, name=name, **fields)
+    assert f"no token named {name}: nothing changed" in output
