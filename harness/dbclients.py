@@ -48,3 +48,19 @@ def apply_scripts(kind: str, url: str, scripts: list[str]) -> None:
             psql(url, "-q", "-f", script)
         else:
             mysql(url, "-e", f"SOURCE {script};")
+
+
+def admin_script(kind: str, url: str, script: str, **params: object) -> str:
+    """Run one of ``db-init/<kind>/``'s admin scripts with the stock client, its parameters passed
+    the stock way (``psql -v``, a ``SET @...`` before ``SOURCE``), quoted as an operator would."""
+    if kind == "postgres":
+        args = [arg for key, value in params.items() for arg in ("-v", f"{key}={value}")]
+        return psql(url, *args, "-f", f"db-init/postgres/{script}")
+    assignments = ", ".join(
+        f"@{key}={value}"
+        if isinstance(value, int)
+        else "@{}='{}'".format(key, str(value).replace("\\", "\\\\").replace("'", "''"))
+        for key, value in params.items()
+    )
+    prefix = f"SET {assignments}; " if assignments else ""
+    return mysql(url, "-e", f"{prefix}SOURCE db-init/mysql/{script};")

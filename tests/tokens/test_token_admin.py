@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from harness import stack
 from harness.api import status_of, until_status
-from harness.dbclients import mysql, psql
+from harness.dbclients import admin_script
 from harness.processes import Processes
 from harness.stack import Service
 from harness.testrun import DATABASE_URLS, unique
@@ -34,16 +34,7 @@ async def senders(processes: Processes, sender: Service, ready_model: str) -> di
 
 
 def sql_script(kind: str, script: str, **params: object) -> str:
-    """Run one admin script with the stock client, parameters passed the stock way."""
-    url = DATABASE_URLS[kind]
-    if kind == "postgres":
-        args = [arg for key, value in params.items() for arg in ("-v", f"{key}={value}")]
-        return psql(url, *args, "-f", f"db-init/postgres/{script}")
-    assignments = ", ".join(
-        f"@{key}={value}" if isinstance(value, int) else f"@{key}='{value}'" for key, value in params.items()
-    )
-    prefix = f"SET {assignments}; " if assignments else ""
-    return mysql(url, "-e", f"{prefix}SOURCE db-init/mysql/{script};")
+    return admin_script(kind, DATABASE_URLS[kind], script, **params)
 
 
 async def usage_rows_appear(engine: AsyncEngine, name: str, requests: int) -> None:

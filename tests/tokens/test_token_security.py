@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from harness.api import auth, status_of
-from harness.dbclients import mysql, psql
+from harness.dbclients import admin_script
 from harness.observe import scrape, total
 from harness.processes import Processes
 from harness.stack import Service
@@ -28,18 +28,7 @@ PEPPERS = ["pep", "p" * 64, "0123456789abcdef" * 5, "k3y-with 'quotes' and \\ ba
 
 
 def sql_script(kind: str, script: str, **params: object) -> str:
-    """Run one admin script with the stock client, parameters passed the stock way."""
-    url = DATABASE_URLS[kind]
-    if kind == "postgres":
-        args = [arg for key, value in params.items() for arg in ("-v", f"{key}={value}")]
-        return psql(url, *args, "-f", f"db-init/postgres/{script}")
-    assignments = ", ".join(
-        f"@{key}={value}"
-        if isinstance(value, int)
-        else "@{}='{}'".format(key, str(value).replace("\\", "\\\\").replace("'", "''"))
-        for key, value in params.items()
-    )
-    return mysql(url, "-e", f"SET {assignments}; SOURCE db-init/mysql/{script};")
+    return admin_script(kind, DATABASE_URLS[kind], script, **params)
 
 
 async def stored(engine: AsyncEngine, name: str) -> Any:
