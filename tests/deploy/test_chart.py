@@ -3,9 +3,14 @@ checked against the Kubernetes schemas, the custom resources' schemas and what t
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import re
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any, cast
 
@@ -35,6 +40,7 @@ from harness.chart_render import (
     render,
     render_case,
 )
+from harness.stack import free_port
 from sender import admin
 
 KUBE_VERSIONS = ["1.29.0", "1.33.0"]
@@ -450,6 +456,36 @@ def test_consumer_drain_follows_the_request_deadline(values: dict[str, Any], gra
         assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == grace + 30
         pre_stop = container(deployment, backend)["lifecycle"]["preStop"]["exec"]["command"]
         assert f"time.monotonic() + {grace + 10}" in pre_stop[2]
+
+
+def test_the_backend_outlives_the_consumer_on_shutdown() -> None:
+    """The rendered preStop, run for real: it holds while the consumer's status port is open and
+    returns as soon as it closes (the consumer's last step after its drain)."""
+    port = free_port()
+    values = {
+        "consumer": {"statusPort": port, "shutdownGraceSeconds": 60},
+        "models": [{"name": "m", "model": "x"}],
+    }
+    pre_stop = container(named(render(values), "Deployment", "-model-m"), "vllm")["lifecycle"]["preStop"]
+    command = [sys.executable, *pre_stop["exec"]["command"][1:]]
+    # No consumer listening (it has already exited, or never started): no wait.
+    started = time.monotonic()
+    subprocess.run(command, check=True, timeout=10)
+    assert time.monotonic() - started < 3
+    with socket.create_server(("127.0.0.1", port)) as consumer:
+        consumer.settimeout(0.1)
+        hook = subprocess.Popen(command)
+        try:
+            held_until = time.monotonic() + 3
+            while time.monotonic() < held_until:  # the consumer drains: accept and drop its checks
+                with contextlib.suppress(TimeoutError):
+                    consumer.accept()[0].close()
+                assert hook.poll() is None, "the backend stopped before the consumer"
+        finally:
+            consumer.close()
+        closed = time.monotonic()
+        assert hook.wait(timeout=10) == 0
+        assert time.monotonic() - closed < 3
 
 
 def test_the_model_cache_is_persistent_by_default() -> None:
