@@ -368,7 +368,7 @@ def test_keda_scales_each_model_on_its_queue() -> None:
         overrides = model.get("keda", {})
         assert obj["spec"]["minReplicaCount"] == overrides.get("minReplicaCount", 1)
         assert obj["spec"]["maxReplicaCount"] == overrides.get("maxReplicaCount", 3)
-        assert trigger["metadata"]["value"] == str(overrides.get("queueLength", 8))
+        assert trigger["metadata"]["value"] == str(overrides.get("queueLength", 32))
     # Scaled to zero, a model is woken by the requests queued for it.
     sender = container(named(objects, "Deployment", "-sender"), "sender")
     assert env(sender)["SENDER_QUEUE_WITHOUT_CONSUMERS"] == "true"
