@@ -5,7 +5,8 @@ test that proves them on a real broker (``tests/security/test_broker_roles.py``)
 *configure* on declaring or deleting a queue or exchange, *write* on publishing to an exchange
 (the default exchange is ``amq.default``) and on binding a queue, *read* on consuming, purging
 and on the exchange side of a binding; a passive declare (whether a queue exists, its depth)
-needs nothing. The short-lived queues are of two kinds: the consumer's liveness queue is named by
+needs nothing. The management API also wants a user tag (the autoscaler's ``monitoring``).
+The short-lived queues are of two kinds: the consumer's liveness queue is named by
 the server (``amq.gen-*``, a name no client may declare), and the announcement and roll-call
 queues are named by aio-pika itself (``amq_<32 hex>``, kept across a robust reconnect); both are
 exclusive, so only their own connection can use them. Topic permissions on ``dispatch.control`` restrict
@@ -34,6 +35,8 @@ class BrokerRole:
     """Routing keys it may publish on the control exchange."""
     topic_read: str
     """Routing keys it may bind to on the control exchange."""
+    tags: tuple[str, ...] = ()
+    """User tags: what it may see of the management API (none: no management access at all)."""
 
 
 SENDER = BrokerRole(
@@ -59,12 +62,18 @@ CONSUMER = BrokerRole(
 )
 
 AUTOSCALER = BrokerRole(
-    # KEDA's rabbitmq scaler (protocol amqp) reads a queue's depth with a passive declare: nothing else.
+    # KEDA's rabbitmq scaler with protocol http (the chart's default) reads a queue's counts, ready
+    # plus unacknowledged, from the management API: GET /api/queues/<vhost>/<queue>. That takes the
+    # monitoring tag *and* a permission entry on the vhost (without one: 401 "not authorised to access
+    # virtual host"), whose patterns may all be empty: it then can neither take messages (POST .../get
+    # needs read), publish, nor declare or delete anything. With protocol amqp a passive declare needs
+    # no permission either (the tag is then not used).
     configure="^$",
     write="^$",
     read="^$",
     topic_write="^$",
     topic_read="^$",
+    tags=("monitoring",),
 )
 
 ROLES = {"sender": SENDER, "consumer": CONSUMER, "autoscaler": AUTOSCALER}

@@ -7,6 +7,8 @@ system's ``rabbitmq-server`` and driven with ``rabbitmqctl -n <node>``.
 With ``tls=True`` it also listens for ``amqps://`` on a second port, with a
 certificate from a CA made on the spot (:func:`make_test_certificates`); the
 security tests add users with the dispatcher's roles (:meth:`BrokerNode.add_user`).
+With ``management=True`` it runs the management plugin (the HTTP API KEDA's
+``protocol: http`` scaler reads) on 127.0.0.1 at :attr:`BrokerNode.management_url`.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from harness.stack import free_port
 class BrokerNode:
     """One RabbitMQ node listening on 127.0.0.1 on a free port."""
 
-    def __init__(self, *, tls: bool = False) -> None:
+    def __init__(self, *, tls: bool = False, management: bool = False) -> None:
         self.name = f"dispatch-fault-{uuid.uuid4().hex[:8]}@localhost"
         self.port = free_port()
         self.dist_port = free_port()
@@ -36,6 +38,8 @@ class BrokerNode:
         self.directory = Path(tempfile.mkdtemp(prefix="dispatch-broker-"))
         self.tls_port = free_port() if tls else 0
         self.certificates: dict[str, Path] = {}
+        self.management_port = free_port() if management else 0
+        self.management_url = f"http://127.0.0.1:{self.management_port}" if management else ""
         self._process: subprocess.Popen[bytes] | None = None
 
     def url_for(self, user: str, password: str, *, tls: bool = False) -> str:
@@ -45,16 +49,21 @@ class BrokerNode:
         return f"amqp://{user}:{password}@127.0.0.1:{self.port}/"
 
     def add_user(self, user: str, password: str, role: BrokerRole) -> None:
-        """A user of the default virtual host with exactly ``role``'s permissions."""
+        """A user of the default virtual host with exactly ``role``'s permissions and tags."""
         self.ctl("add_user", user, password)
         self.ctl("set_permissions", "-p", "/", user, role.configure, role.write, role.read)
         self.ctl("set_topic_permissions", "-p", "/", user, TOPIC_EXCHANGE, role.topic_write, role.topic_read)
+        if role.tags:
+            self.ctl("set_user_tags", user, *role.tags)
 
     def start(self, timeout: float = 90.0) -> None:
         for sub in ("mnesia", "log"):
             (self.directory / sub).mkdir(exist_ok=True)
-        (self.directory / "enabled_plugins").write_text("[].\n")
+        plugins = "[rabbitmq_management]" if self.management_port else "[]"
+        (self.directory / "enabled_plugins").write_text(f"{plugins}.\n")
         config = f"listeners.tcp.local = 127.0.0.1:{self.port}\n"
+        if self.management_port:
+            config += f"management.tcp.ip = 127.0.0.1\nmanagement.tcp.port = {self.management_port}\n"
         if self.tls_port:
             self.certificates = make_test_certificates(self.directory / "tls")
             config += (
@@ -99,7 +108,7 @@ class BrokerNode:
         while time.monotonic() < deadline:
             if self._process is not None and self._process.poll() is not None:
                 raise RuntimeError(f"rabbitmq-server exited:\n{self.log_tail()}")
-            if port_open(self.port) and (not self.tls_port or port_open(self.tls_port)):
+            if all(port_open(port) for port in (self.port, self.tls_port, self.management_port) if port):
                 return
             time.sleep(0.2)
         raise RuntimeError(f"private RabbitMQ not listening after {timeout} s:\n{self.log_tail()}")

@@ -3,9 +3,14 @@ checked against the Kubernetes schemas, the custom resources' schemas and what t
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import re
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any, cast
 
@@ -35,6 +40,7 @@ from harness.chart_render import (
     render,
     render_case,
 )
+from harness.stack import free_port
 from sender import admin
 
 KUBE_VERSIONS = ["1.29.0", "1.33.0"]
@@ -45,6 +51,12 @@ CRD_SCHEMAS = {
     )
 }
 OUR_IMAGES = re.compile(r"^llm-dispatcher-(sender|consumer|simulator):")
+# The metadata keys of KEDA's rabbitmq scaler (pkg/scalers/rabbitmq_scaler.go, v2.20.2: its
+# `keda:"name=..., order=triggerMetadata"` fields); the CRD itself only says "a map of strings".
+RABBITMQ_TRIGGER_KEYS = {
+    "queueName", "mode", "queueLength", "value", "activationValue", "host", "protocol", "vhostName",
+    "useRegex", "excludeUnacknowledged", "pageSize", "operation", "timeout", "unsafeSsl",
+}  # fmt: skip
 RECOMMENDED_LABELS = ["app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/managed-by"]
 
 
@@ -279,11 +291,13 @@ def test_model_pod_runs_vllm_and_the_consumer_beside_it() -> None:
     assert consumer["readinessProbe"]["httpGet"] == {"path": "/health", "port": "status"}
     status = next(p["containerPort"] for p in consumer["ports"] if p["name"] == "status")
     assert variables["CONSUMER_STATUS_PORT"] == str(status)
-    # vLLM outlives the consumer's drain on shutdown.
-    assert vllm["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", variables["CONSUMER_SHUTDOWN_GRACE"]]
-    assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > int(
-        variables["CONSUMER_SHUTDOWN_GRACE"]
-    )
+    # vLLM outlives the consumer's drain on shutdown: its preStop waits for the consumer's status port
+    # to close (the consumer's last step), bounded; the pod's grace covers both.
+    assert variables["CONSUMER_SHUTDOWN_GRACE"] == "600"  # the request deadline, SENDER_DEADLINE_SECONDS
+    pre_stop = vllm["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop[:2] == ["python3", "-c"]
+    assert f"('127.0.0.1', {status})" in pre_stop[2] and "time.monotonic() + 610" in pre_stop[2]
+    assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 630
     spec = deployment["spec"]["template"]["spec"]
     assert spec["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-L40S"}
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
@@ -344,11 +358,17 @@ def test_keda_scales_each_model_on_its_queue() -> None:
         assert trigger["type"] == "rabbitmq"
         assert trigger["metadata"]["queueName"] == contract.model_queue(model["name"])
         assert trigger["metadata"]["mode"] == "QueueLength"
+        # Requests waiting and being served (the management API's `messages`), not only waiting ones.
+        assert trigger["metadata"]["protocol"] == "http"
+        assert trigger["metadata"]["host"] == "http://rel-llm-dispatcher-rabbitmq.llm.svc:15672/"
+        assert trigger["metadata"]["activationValue"] == "0"  # the first request wakes it
+        assert set(trigger["metadata"]) <= RABBITMQ_TRIGGER_KEYS
+        assert obj["spec"]["initialCooldownPeriod"] == 1800  # the startup probe's budget
         assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
         overrides = model.get("keda", {})
         assert obj["spec"]["minReplicaCount"] == overrides.get("minReplicaCount", 1)
         assert obj["spec"]["maxReplicaCount"] == overrides.get("maxReplicaCount", 3)
-        assert trigger["metadata"]["value"] == str(overrides.get("queueLength", 8))
+        assert trigger["metadata"]["value"] == str(overrides.get("queueLength", 32))
     # Scaled to zero, a model is woken by the requests queued for it.
     sender = container(named(objects, "Deployment", "-sender"), "sender")
     assert env(sender)["SENDER_QUEUE_WITHOUT_CONSUMERS"] == "true"
@@ -359,12 +379,135 @@ def test_keda_scales_each_model_on_its_queue() -> None:
 
 def test_keda_with_an_external_broker_reads_its_url_secret() -> None:
     values = {**case_values("one-model-values"), "keda": {"enabled": True}}
+    # protocol http needs the management API's URL: the sender's AMQP URL will not do.
+    with pytest.raises(helm_python.HelmRenderError, match=r"needs rabbitmq\.kedaUrlSecretKey"):
+        render(values)
+    values["rabbitmq"] = {**values["rabbitmq"], "kedaUrlSecretKey": "keda-management-url"}
+    objects = render(values)
+    auth = named(objects, "TriggerAuthentication", "-rabbitmq-queue-reader")
+    assert auth["spec"]["secretTargetRef"] == [
+        {"parameter": "host", "name": "dispatcher-broker", "key": "keda-management-url"}
+    ]
+    metadata = of_kind(objects, "ScaledObject")[0]["spec"]["triggers"][0]["metadata"]
+    assert "host" not in metadata and metadata["protocol"] == "http"
+    # protocol amqp (a broker without the management plugin) still falls back to the sender's URL.
+    values = {**case_values("one-model-values"), "keda": {"enabled": True, "protocol": "amqp"}}
     objects = render(values)
     auth = named(objects, "TriggerAuthentication", "-rabbitmq-queue-reader")
     assert auth["spec"]["secretTargetRef"] == [
         {"parameter": "host", "name": "dispatcher-broker", "key": "url"}
     ]
-    assert "host" not in of_kind(objects, "ScaledObject")[0]["spec"]["triggers"][0]["metadata"]
+    assert of_kind(objects, "ScaledObject")[0]["spec"]["triggers"][0]["metadata"]["protocol"] == "amqp"
+
+
+def test_keda_amqp_protocol_with_the_internal_broker() -> None:
+    values = case_values("three-models-keda-values")
+    values["keda"]["protocol"] = "amqp"
+    objects = render(values)
+    trigger = of_kind(objects, "ScaledObject")[0]["spec"]["triggers"][0]["metadata"]
+    assert trigger["host"] == "amqp://rel-llm-dispatcher-rabbitmq.llm.svc:5672/"
+    assert "tags" not in named(objects, "User", "-rabbitmq-autoscaler")["spec"]
+    policy = named(objects, "NetworkPolicy", "-rabbitmq")["spec"]["ingress"]
+    keda = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "keda"}}}
+    assert [keda in rule["from"] for rule in policy[:2]] == [True, False]  # AMQP, not management
+
+
+def test_keda_reads_the_management_port_of_the_internal_broker() -> None:
+    objects = render_case("three-models-keda-values")
+    rules = named(objects, "NetworkPolicy", "-rabbitmq")["spec"]["ingress"]
+    keda = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "keda"}}}
+    readers = [rule for rule in rules if keda in rule["from"]]
+    assert [rule["ports"] for rule in readers] == [[{"port": 15672, "protocol": "TCP"}]]
+
+
+def test_initial_cooldown_follows_the_startup_probe_or_a_value() -> None:
+    values = case_values("three-models-keda-values")
+    values["vllm"]["startupProbe"] = {"periodSeconds": 5, "failureThreshold": 60}
+    values["models"][2]["keda"] = {"initialCooldownPeriod": 120}
+    scaled = {s["metadata"]["name"]: s["spec"] for s in of_kind(render(values), "ScaledObject")}
+    assert scaled["rel-llm-dispatcher-model-qwen2-5-7b"]["initialCooldownPeriod"] == 300
+    assert scaled["rel-llm-dispatcher-model-bge-m3"]["initialCooldownPeriod"] == 120
+    values["keda"]["initialCooldownPeriod"] = 0
+    scaled = {s["metadata"]["name"]: s["spec"] for s in of_kind(render(values), "ScaledObject")}
+    assert scaled["rel-llm-dispatcher-model-qwen2-5-7b"]["initialCooldownPeriod"] == 0
+
+
+@pytest.mark.parametrize(
+    ("values", "grace"),
+    [
+        ({}, 600),
+        ({"sender": {"env": {"SENDER_DEADLINE_SECONDS": "1800"}}}, 1800),
+        (
+            {"sender": {"env": {"SENDER_DEADLINE_SECONDS": 900}}, "consumer": {"shutdownGraceSeconds": 120}},
+            120,
+        ),
+    ],
+)
+def test_consumer_drain_follows_the_request_deadline(values: dict[str, Any], grace: int) -> None:
+    """Scale-in never cuts a request short: the consumer drains as long as a request may run."""
+    values = {
+        **values,
+        "models": [{"name": "m", "model": "x"}, {"name": "s", "model": "x", "backend": "simulator"}],
+    }
+    objects = render(values)
+    for name, backend in (("m", "vllm"), ("s", "simulator")):
+        deployment = named(objects, "Deployment", f"-model-{name}")
+        assert env(container(deployment, "consumer"))["CONSUMER_SHUTDOWN_GRACE"] == str(grace)
+        assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == grace + 30
+        pre_stop = container(deployment, backend)["lifecycle"]["preStop"]["exec"]["command"]
+        assert f"time.monotonic() + {grace + 10}" in pre_stop[2]
+
+
+def test_the_backend_outlives_the_consumer_on_shutdown() -> None:
+    """The rendered preStop, run for real: it holds while the consumer's status port is open and
+    returns as soon as it closes (the consumer's last step after its drain)."""
+    port = free_port()
+    values = {
+        "consumer": {"statusPort": port, "shutdownGraceSeconds": 60},
+        "models": [{"name": "m", "model": "x"}],
+    }
+    pre_stop = container(named(render(values), "Deployment", "-model-m"), "vllm")["lifecycle"]["preStop"]
+    command = [sys.executable, *pre_stop["exec"]["command"][1:]]
+    # No consumer listening (it has already exited, or never started): no wait.
+    started = time.monotonic()
+    subprocess.run(command, check=True, timeout=10)
+    assert time.monotonic() - started < 3
+    with socket.create_server(("127.0.0.1", port)) as consumer:
+        consumer.settimeout(0.1)
+        hook = subprocess.Popen(command)
+        try:
+            held_until = time.monotonic() + 3
+            while time.monotonic() < held_until:  # the consumer drains: accept and drop its checks
+                with contextlib.suppress(TimeoutError):
+                    consumer.accept()[0].close()
+                assert hook.poll() is None, "the backend stopped before the consumer"
+        finally:
+            consumer.close()
+        closed = time.monotonic()
+        assert hook.wait(timeout=10) == 0
+        assert time.monotonic() - closed < 3
+
+
+def test_the_model_cache_is_persistent_by_default() -> None:
+    objects = render({"models": [{"name": "m", "model": "x"}]})
+    claim = named(objects, "PersistentVolumeClaim", "-model-m-cache")
+    assert claim["spec"]["resources"]["requests"]["storage"] == "100Gi"
+    assert "storageClassName" not in claim["spec"]
+    volumes = {v["name"]: v for v in pod_spec(named(objects, "Deployment", "-model-m"))["volumes"]}  # type: ignore[index]
+    assert volumes["models"]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    sized = render(
+        {
+            "models": [{"name": "m", "model": "x"}],
+            "vllm": {"cache": {"size": "300Gi", "storageClass": "fast"}},
+        }
+    )
+    claim = named(sized, "PersistentVolumeClaim", "-model-m-cache")
+    assert claim["spec"]["storageClassName"] == "fast"
+    assert claim["spec"]["resources"]["requests"]["storage"] == "300Gi"
+    scratch = render({"models": [{"name": "m", "model": "x"}], "vllm": {"cache": {"persistence": False}}})
+    assert not of_kind(scratch, "PersistentVolumeClaim")
+    volumes = {v["name"]: v for v in pod_spec(named(scratch, "Deployment", "-model-m"))["volumes"]}  # type: ignore[index]
+    assert volumes["models"] == {"name": "models", "emptyDir": {}}
 
 
 def test_internal_rabbitmq() -> None:
@@ -416,7 +559,8 @@ def test_each_role_has_its_own_broker_user() -> None:
     for role, permissions in ROLES.items():
         user = users[role]
         assert user["spec"]["rabbitmqClusterReference"] == {"name": cluster}
-        assert "tags" not in user["spec"]  # no management rights
+        # Only the autoscaler has a tag: monitoring, to read queue counts from the management API.
+        assert user["spec"].get("tags", []) == list(permissions.tags)
         secret = named(objects, "Secret", f"-rabbitmq-user-{role}")
         assert user["spec"]["importCredentialsSecret"] == {"name": secret["metadata"]["name"]}
         assert secret["stringData"]["username"] == f"dispatch-{role}"
@@ -871,6 +1015,9 @@ def test_chart_files_are_links_to_the_sources() -> None:
         ({"rabbitmq": {"tls": {"caSecret": "Bad_Name"}}}, "/rabbitmq/tls/caSecret"),
         ({"vllm": {"apiKey": {"secret": "k"}}}, "additional properties 'secret' not allowed"),
         ({"keda": {"minReplicaCount": -1}}, "/keda/minReplicaCount"),
+        ({"keda": {"protocol": "grpc"}}, "/keda/protocol"),
+        ({"keda": {"initialCooldownPeriod": -1}}, "/keda/initialCooldownPeriod"),
+        ({"consumer": {"shutdownGraceSeconds": 0}}, "/consumer/shutdownGraceSeconds"),
         ({"sender": {"env": {"bad-name": "1"}}}, "/sender/env"),
         ({"sender": {"shutdownGraceSeconds": 0}}, "/sender/shutdownGraceSeconds"),
         ({"sender": {"shutdownGraceSeconds": "60"}}, "/sender/shutdownGraceSeconds"),
@@ -989,6 +1136,7 @@ def test_zero_and_false_overrides_are_kept() -> None:
     assert busy["spec"]["replicas"] == 1
     assert env(container(busy, "consumer"))["CONSUMER_WAITING_TOLERANCE"] == "2"
     values["keda"]["enabled"] = True
+    values["rabbitmq"] = {"kedaUrlSecretKey": "keda-url"}
     values["models"][0]["keda"] = {"minReplicaCount": 0}
     scaled = {s["metadata"]["name"]: s["spec"] for s in of_kind(render(values), "ScaledObject")}
     assert scaled["rel-llm-dispatcher-model-idle"]["minReplicaCount"] == 0
