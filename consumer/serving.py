@@ -91,7 +91,7 @@ class Serving:
         self.metrics = metrics
         self.cancellations = cancellations
         self.channel = channel
-        self.routes = settings.served_routes
+        self.routes = settings.relayed_routes
 
     def serve(self, message: AbstractIncomingMessage, *, liveness_queue: str) -> Delivery:
         """``async with serving.serve(message) as served``: answer it; settle it when the block ends."""

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import ssl
 from pathlib import Path
 from typing import Literal, Self
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, Field, SecretStr, model_validator
+from pydantic_settings import SettingsConfigDict
 
-from contract import DEAD_LETTER_QUEUE, DEFAULT_MAX_PRIORITY, DEFAULT_RABBITMQ_URL, routes
-from contract.broker_tls import broker_ssl_context
+from contract import DEAD_LETTER_QUEUE, DEFAULT_MAX_PRIORITY, DEFAULT_RABBITMQ_URL
+from contract.service_settings import SharedSettings
 
 
-class ConsumerSettings(BaseSettings):
+class ConsumerSettings(SharedSettings):
     """Names are the environment variables, prefixed ``CONSUMER_`` except the three shared ones."""
 
     model_config = SettingsConfigDict(env_prefix="CONSUMER_", extra="ignore")
@@ -35,11 +34,6 @@ class ConsumerSettings(BaseSettings):
         DEFAULT_RABBITMQ_URL,
         validation_alias=AliasChoices("RABBITMQ_URL", "CONSUMER_RABBITMQ_URL"),
     )
-    rabbitmq_ca_file: Path | None = None
-    """CA (PEM) that signed the broker's certificate, for an ``amqps://`` URL; unset: the system's CAs."""
-    rabbitmq_cert_file: Path | None = None
-    """Client certificate (PEM) presented to the broker, with ``rabbitmq_key_file``; unset: none."""
-    rabbitmq_key_file: Path | None = None
     log_level: str = "info"
 
     max_inflight: int = Field(128, ge=1)
@@ -79,29 +73,6 @@ class ConsumerSettings(BaseSettings):
     """Durable queue where unreadable request messages are kept for inspection."""
     reconnect_interval: float = 1.0
     """Seconds between attempts to reconnect to the broker after losing it."""
-    extra_routes: str = ""
-    """Backend routes served besides :data:`contract.routes.RELAYED_ROUTES`, comma-separated exact
-    paths, as the senders' ``SENDER_EXTRA_ROUTES``; a request naming any other path gets 404
-    ``unknown_url`` and never reaches the backend."""
-
-    @field_validator("extra_routes")
-    @classmethod
-    def _check_extra_routes(cls, value: str) -> str:
-        routes.parse_extra_routes(value)
-        return value
-
-    @property
-    def served_routes(self) -> frozenset[str]:
-        """Every route this consumer calls its backend on, exact paths."""
-        return routes.relayed_routes(routes.parse_extra_routes(self.extra_routes))
-
-    def rabbitmq_ssl_context(self) -> ssl.SSLContext | None:
-        return broker_ssl_context(
-            self.rabbitmq_url,
-            ca_file=self.rabbitmq_ca_file,
-            cert_file=self.rabbitmq_cert_file,
-            key_file=self.rabbitmq_key_file,
-        )
 
     @model_validator(mode="after")
     def _one_api_key(self) -> Self:

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import ssl
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import SettingsConfigDict
 
-from contract import DEFAULT_MAX_PRIORITY, DEFAULT_RABBITMQ_URL, routes
-from contract.broker_tls import broker_ssl_context
+from contract import DEFAULT_MAX_PRIORITY, DEFAULT_RABBITMQ_URL
+from contract.service_settings import SharedSettings
 
 
-class SenderSettings(BaseSettings):
+class SenderSettings(SharedSettings):
     """Every knob of the sender. Names are the environment variables, prefixed ``SENDER_``
     except for the two URLs shared with other services."""
 
@@ -22,11 +21,6 @@ class SenderSettings(BaseSettings):
         DEFAULT_RABBITMQ_URL,
         validation_alias=AliasChoices("RABBITMQ_URL", "SENDER_RABBITMQ_URL"),
     )
-    rabbitmq_ca_file: Path | None = None
-    """CA (PEM) that signed the broker's certificate, for an ``amqps://`` URL; unset: the system's CAs."""
-    rabbitmq_cert_file: Path | None = None
-    """Client certificate (PEM) presented to the broker, with ``rabbitmq_key_file``; unset: none."""
-    rabbitmq_key_file: Path | None = None
     database_url: str = Field(
         "postgresql+psycopg://postgres@127.0.0.1:5432/test",
         validation_alias=AliasChoices("DATABASE_URL", "SENDER_DATABASE_URL"),
@@ -109,29 +103,6 @@ class SenderSettings(BaseSettings):
     db_pool_size: int = 5
     metrics_token_label: bool = True
     """Label request metrics with the token name (names are operator-chosen; turn off for many tokens)."""
-    extra_routes: str = ""
-    """Routes relayed besides :data:`contract.routes.RELAYED_ROUTES`: comma-separated exact paths
-    (``/v1/foo,/bar``), each a POST of a JSON body naming a ``model``. The consumers must list them
-    too (``CONSUMER_EXTRA_ROUTES``); routes that control the backend are refused."""
-
-    @field_validator("extra_routes")
-    @classmethod
-    def _check_extra_routes(cls, value: str) -> str:
-        routes.parse_extra_routes(value)
-        return value
-
-    @property
-    def relayed_routes(self) -> frozenset[str]:
-        """Every route this sender relays, exact paths."""
-        return routes.relayed_routes(routes.parse_extra_routes(self.extra_routes))
-
-    def rabbitmq_ssl_context(self) -> ssl.SSLContext | None:
-        return broker_ssl_context(
-            self.rabbitmq_url,
-            ca_file=self.rabbitmq_ca_file,
-            cert_file=self.rabbitmq_cert_file,
-            key_file=self.rabbitmq_key_file,
-        )
 
     def pepper(self) -> bytes | None:
         """The token pepper as bytes (UTF-8), from ``SENDER_TOKEN_PEPPER`` or the file; None if neither."""

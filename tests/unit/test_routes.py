@@ -71,7 +71,7 @@ def test_extra_routes_are_checked() -> None:
         SenderSettings(extra_routes="/sleep")
     with pytest.raises(pydantic.ValidationError):
         ConsumerSettings(model="m", extra_routes="/v1/../sleep")
-    assert ConsumerSettings(model="m", extra_routes="/v1/messages").served_routes == settings.relayed_routes
+    assert ConsumerSettings(model="m", extra_routes="/v1/messages").relayed_routes == settings.relayed_routes
 
 
 def test_the_consumer_builds_backend_urls_verbatim() -> None:
