@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import functools
+import json
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 import helm_python
 import yaml
+from helm_python import _native
 from pydantic import AliasChoices
 from pydantic_settings import BaseSettings
 
@@ -22,8 +25,18 @@ CASES = ["default", *CI_VALUES]
 RELEASE = "rel"
 NAMESPACE = "llm"
 
+OPERATOR_APIS = (
+    "rabbitmq.com/v1beta1/RabbitmqCluster",  # the RabbitMQ cluster operator
+    "rabbitmq.com/v1beta1/User",  # the messaging-topology-operator
+)
+"""What a cluster with the RabbitMQ operators answers to ``.Capabilities.APIVersions.Has``: the
+chart's default (no broker values) creates its broker only where they exist."""
+
 # The variables the chart and compose may set on each of our containers.
 HELPER_VARIABLES = {"RABBITMQ_USERNAME", "RABBITMQ_PASSWORD"}  # only expanded into RABBITMQ_URL
+AWAITED_VARIABLES = {"RABBITMQ_QUEUE_TYPE"}
+"""Set by the chart (``rabbitmq.queueType``) for the sender and the consumers, whose settings gain it
+with the quorum model queues (issue 13): drop it from here once they read it."""
 
 
 def setting_names(settings: type[BaseSettings]) -> set[str]:
@@ -59,14 +72,28 @@ def chart() -> helm_python.Chart:
     return helm_python.Chart.load(CHART)
 
 
-def render_files(values: dict[str, Any]) -> dict[str, str]:
-    return chart().render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+def render_files(values: dict[str, Any], api_versions: Collection[str] = OPERATOR_APIS) -> dict[str, str]:
+    """The rendered templates, as ``helm install`` would make them on a cluster serving ``api_versions``
+    (besides the built-in ones): by default one where the RabbitMQ operators are installed.
+
+    helm-python-sdk's ``Chart.render`` has no parameter for them (``helm template --api-versions``),
+    but its native call reads ``api_versions`` from the same options.
+    """
+    options = {
+        "name": RELEASE,
+        "namespace": NAMESPACE,
+        "is_install": True,
+        "api_versions": list(api_versions),
+    }
+    rendered = _native.call_string("helm_render", chart()._raw(), json.dumps(values), json.dumps(options))
+    manifests: dict[str, str] = json.loads(rendered)
+    return manifests
 
 
-def render(values: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every Kubernetes object the chart renders with ``values``."""
+def render(values: dict[str, Any], api_versions: Collection[str] = OPERATOR_APIS) -> list[dict[str, Any]]:
+    """Every Kubernetes object the chart renders with ``values`` (on a cluster serving ``api_versions``)."""
     objects = []
-    for path, text in render_files(values).items():
+    for path, text in render_files(values, api_versions).items():
         if path.endswith("NOTES.txt"):
             continue
         objects += [doc for doc in yaml.safe_load_all(text) if doc]

@@ -64,6 +64,53 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- printf "%s:%s" $image.repository (default $root.Chart.AppVersion $image.tag) }}
 {{- end }}
 
+{{/* The API groups the internal broker needs: the cluster operator's RabbitmqCluster, and the
+     messaging-topology-operator's User (with Permission and TopicPermission) for the role users. */}}
+{{- define "dispatcher.rabbitmqOperatorApis" -}}
+rabbitmq.com/v1beta1/RabbitmqCluster: the RabbitMQ cluster operator
+rabbitmq.com/v1beta1/User: the RabbitMQ messaging-topology-operator
+{{- end }}
+
+{{/* "true" when the chart creates the broker (a RabbitmqCluster), "" when the dispatcher uses the
+     external broker of rabbitmq.urlSecret. rabbitmq.internal null (the default) decides from
+     urlSecret alone, so an external broker is one value away; dispatcher.validate checks that the
+     operators' APIs exist when the chart is to create it. */}}
+{{- define "dispatcher.rabbitmqInternal" -}}
+{{- $internal := .Values.rabbitmq.internal }}
+{{- if kindIs "invalid" $internal }}
+{{- if not .Values.rabbitmq.urlSecret }}true{{ end }}
+{{- else if $internal }}true{{ end }}
+{{- end }}
+
+{{/* Checks of the values as a whole, made once (templates/validate.yaml) before anything is
+     installed: each failure says what to change. */}}
+{{- define "dispatcher.validate" -}}
+{{- $rmq := .Values.rabbitmq }}
+{{- if and (kindIs "invalid" $rmq.internal) (include "dispatcher.rabbitmqInternal" .) }}
+{{- /* Chosen by default, not asked for: the operators must be there to act on it. */}}
+{{- $missing := list }}
+{{- $flags := list }}
+{{- range $api, $who := include "dispatcher.rabbitmqOperatorApis" . | fromYaml }}
+{{- if not ($.Capabilities.APIVersions.Has $api) }}
+{{- $missing = append $missing (printf "%s (%s)" $api $who) }}
+{{- $flags = append $flags (printf "--api-versions %s" $api) }}
+{{- end }}
+{{- end }}
+{{- if $missing }}
+{{- fail (printf "rabbitmq: no external broker is given (rabbitmq.urlSecret is empty), so the chart would create one, but this cluster lacks the API of %s. Install what is missing, or set rabbitmq.urlSecret to the Secret holding your broker's URLs. Rendering offline (helm template)? Pass %s, or set rabbitmq.internal=true." (join " and " $missing) (join " " $flags)) }}
+{{- end }}
+{{- end }}
+{{- if include "dispatcher.rabbitmqInternal" . }}
+{{- if regexMatch "(?m)^\\s*consumer_timeout\\s*=" (default "" $rmq.cluster.additionalConfig) }}
+{{- fail "rabbitmq.cluster.additionalConfig sets consumer_timeout: set rabbitmq.consumerTimeoutSeconds instead" }}
+{{- end }}
+{{- $deadline := get .Values.sender.env "SENDER_DEADLINE_SECONDS" | default 600 | float64 }}
+{{- if le (float64 $rmq.consumerTimeoutSeconds) $deadline }}
+{{- fail (printf "rabbitmq.consumerTimeoutSeconds (%v) must exceed the longest generation, SENDER_DEADLINE_SECONDS (%v): the broker would take a request back from the consumer serving it (quorum queues enforce it)" $rmq.consumerTimeoutSeconds $deadline) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
 {{- define "dispatcher.rabbitmqName" -}}
 {{- include "dispatcher.componentName" (list . "rabbitmq") }}
 {{- end }}
@@ -95,7 +142,9 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- $root := index . 0 }}
 {{- $role := index . 1 }}
 {{- $tls := $root.Values.rabbitmq.tls }}
-{{- if $root.Values.rabbitmq.internal }}
+- name: RABBITMQ_QUEUE_TYPE
+  value: {{ $root.Values.rabbitmq.queueType | quote }}
+{{- if include "dispatcher.rabbitmqInternal" $root }}
 - name: RABBITMQ_USERNAME
   valueFrom:
     secretKeyRef:

@@ -23,9 +23,11 @@ import yaml
 import contract
 from contract.broker_roles import ROLES, TOPIC_EXCHANGE
 from harness.chart_render import (
+    AWAITED_VARIABLES,
     CASES,
     CHART,
     HELPER_VARIABLES,
+    OPERATOR_APIS,
     ROOT,
     SETTINGS,
     case_values,
@@ -133,12 +135,19 @@ def test_pods_are_locked_down(case: str) -> None:
                 assert context.get("readOnlyRootFilesystem") is True, where
 
 
+def broker_is_internal(values: dict[str, Any]) -> bool:
+    """What the chart decides: ``rabbitmq.internal`` if given, else whether no ``urlSecret`` is."""
+    rabbitmq = values.get("rabbitmq", {})
+    internal = rabbitmq.get("internal")
+    return not rabbitmq.get("urlSecret") if internal is None else bool(internal)
+
+
 def generated_secrets(values: dict[str, Any]) -> list[str]:
     """The Secrets the chart itself makes (random, kept across upgrades): nothing a value holds."""
     names = []
     if values.get("database", {}).get("internal"):
         names.append("rel-llm-dispatcher-database")
-    if values.get("rabbitmq", {}).get("internal"):
+    if broker_is_internal(values):
         roles = ["sender", "consumer", *(["autoscaler"] if values.get("keda", {}).get("enabled") else [])]
         names += [f"rel-llm-dispatcher-rabbitmq-user-{role}" for role in roles]
     vllm_models = [m for m in values.get("models", []) if m.get("backend", "vllm") == "vllm"]
@@ -182,7 +191,7 @@ def test_environment_names_are_settings(case: str) -> None:
             if not match:
                 continue
             role = roles.get(c["name"], match.group(1))
-            unknown = set(env(c)) - SETTINGS[role] - HELPER_VARIABLES
+            unknown = set(env(c)) - SETTINGS[role] - HELPER_VARIABLES - AWAITED_VARIABLES
             assert not unknown, (obj["metadata"]["name"], c["name"], unknown)
 
 
@@ -547,6 +556,112 @@ def test_internal_rabbitmq() -> None:
     assert "@/definitions/definitions.json" in command
 
 
+PINNED_RABBITMQ = re.compile(r"^rabbitmq:4\.3\.\d+-management$")
+
+
+def test_default_install_creates_a_replicated_4_3_broker() -> None:
+    """No broker values, the operators installed: 3 nodes on a pinned 4.3 image, model queues chosen
+    by the services (quorum on 4.3), KEDA reading the management API of that broker."""
+    values: dict[str, Any] = {"models": [{"name": "m", "model": "x"}], "keda": {"enabled": True}}
+    objects = render(values)
+    (cluster,) = of_kind(objects, "RabbitmqCluster")
+    assert cluster["spec"]["replicas"] == 3
+    assert PINNED_RABBITMQ.match(cluster["spec"]["image"]), cluster["spec"]["image"]
+    config = cluster["spec"]["rabbitmq"]["additionalConfig"].splitlines()
+    assert [line for line in config if line.startswith("consumer_timeout")] == ["consumer_timeout = 7200000"]
+    assert {u["metadata"]["name"] for u in of_kind(objects, "User")} == {
+        f"rel-llm-dispatcher-rabbitmq-{role}" for role in ("sender", "consumer", "autoscaler")
+    }
+    host = "rel-llm-dispatcher-rabbitmq.llm.svc"
+    for name, role in (("-sender", "sender"), ("-model-m", "consumer")):
+        variables = env(container(named(objects, "Deployment", name), role))
+        assert variables["RABBITMQ_QUEUE_TYPE"] == "auto"
+        assert variables["RABBITMQ_URL"] == f"amqp://$(RABBITMQ_USERNAME):$(RABBITMQ_PASSWORD)@{host}:5672/"
+    (trigger,) = of_kind(objects, "ScaledObject")[0]["spec"]["triggers"]
+    assert trigger["metadata"]["host"] == f"http://{host}:15672/"
+    secrets = named(objects, "TriggerAuthentication", "-rabbitmq-queue-reader")["spec"]["secretTargetRef"]
+    assert {ref["name"] for ref in secrets} == {"rel-llm-dispatcher-rabbitmq-user-autoscaler"}
+    assert "monitoring" in named(objects, "User", "-rabbitmq-autoscaler")["spec"]["tags"]
+    for obj in objects:
+        if obj["kind"] == "RabbitmqCluster":
+            crd_validator(CRD_SCHEMAS[("rabbitmq.com/v1beta1", "RabbitmqCluster")]).validate(obj)
+
+
+def test_no_operator_and_no_broker_fails_clearly() -> None:
+    """Where the chart cannot create the broker, installing stops before anything is applied."""
+    with pytest.raises(helm_python.HelmRenderError) as raised:
+        render({}, api_versions=())
+    message = str(raised.value)
+    assert "rabbitmq.urlSecret" in message and "rabbitmq.internal=true" in message
+    assert "RabbitmqCluster (the RabbitMQ cluster operator)" in message
+    assert "User (the RabbitMQ messaging-topology-operator)" in message
+    # Only the topology operator missing: the users could not be made.
+    with pytest.raises(helm_python.HelmRenderError, match=r"lacks the API of rabbitmq\.com/v1beta1/User "):
+        render({}, api_versions=("rabbitmq.com/v1beta1/RabbitmqCluster",))
+    # internal: true asks for it anyway (helm template offline, operators installed in the same sync).
+    assert of_kind(render({"rabbitmq": {"internal": True}}, api_versions=()), "RabbitmqCluster")
+
+
+def test_an_external_broker_is_one_value_away() -> None:
+    values: dict[str, Any] = {"models": [{"name": "m", "model": "x"}], "rabbitmq": {"urlSecret": "my-broker"}}
+    for api_versions in ((), OPERATOR_APIS):  # with or without the operators
+        objects = render(values, api_versions=api_versions)
+        assert not [o for o in objects if o["apiVersion"].startswith("rabbitmq.com/")]
+        assert not [
+            o for o in objects if "rabbitmq" in o["metadata"]["name"] and o["kind"] != "NetworkPolicy"
+        ]
+        for name, role in (("-sender", "sender"), ("-model-m", "consumer")):
+            variables = env(container(named(objects, "Deployment", name), role))
+            assert variables["RABBITMQ_URL"] == {"secretKeyRef": {"name": "my-broker", "key": "url"}}
+            assert variables["RABBITMQ_QUEUE_TYPE"] == "auto"
+    # internal: false without a Secret is refused by the schema.
+    with pytest.raises(helm_python.HelmValuesError, match="/rabbitmq/urlSecret"):
+        render({"rabbitmq": {"internal": False}})
+
+
+def test_queue_type_is_one_value_for_sender_and_consumers() -> None:
+    objects = render({"models": [{"name": "m", "model": "x"}], "rabbitmq": {"queueType": "classic"}})
+    assert (
+        env(container(named(objects, "Deployment", "-sender"), "sender"))["RABBITMQ_QUEUE_TYPE"] == "classic"
+    )
+    assert (
+        env(container(named(objects, "Deployment", "-model-m"), "consumer"))["RABBITMQ_QUEUE_TYPE"]
+        == "classic"
+    )
+    with pytest.raises(helm_python.HelmRenderError, match=r"rabbitmq\.queueType"):
+        render({"models": [{"name": "m", "model": "x", "consumerEnv": {"RABBITMQ_QUEUE_TYPE": "quorum"}}]})
+    with pytest.raises(helm_python.HelmRenderError, match=r"rabbitmq\.queueType"):
+        render({"sender": {"env": {"RABBITMQ_QUEUE_TYPE": "quorum"}}})
+
+
+def test_consumer_timeout_outlasts_the_longest_generation() -> None:
+    """Quorum queues (4.3) take back a request held past consumer_timeout: it must exceed the deadline."""
+    with pytest.raises(helm_python.HelmRenderError, match=r"consumerTimeoutSeconds \(7200\) must exceed"):
+        render({"sender": {"env": {"SENDER_DEADLINE_SECONDS": "7200"}}})
+    values: dict[str, Any] = {"sender": {"env": {"SENDER_DEADLINE_SECONDS": 7200}}}
+    values["rabbitmq"] = {"consumerTimeoutSeconds": 10800}
+    (cluster,) = of_kind(render(values), "RabbitmqCluster")
+    assert "consumer_timeout = 10800000" in cluster["spec"]["rabbitmq"]["additionalConfig"].splitlines()
+    with pytest.raises(helm_python.HelmRenderError, match=r"set rabbitmq\.consumerTimeoutSeconds instead"):
+        render({"rabbitmq": {"cluster": {"additionalConfig": "consumer_timeout = 60000"}}})
+    # An external broker's timeout is its operator's to set (rabbitmq/README.md): no check then.
+    assert render({"rabbitmq": {"urlSecret": "b"}, "sender": {"env": {"SENDER_DEADLINE_SECONDS": 9000}}})
+
+
+def test_additional_config_replaces_the_same_keys() -> None:
+    values = {
+        "rabbitmq": {
+            "cluster": {"additionalConfig": "disk_free_limit.absolute = 5GB\nlog.console.level = warning"}
+        }
+    }
+    (cluster,) = of_kind(render(values), "RabbitmqCluster")
+    config = cluster["spec"]["rabbitmq"]["additionalConfig"].splitlines()
+    assert [line for line in config if line.startswith("disk_free_limit")] == [
+        "disk_free_limit.absolute = 5GB"
+    ]
+    assert "vm_memory_high_watermark.relative = 0.6" in config and "log.console.level = warning" in config
+
+
 def test_each_role_has_its_own_broker_user() -> None:
     """The internal broker's users carry exactly the permissions tests/security proves on a real broker."""
     objects = render_case("three-models-keda-values")
@@ -767,7 +882,7 @@ def test_unset_token_fields_are_left_out() -> None:
 def test_network_policies_are_on_by_default() -> None:
     objects = render({"models": [{"name": "m", "model": "x"}]})
     names = {p["metadata"]["name"] for p in of_kind(objects, "NetworkPolicy")}
-    assert names == {"rel-llm-dispatcher-sender", "rel-llm-dispatcher-models"}
+    assert names == {"rel-llm-dispatcher-sender", "rel-llm-dispatcher-models", "rel-llm-dispatcher-rabbitmq"}
     models = named(objects, "NetworkPolicy", "-models")["spec"]
     assert [port for rule in models["ingress"] for port in rule["ports"]] == [
         {"port": "status", "protocol": "TCP"}
@@ -1006,7 +1121,11 @@ def test_chart_files_are_links_to_the_sources() -> None:
             {"tokens": [{"name": "a", "priority": 1, "threshold": 0, "secretName": "s"}]},
             "/tokens/0/threshold",
         ),
-        ({"rabbitmq": {"urlSecret": ""}}, "/rabbitmq/urlSecret"),
+        ({"rabbitmq": {"internal": False, "urlSecret": ""}}, "/rabbitmq/urlSecret"),
+        ({"rabbitmq": {"internal": "auto"}}, "/rabbitmq/internal"),
+        ({"rabbitmq": {"queueType": "stream"}}, "/rabbitmq/queueType"),
+        ({"rabbitmq": {"consumerTimeoutSeconds": 0}}, "/rabbitmq/consumerTimeoutSeconds"),
+        ({"rabbitmq": {"cluster": {"image": "rabbitmq:4.3 management"}}}, "/rabbitmq/cluster/image"),
         ({"database": {"urlSecret": ""}}, "/database/urlSecret"),
         ({"rabbitmq": {"internal": True, "cluster": {"replicas": 2}}}, "/rabbitmq/cluster/replicas"),
         ({"keda": {"enabled": "yes"}}, "/keda/enabled"),
