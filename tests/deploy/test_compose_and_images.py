@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
+import contract
 from contract.broker_roles import ROLES, TOPIC_EXCHANGE
 from harness.chart_render import HELPER_VARIABLES, ROOT, SETTINGS, case_values, of_kind, render_case
 from harness.vllm_cpu import VERSION as TESTED_VLLM
@@ -177,7 +178,10 @@ def test_compose_wiring() -> None:
     services = compose()["services"]
     rabbitmq = services["rabbitmq"]
     assert "./rabbitmq/rabbitmq.conf:/etc/rabbitmq/conf.d/90-dispatcher.conf:ro" in rabbitmq["volumes"]
-    assert rabbitmq["image"].startswith("rabbitmq:") and "management" in rabbitmq["image"]
+    # RabbitMQ 4.3, pinned, the very image the chart gives its RabbitmqCluster.
+    assert re.fullmatch(r"rabbitmq:4\.3\.\d+-management", rabbitmq["image"]), rabbitmq["image"]
+    chart_values = yaml.safe_load((ROOT / "chart" / "values.yaml").read_text())
+    assert rabbitmq["image"] == chart_values["rabbitmq"]["cluster"]["image"]
     init = services["broker-init"]
     assert "./rabbitmq/definitions.json:/definitions/definitions.json:ro" in init["volumes"]
     assert init["command"][-1] == "http://rabbitmq:15672/api/definitions"
@@ -195,6 +199,12 @@ def test_compose_wiring() -> None:
     assert services["mysql"]["profiles"] == ["mysql"]
     assert "./rabbitmq/compose-users.json:/definitions/compose-users.json:ro" in init["volumes"]
     assert "@/definitions/compose-users.json" in init["command"]
+    # definitions.json first: it declares the control exchange, without which 4.3 refuses the
+    # users' topic permissions (tests/broker43/test_rabbitmq_files.py).
+    command = init["command"]
+    assert command.index("@/definitions/definitions.json") < command.index("@/definitions/compose-users.json")
+    definitions = json.loads((ROOT / "rabbitmq" / "definitions.json").read_text())
+    assert contract.CONTROL_EXCHANGE in {e["name"] for e in definitions["exchanges"]}
     # Each role its own broker user, with the permissions of contract/broker_roles.py.
     users = json.loads((ROOT / "rabbitmq" / "compose-users.json").read_text())
     hashes = {user["name"]: user["password_hash"] for user in users["users"]}

@@ -86,5 +86,6 @@ def private_node() -> Iterator[str]:
 
 def test_node_boots_with_our_settings(private_node: str) -> None:
     assert setting(private_node, "consumer_timeout") == "{ok,7200000}"
+    assert setting(private_node, "max_message_size") == "{ok,33554432}"
     assert setting(private_node, "vm_memory_high_watermark") == "{ok,0.6}"
     assert "2GB" in setting(private_node, "disk_free_limit")

@@ -77,6 +77,8 @@ async def test_model_queue_gets_the_policy_and_dead_letters(vhost: str) -> None:
                 except aio_pika.exceptions.ChannelClosed:
                     channel = await connection.channel()
                     await asyncio.sleep(0.2)
+        # The control exchange as the services declare it: equivalent to the imported one.
+        await channel.declare_exchange(contract.CONTROL_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
         queue = await channel.declare_queue(
             model_queue, durable=True, arguments=contract.model_queue_arguments()
         )

@@ -1,0 +1,169 @@
+"""rabbitmq/rabbitmq.conf and rabbitmq/definitions.json on RabbitMQ 4.3, used as compose and the chart do.
+
+A node of its own boots with our rabbitmq.conf (plus the test bed's ports and
+paths) and the management plugin that the ``-management`` images and the cluster
+operator enable; then rabbitmq/definitions.json and rabbitmq/compose-users.json
+are posted to ``/api/definitions``, as compose's ``rabbitmq-init`` and the chart's
+definitions Job do. The node must boot, carry our settings, hold the users with
+their permissions, apply the policies to quorum model queues (and to classic ones,
+the path of older brokers) and log no deprecation caused by our configuration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import aio_pika
+import pytest
+
+import contract
+from harness import rabbitmq43
+from harness.stack import free_port
+
+RABBITMQ = Path(__file__).resolve().parents[2] / "rabbitmq"
+DEPRECATIONS_OF_THE_MANAGEMENT_PLUGIN = {"management_metrics_collection"}
+"""Logged by any 4.3 node with the management plugin, whatever its configuration: KEDA's default
+trigger (``keda.protocol: http``) reads queue counts from those metrics (rabbitmq/README.md)."""
+
+
+@dataclass
+class Configured:
+    node: rabbitmq43.Node43
+    api: str
+
+
+def call(url: str, body: bytes | None = None) -> Any:
+    """The management API as guest (allowed from loopback); the answer decoded, None when empty."""
+    request = urllib.request.Request(url, data=body, method="POST" if body is not None else "GET")
+    request.add_header("authorization", "Basic " + base64.b64encode(b"guest:guest").decode())
+    request.add_header("content-type", "application/json")
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        text = answer.read()
+    return json.loads(text) if text else None
+
+
+@pytest.fixture(scope="module")
+def configured43(testbed43: rabbitmq43.Testbed) -> Iterator[Configured]:
+    node = testbed43.node(start=False)
+    management = free_port()
+    config = node.directory / "rabbitmq.conf"  # the test bed's listener and logs, then ours
+    config.write_text(
+        config.read_text()
+        + (RABBITMQ / "rabbitmq.conf").read_text()
+        + f"\nmanagement.tcp.ip = 127.0.0.1\nmanagement.tcp.port = {management}\n"
+    )
+    (node.directory / "enabled_plugins").write_text("[rabbitmq_management].\n")
+    try:
+        node.start()
+        node.ctl("await_startup", "--timeout", "90", timeout=120)
+        api = f"http://127.0.0.1:{management}/api"
+        deadline = time.monotonic() + 60
+        while True:  # the management listener comes up after AMQP
+            try:
+                call(f"{api}/overview")
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert time.monotonic() < deadline, f"no management API on {management}:\n{node.log_tail()}"
+                time.sleep(0.5)
+        for name in ("definitions.json", "compose-users.json"):
+            try:
+                call(f"{api}/definitions", (RABBITMQ / name).read_bytes())
+            except urllib.error.HTTPError as exc:
+                pytest.fail(f"RabbitMQ 4.3 refused rabbitmq/{name}: {exc.code} {exc.read()!r}")
+        yield Configured(node, api)
+    finally:
+        node.stop()
+
+
+def test_node_runs_with_our_settings(configured43: Configured) -> None:
+    keys = ["consumer_timeout", "max_message_size", "vm_memory_high_watermark", "disk_free_limit"]
+    answer = configured43.node.ctl(
+        "eval", f"[application:get_env(rabbit, K) || K <- [{', '.join(keys)}]]."
+    ).strip()
+    consumer_timeout, max_message_size, memory, disk = answer.strip("[]").split("},{")
+    assert consumer_timeout.strip("{") == "ok,7200000"
+    assert max_message_size == "ok,33554432"
+    assert "0.6" in memory and "2GB" in disk, answer
+
+
+def test_users_and_permissions_exist(configured43: Configured) -> None:
+    """compose-users.json's users, permissions and topic permissions (the latter need the control
+    exchange, which 4.3 checks: definitions.json declares it)."""
+    expected = json.loads((RABBITMQ / "compose-users.json").read_text())
+    users = {u["name"] for u in call(f"{configured43.api}/users")}
+    assert {u["name"] for u in expected["users"]} <= users
+    permissions = {p["user"]: p for p in call(f"{configured43.api}/permissions")}
+    for wanted in expected["permissions"]:
+        held = permissions[wanted["user"]]
+        assert [held[k] for k in ("vhost", "configure", "write", "read")] == [
+            wanted[k] for k in ("vhost", "configure", "write", "read")
+        ]
+    topics = {(t["user"], t["exchange"]): t for t in call(f"{configured43.api}/topic-permissions")}
+    for wanted in expected["topic_permissions"]:
+        held = topics[(wanted["user"], wanted["exchange"])]
+        assert (held["vhost"], held["write"], held["read"]) == (
+            wanted["vhost"],
+            wanted["write"],
+            wanted["read"],
+        )
+
+
+async def test_policies_apply_to_quorum_and_classic_model_queues(configured43: Configured) -> None:
+    node = configured43.node
+    quorum = contract.model_queue("files-quorum")
+    classic = contract.model_queue("files-classic")
+    connection = await aio_pika.connect(node.url)
+    async with connection:
+        channel = await connection.channel()
+        # What the services declare: the control exchange (as definitions.json has it), the
+        # dead-letter queue, a quorum model queue (4.3: no x-max-priority) and a classic one.
+        await channel.declare_exchange(contract.CONTROL_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
+        dead = await channel.declare_queue(contract.DEAD_LETTER_QUEUE, durable=True)
+        queue = await channel.declare_queue(quorum, durable=True, arguments={"x-queue-type": "quorum"})
+        await channel.declare_queue(classic, durable=True, arguments=contract.model_queue_arguments())
+        try:
+            rows = {row[0]: row[1:] for row in node.list_queues("name", "type", "policy")}
+            assert rows[quorum] == ["quorum", "dispatch-model-queues"]
+            assert rows[classic] == ["classic", "dispatch-model-queues"]
+            assert rows[contract.DEAD_LETTER_QUEUE] == ["classic", "dispatch-dead-letter"]
+            # An expired request leaves the quorum queue for the dead-letter queue.
+            await channel.default_exchange.publish(
+                aio_pika.Message(b'{"prompt": "too late"}', priority=5, expiration=0.001),
+                routing_key=queue.name,
+            )
+            async with asyncio.timeout(30):
+                while True:
+                    message = await dead.get(fail=False)
+                    if message is not None:
+                        break
+                    await asyncio.sleep(0.05)
+            await message.ack()
+            assert message.body == b'{"prompt": "too late"}'
+            (death,) = cast("list[dict[str, Any]]", message.headers["x-death"])
+            assert death["reason"] == "expired" and death["queue"] == quorum
+        finally:
+            await channel.queue_delete(quorum)
+            await channel.queue_delete(classic)
+
+
+def test_no_deprecation_caused_by_our_configuration(configured43: Configured) -> None:
+    """Run last in this file: after the boot, the imports and the declarations above."""
+    node = configured43.node
+    assert node.json("list_deprecated_features", "--used") == []
+    logged = {
+        line.split("Deprecated features: `", 1)[1].split("`", 1)[0]
+        for line in node.log_text().splitlines()
+        if "Deprecated features: `" in line
+    }
+    assert logged <= DEPRECATIONS_OF_THE_MANAGEMENT_PLUGIN, logged
+    errors = [line for line in node.log_text().splitlines() if "[error]" in line]
+    assert not errors, errors
