@@ -582,6 +582,19 @@ def test_default_install_creates_a_replicated_4_3_broker() -> None:
     secrets = named(objects, "TriggerAuthentication", "-rabbitmq-queue-reader")["spec"]["secretTargetRef"]
     assert {ref["name"] for ref in secrets} == {"rel-llm-dispatcher-rabbitmq-user-autoscaler"}
     assert "monitoring" in named(objects, "User", "-rabbitmq-autoscaler")["spec"]["tags"]
+    # Broker nodes on separate machines when the scheduler can.
+    (preferred,) = cluster["spec"]["affinity"]["podAntiAffinity"][
+        "preferredDuringSchedulingIgnoredDuringExecution"
+    ]
+    term = preferred["podAffinityTerm"]
+    assert term["topologyKey"] == "kubernetes.io/hostname"
+    assert term["labelSelector"]["matchLabels"] == {"app.kubernetes.io/name": cluster["metadata"]["name"]}
+    hard = of_kind(render({"rabbitmq": {"cluster": {"antiAffinity": "hard"}}}), "RabbitmqCluster")[0]
+    assert hard["spec"]["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"] == [
+        term
+    ]
+    none = of_kind(render({"rabbitmq": {"cluster": {"antiAffinity": "none"}}}), "RabbitmqCluster")[0]
+    assert "affinity" not in none["spec"]
     for obj in objects:
         if obj["kind"] == "RabbitmqCluster":
             crd_validator(CRD_SCHEMAS[("rabbitmq.com/v1beta1", "RabbitmqCluster")]).validate(obj)
@@ -1126,6 +1139,7 @@ def test_chart_files_are_links_to_the_sources() -> None:
         ({"rabbitmq": {"queueType": "stream"}}, "/rabbitmq/queueType"),
         ({"rabbitmq": {"consumerTimeoutSeconds": 0}}, "/rabbitmq/consumerTimeoutSeconds"),
         ({"rabbitmq": {"cluster": {"image": "rabbitmq:4.3 management"}}}, "/rabbitmq/cluster/image"),
+        ({"rabbitmq": {"cluster": {"antiAffinity": "strict"}}}, "/rabbitmq/cluster/antiAffinity"),
         ({"database": {"urlSecret": ""}}, "/database/urlSecret"),
         ({"rabbitmq": {"internal": True, "cluster": {"replicas": 2}}}, "/rabbitmq/cluster/replicas"),
         ({"keda": {"enabled": "yes"}}, "/keda/enabled"),
