@@ -16,6 +16,7 @@ import base64
 import json
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,6 +29,9 @@ import pytest
 import contract
 from harness import rabbitmq43
 from harness.stack import free_port
+
+# Every test stops by itself; the first one also boots the node (up to about 20 s on a busy machine).
+pytestmark = pytest.mark.timeout(240)
 
 RABBITMQ = Path(__file__).resolve().parents[2] / "rabbitmq"
 DEPRECATIONS_OF_THE_MANAGEMENT_PLUGIN = {"management_metrics_collection"}
@@ -60,6 +64,7 @@ def configured43(testbed43: rabbitmq43.Testbed) -> Iterator[Configured]:
         config.read_text()
         + (RABBITMQ / "rabbitmq.conf").read_text()
         + f"\nmanagement.tcp.ip = 127.0.0.1\nmanagement.tcp.port = {management}\n"
+        + "collect_statistics_interval = 500\n"  # queue counts in the API within a second
     )
     (node.directory / "enabled_plugins").write_text("[rabbitmq_management].\n")
     try:
@@ -153,6 +158,30 @@ async def test_policies_apply_to_quorum_and_classic_model_queues(configured43: C
         finally:
             await channel.queue_delete(quorum)
             await channel.queue_delete(classic)
+
+
+async def test_keda_reads_waiting_and_served_requests_of_a_quorum_queue(configured43: Configured) -> None:
+    """KEDA's default trigger takes ``messages`` of the management API: on a 4.3 quorum model queue
+    that is the requests waiting plus those a consumer holds (being served)."""
+    name = contract.model_queue("files-keda")
+    connection = await aio_pika.connect(configured43.node.url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(name, durable=True, arguments={"x-queue-type": "quorum"})
+        try:
+            for priority in (1, 5, 9):
+                await channel.default_exchange.publish(aio_pika.Message(b"{}", priority=priority), name)
+            held = await queue.get(no_ack=False)  # being served
+            url = f"{configured43.api}/queues/%2F/{urllib.parse.quote(name, safe='')}"
+            counts: dict[str, Any] = {}
+            async with asyncio.timeout(30):
+                while (counts.get("messages"), counts.get("messages_unacknowledged")) != (3, 1):
+                    await asyncio.sleep(0.2)
+                    counts = await asyncio.to_thread(call, url)
+            assert counts["messages_ready"] == 2 and counts["type"] == "quorum"
+            await held.ack()
+        finally:
+            await channel.queue_delete(name)
 
 
 def test_no_deprecation_caused_by_our_configuration(configured43: Configured) -> None:
