@@ -1249,6 +1249,8 @@ def test_notes_tell_how_to_get_a_token_and_call() -> None:
     default = notes({})
     assert "port-forward service/rel-llm-dispatcher-sender" in default
     assert "create secret generic" in default
+    assert "get rabbitmqcluster rel-llm-dispatcher-rabbitmq" in default  # the broker the chart made
+    assert "Secret dispatcher-broker" in text  # an external one
     assert "waits in its queue" in notes(case_values("three-models-keda-values"))
 
 
