@@ -22,6 +22,7 @@ import yaml
 import contract
 from contract.broker_roles import ROLES, TOPIC_EXCHANGE
 from harness.chart_render import HELPER_VARIABLES, ROOT, SETTINGS, case_values, of_kind, render_case
+from harness.rabbitmq43 import SERIES as TESTED_RABBITMQ_SERIES
 from harness.vllm_cpu import VERSION as TESTED_VLLM
 
 COMPOSE = ROOT / "docker-compose.yml"
@@ -309,6 +310,7 @@ def third_party_images() -> list[str]:
     images += [
         f"{values['vllm']['image']['repository']}:{values['vllm']['image']['tag']}",
         values["rabbitmq"]["definitionsJobImage"],
+        values["rabbitmq"]["cluster"]["image"],
         values["database"]["postgres"]["image"],
     ]
     return images
@@ -318,6 +320,12 @@ def test_third_party_images_are_pinned_to_releases() -> None:
     for image in third_party_images():
         name, _, tag = image.rpartition(":")
         assert name and re.search(r"\d+\.\d+", tag) and "latest" not in tag, image
+
+
+def test_deployed_rabbitmq_is_the_series_the_broker43_tests_run() -> None:
+    images = [image for image in third_party_images() if image.startswith("rabbitmq:")]
+    assert len(images) == 2  # compose's broker and the chart's RabbitmqCluster
+    assert all(image.startswith(f"rabbitmq:{TESTED_RABBITMQ_SERIES}.") for image in images), images
 
 
 def test_deployed_vllm_is_the_release_the_end_to_end_tests_run() -> None:
