@@ -1,8 +1,9 @@
 """rabbitmq/rabbitmq.conf and rabbitmq/definitions.json on RabbitMQ 4.3, used as compose and the chart do.
 
-A node of its own boots with our rabbitmq.conf (plus the test bed's ports and
-paths) and the management plugin that the ``-management`` images and the cluster
-operator enable; then rabbitmq/definitions.json and rabbitmq/compose-users.json
+A node of its own boots with the configuration the chart renders (rabbitmq.conf's
+lines and consumer_timeout), after the cluster operator's own defaults, plus the
+test bed's ports and paths and the management plugin that the ``-management``
+images and the cluster operator enable; then rabbitmq/definitions.json and rabbitmq/compose-users.json
 are posted to ``/api/definitions``, as compose's ``rabbitmq-init`` and the chart's
 definitions Job do. The node must boot, carry our settings, hold the users with
 their permissions, apply the policies to quorum model queues (and to classic ones,
@@ -28,6 +29,7 @@ import pytest
 
 import contract
 from harness import rabbitmq43
+from harness.chart_render import of_kind, render
 from harness.stack import free_port
 
 # Every test stops by itself; the first one also boots the node (up to about 20 s on a busy machine).
@@ -55,14 +57,33 @@ def call(url: str, body: bytes | None = None) -> Any:
     return json.loads(text) if text else None
 
 
+# What the cluster operator itself puts before the chart's lines (its operatorDefaults.conf), less
+# the Kubernetes peer discovery: on 4.3 its queue_master_locator must not break the node either.
+OPERATOR_DEFAULTS = """
+queue_master_locator = min-masters
+disk_free_limit.absolute = 2GB
+cluster_partition_handling = pause_minority
+"""
+
+
+def broker_config() -> str:
+    """The lines the chart gives the RabbitmqCluster (rabbitmq/rabbitmq.conf, consumer_timeout from its
+    value), after the operator's defaults; compose's broker reads a subset (the file alone)."""
+    (cluster,) = of_kind(render({}), "RabbitmqCluster")
+    chart_lines = cast("str", cluster["spec"]["rabbitmq"]["additionalConfig"])
+    lines = (RABBITMQ / "rabbitmq.conf").read_text().splitlines()
+    assert {line for line in lines if line.strip() and line[0] != "#"} <= set(chart_lines.splitlines())
+    return OPERATOR_DEFAULTS + chart_lines
+
+
 @pytest.fixture(scope="module")
 def configured43(testbed43: rabbitmq43.Testbed) -> Iterator[Configured]:
     node = testbed43.node(start=False)
     management = free_port()
-    config = node.directory / "rabbitmq.conf"  # the test bed's listener and logs, then ours
+    config = node.directory / "rabbitmq.conf"  # the test bed's listener and logs, then the broker's
     config.write_text(
         config.read_text()
-        + (RABBITMQ / "rabbitmq.conf").read_text()
+        + broker_config()
         + f"\nmanagement.tcp.ip = 127.0.0.1\nmanagement.tcp.port = {management}\n"
         + "collect_statistics_interval = 500\n"  # queue counts in the API within a second
     )
