@@ -71,6 +71,9 @@ class ConsumerSettings(SharedSettings):
     flush_bytes: int = 64 * 1024
     dead_letter_queue: str = DEAD_LETTER_QUEUE
     """Durable queue where unreadable request messages are kept for inspection."""
+    cancel_catch_up_seconds: float = Field(10.0, gt=0)
+    """At start, longest time spent reading the cancellations published before (the cancellation
+    stream); past it the consumer serves anyway, and a request cancelled meanwhile may be served."""
     reconnect_interval: float = 1.0
     """Seconds between attempts to reconnect to the broker after losing it."""
 

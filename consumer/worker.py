@@ -1,10 +1,11 @@
 """One consumer process: a model queue on one side, one vLLM server on the other.
 
-Life cycle: wait for the backend to be healthy, read its model card, declare
-the model queue, then consume with a channel-wide prefetch equal to the flow
-window (so only what vLLM can start at once leaves the broker). Consumption
-pauses while the backend is unhealthy. The worker owns what concerns all
-requests at once: the connection, the health, flow and announcement loops,
+Life cycle: wait for the backend to be healthy, read its model card, listen
+for cancellations and read those published before it started
+(``consumer/cancel_history.py``), declare the model queue, then consume with
+a channel-wide prefetch equal to the flow window (so only what vLLM can start
+at once leaves the broker). Consumption pauses while the backend is unhealthy.
+The worker owns what concerns all requests at once: the connection, the health, flow and announcement loops,
 and cancellation. Each message is served by ``consumer/serving.py``, which
 says what became of it; the worker acts on that (an unreachable backend
 pauses consumption).
@@ -34,6 +35,7 @@ from aio_pika.abc import (
 from aiohttp import web
 
 import contract
+from consumer import cancel_history
 from consumer.backend import Backend, Health
 from consumer.cancellation import Cancellations
 from consumer.flow import Window
@@ -195,6 +197,17 @@ class Worker:
         await rollcall.bind(self._control, contract.ROLLCALL_KEY)
         await rollcall.bind(self._control, contract.CANCEL_KEY)
         await rollcall.consume(self._on_control, no_ack=True)
+        # Cancellations published before this start (a model woken from zero): read before serving.
+        started = time.monotonic()
+        caught = await cancel_history.catch_up(
+            self._connection, self._remember_cancel, timeout=self.settings.cancel_catch_up_seconds
+        )
+        if caught is not None:
+            log.info(
+                "cancellation stream read in %.0f ms: %d requests cancelled before this start to skip",
+                (time.monotonic() - started) * 1000,
+                caught,
+            )
 
         self._consume_channel = await self._connection.channel(publisher_confirms=False)
         self._queue = await self._consume_channel.declare_queue(
@@ -307,11 +320,13 @@ class Worker:
 
     async def _on_control(self, message: AbstractIncomingMessage) -> None:
         if message.routing_key == contract.CANCEL_KEY:
-            cancel = Cancel.from_message(message)
-            forget_in = _CANCEL_MEMORY if cancel.deadline is None else cancel.deadline - time.time()
-            self._cancellations.client_gone(cancel.correlation_id, max(1.0, forget_in))
+            self._remember_cancel(Cancel.from_message(message))
         elif not self._stopping:
             await self._announce(Announcement.READY if self.consuming else Announcement.PAUSED)
+
+    def _remember_cancel(self, cancel: Cancel) -> None:
+        forget_in = _CANCEL_MEMORY if cancel.deadline is None else cancel.deadline - time.time()
+        self._cancellations.client_gone(cancel.correlation_id, max(1.0, forget_in))
 
     async def _announce(self, state: str) -> None:
         if self._control is None:

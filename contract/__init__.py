@@ -14,7 +14,8 @@ Replies go to the ``reply_to`` queue of the sender that asked, as one or more
 messages with the request's ``correlation_id``, numbered from 0; the last one
 says so. Consumers announce themselves on the control exchange so senders can
 list the models that are being served right now; senders cancel, on the same
-exchange, requests whose client went away.
+exchange, requests whose client went away, and the cancellations are also kept
+in a bounded stream (:data:`CANCEL_STREAM`) that a consumer reads when it starts.
 """
 
 from contract.messages import (
@@ -34,6 +35,8 @@ from contract.messages import (
 from contract.names import (
     ANNOUNCE_KEY,
     CANCEL_KEY,
+    CANCEL_STREAM,
+    CANCEL_STREAM_ARGUMENTS,
     CONTROL_EXCHANGE,
     DEAD_LETTER_QUEUE,
     DEFAULT_MAX_PRIORITY,
@@ -51,6 +54,8 @@ from contract.names import (
 __all__ = [
     "ANNOUNCE_KEY",
     "CANCEL_KEY",
+    "CANCEL_STREAM",
+    "CANCEL_STREAM_ARGUMENTS",
     "CONTROL_EXCHANGE",
     "DEAD_LETTER_QUEUE",
     "DEFAULT_MAX_PRIORITY",

@@ -40,14 +40,20 @@ class BrokerRole:
 
 
 SENDER = BrokerRole(
-    # its reply queue dispatch.reply.<id>, the control exchange, its announcement queue
-    configure=r"^(dispatch\.reply\..+|dispatch\.control|amq_[0-9a-f]{32})$",
+    # its reply queue dispatch.reply.<id>, the control exchange, its announcement queue, the configured
+    # models' queues (SENDER_MODELS: declared before any consumer ran), the cancellation stream
+    configure=(
+        r"^(dispatch\.reply\..+|dispatch\.control|amq_[0-9a-f]{32}|dispatch\.model\..+"
+        r"|dispatch\.cancellations)$"
+    ),
     # requests through the default exchange, roll calls and cancels, binding its announcement queue
-    write=r"^(amq\.default|dispatch\.control|amq_[0-9a-f]{32})$",
+    # and the cancellation stream
+    write=r"^(amq\.default|dispatch\.control|amq_[0-9a-f]{32}|dispatch\.cancellations)$",
     # its reply queue, announcements, the control exchange's side of a binding
     read=r"^(dispatch\.reply\..+|dispatch\.control|amq_[0-9a-f]{32})$",
     topic_write=r"^(rollcall|cancel)$",
-    topic_read=r"^announce$",
+    # announcements; cancel too, only to bind the cancellation stream (a binding is a topic read)
+    topic_read=r"^(announce|cancel)$",
 )
 
 CONSUMER = BrokerRole(
@@ -55,8 +61,8 @@ CONSUMER = BrokerRole(
     configure=r"^(dispatch\.model\..+|dispatch\.dead-letter|dispatch\.control|amq\.gen-.+|amq_[0-9a-f]{32})$",
     # replies and dead letters through the default exchange, announcements, binding its roll-call queue
     write=r"^(amq\.default|dispatch\.control|amq_[0-9a-f]{32})$",
-    # its model queue, roll calls and cancels
-    read=r"^(dispatch\.model\..+|dispatch\.control|amq_[0-9a-f]{32})$",
+    # its model queue, roll calls and cancels, the cancellations kept for it (read at start)
+    read=r"^(dispatch\.model\..+|dispatch\.control|amq_[0-9a-f]{32}|dispatch\.cancellations)$",
     topic_write=r"^announce$",
     topic_read=r"^(rollcall|cancel)$",
 )

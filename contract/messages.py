@@ -273,6 +273,15 @@ class Cancel:
         )
 
 
+MARKER_TYPE = "cancel-marker"
+
+
+def marker_message(marker: str) -> aio_pika.Message:
+    """A consumer's own mark at the end of the cancellation stream: once it reads it back, it has
+    read every cancellation published before it started consuming."""
+    return aio_pika.Message(marker.encode(), type=MARKER_TYPE)
+
+
 def rollcall_message() -> aio_pika.Message:
     """A sender that starts asks every consumer to announce itself at once."""
     return aio_pika.Message(b"")

@@ -16,6 +16,17 @@ CANCEL_KEY = "cancel"
 REPLY_QUEUE_PREFIX = "dispatch.reply."
 REPLY_QUEUE_EXPIRES_MS = 60_000
 """A sender's reply queue outlives a reconnect, and is removed this long after its sender is gone."""
+CANCEL_STREAM = "dispatch.cancellations"
+"""Durable stream bound to the control exchange's ``cancel`` key: every cancellation, kept so that a
+consumer that starts later (a model woken from zero) learns of the requests whose clients left."""
+CANCEL_STREAM_ARGUMENTS: dict[str, Any] = {
+    "x-queue-type": "stream",
+    "x-max-age": "1h",
+    "x-max-length-bytes": 64 * 1024 * 1024,
+    "x-stream-max-segment-size-bytes": 4 * 1024 * 1024,
+}
+"""Bounded by age (an hour: the model queues' ``message-ttl``, longer than any request waits) and by
+size (64 MiB, some 300,000 cancellations); retention drops whole segments, hence small ones."""
 DEAD_LETTER_QUEUE = "dispatch.dead-letter"
 """Default durable queue where consumers put request messages they cannot read, instead of dropping them."""
 

@@ -11,10 +11,13 @@ clients see the same code for the same mistake whatever else is wrong.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import aiormq
 import orjson
 from starlette.requests import ClientDisconnect, Request
 
@@ -45,6 +48,8 @@ class AdmittedRequest:
     timeout: float
     """Seconds the request may take in all, from when it is queued."""
     request_id: str
+    asleep: bool = False
+    """Admitted while its model had no live consumer (a configured model being woken up)."""
 
 
 class Refused(ApiError):
@@ -64,11 +69,15 @@ class Admission:
         queue_stats: QueueStatsCache,
         limiter: RateLimiter,
         settings: SenderSettings,
+        declare: Callable[[str], Awaitable[None]],
     ) -> None:
+        """``declare``: :meth:`sender.broker.Broker.declare_model_queue`, for configured models."""
         self._tokens = tokens
         self._queue_stats = queue_stats
         self._limiter = limiter
         self._settings = settings
+        self._declare = declare
+        self.configured = frozenset(settings.configured_models())
 
     async def admit(self, request: Request, path: str, request_id: str) -> AdmittedRequest:
         """The request, read and admitted; :class:`ApiError` (:class:`Refused` once it was read) if not."""
@@ -94,7 +103,9 @@ class Admission:
             request_id=request_id,
         )
         try:
-            await self._check_queue(model, token)
+            asleep = await self._check_queue(model, token)
+            if asleep:
+                admitted = dataclasses.replace(admitted, asleep=True)
             retry_after = await self._limiter.admit(token)
         except ApiError as exc:
             raise Refused(exc, admitted) from exc
@@ -124,21 +135,27 @@ class Admission:
             raise ApiError(errors.TOKEN_EXPIRED)
         return token
 
-    async def _check_queue(self, model: str, token: Token) -> None:
-        """Raise the error the client should get if ``model``'s queue cannot take this request now."""
+    async def _check_queue(self, model: str, token: Token) -> bool:
+        """Raise the error the client should get if ``model``'s queue cannot take this request now;
+        whether the model sleeps (no live consumer: the request waits for its wake-up)."""
         settings = self._settings
         if not servable_model_name(model):
             raise model_not_found(model)
+        configured = model in self.configured
         try:
             stats = await self._queue_stats.get(model)
             if not stats.exists or stats.consumers == 0:
                 # Refusing is rare: make sure with numbers newer than, say, a consumer's announcement.
                 stats = await self._queue_stats.get(model, fresh=True)
+            if not stats.exists and configured:
+                # Lost by the broker since this sender declared it (or refused then): declare it again.
+                await self._redeclare(model)
+                stats = await self._queue_stats.get(model, fresh=True)
         except (BrokerUnavailable, TimeoutError, ConnectionError) as exc:
             raise self._unavailable(errors.BROKER_UNAVAILABLE) from exc
         if not stats.exists:
             raise model_not_found(model)
-        if stats.consumers == 0 and not settings.queue_without_consumers:
+        if stats.consumers == 0 and not (configured or settings.queue_without_consumers):
             raise self._unavailable(
                 errors.MODEL_UNAVAILABLE, f"no server is available for model `{clip(model)}` right now"
             )
@@ -153,6 +170,16 @@ class Admission:
                 f"too many requests are waiting for model `{clip(model)}`; retry later",
                 retry_after=settings.retry_after_seconds,
             )
+        return stats.consumers == 0
+
+    async def _redeclare(self, model: str) -> None:
+        try:
+            await self._declare(model)
+        except aiormq.exceptions.ChannelClosed as exc:  # refused: other arguments, no permission
+            log.error("could not declare the queue of model %s: %s", model, exc)
+            raise self._unavailable(
+                errors.MODEL_UNAVAILABLE, f"no server is available for model `{clip(model)}` right now"
+            ) from exc
 
     def _unavailable(self, kind: errors.ErrorKind, message: str | None = None) -> ApiError:
         return ApiError(kind, message, retry_after=self._settings.retry_after_seconds)

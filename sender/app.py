@@ -87,15 +87,22 @@ def create_app(settings: SenderSettings | None = None) -> ASGIApp:
     async def list_models(request: Request) -> Response:
         services = _services(request)
         token = await services.admission.authenticate(request)
-        cards = [card for card in services.registry.cards() if token.may_use(str(card.get("id")))]
+        registry = services.registry
+        asleep = [model for model in registry.configured if token.may_use(model) and registry.asleep(model)]
+        waiting = await services.waiting(asleep)
+        cards = [card for card in registry.cards(waiting) if token.may_use(str(card.get("id")))]
         return Response(orjson.dumps({"object": "list", "data": cards}), media_type=JSON)
 
     @app.get("/v1/models/{model:path}", openapi_extra=AUTHENTICATED)
     async def get_model(model: str, request: Request) -> Response:
         services = _services(request)
         token = await services.admission.authenticate(request)
-        card = services.registry.card(model)
-        if card is None or not token.may_use(model):
+        if not token.may_use(model):
+            raise model_not_found(model)
+        registry = services.registry
+        asleep = model in registry.configured and registry.asleep(model)
+        card = registry.card(model, waiting=asleep and model in await services.waiting([model]))
+        if card is None:
             raise model_not_found(model)
         return Response(orjson.dumps(card), media_type=JSON)
 

@@ -17,6 +17,8 @@ reconnected. ``x-expires`` removes it once this sender is gone for good.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import ssl
 import uuid
 from collections.abc import Callable, Coroutine
@@ -37,6 +39,8 @@ import contract
 from contract import liveness
 from contract.errors import BROKER_GONE
 
+log = logging.getLogger(__name__)
+
 ReplyHandler = Callable[[aiormq.abc.DeliveredMessage], Coroutine[Any, Any, None]]
 
 
@@ -48,9 +52,19 @@ class Broker:
     """Connection to RabbitMQ for one sender process."""
 
     def __init__(
-        self, url: str, *, reconnect_interval: float = 1.0, ssl_context: ssl.SSLContext | None = None
+        self,
+        url: str,
+        *,
+        reconnect_interval: float = 1.0,
+        ssl_context: ssl.SSLContext | None = None,
+        models: tuple[str, ...] = (),
+        max_priority: int = contract.DEFAULT_MAX_PRIORITY,
     ) -> None:
         self._url = url
+        self.models = models
+        """The configured models, whose queues this sender declares (``SENDER_MODELS``)."""
+        self._max_priority = max_priority
+        self._background: set[asyncio.Task[None]] = set()
         self._ssl_context = ssl_context
         self._reconnect_interval = reconnect_interval
         self.instance_id = uuid.uuid4().hex[:12]
@@ -86,6 +100,7 @@ class Broker:
             reconnect_interval=self._reconnect_interval,
         )
         self._connection.reconnect_callbacks.add(lambda *_: on_reconnect())
+        self._connection.reconnect_callbacks.add(lambda *_: self._in_background(self.declare_queues()))
         self._publish_channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
 
         reply_channel = await self._connection.channel(publisher_confirms=False)
@@ -111,6 +126,74 @@ class Broker:
 
         await announcements.consume(announcement, no_ack=True)
         await control.publish(contract.rollcall_message(), routing_key=contract.ROLLCALL_KEY, mandatory=False)
+        await self.declare_queues()
+
+    async def declare_queues(self) -> None:
+        """Declare the cancellation stream and the configured models' queues, at start and after
+        each reconnect (the broker may have lost them). A model queue declared here lets a model
+        that never ran be woken: its requests wait in its queue, whose depth is what the autoscaler
+        reads. What cannot be declared is logged; a model whose queue is missing is then refused as
+        if it was not configured, and cancellations reach only the consumers running."""
+        try:
+            await self._declare_cancel_stream()
+            for model in self.models:
+                try:
+                    await self.declare_model_queue(model)
+                except aiormq.exceptions.ChannelClosed as exc:
+                    log.error("could not declare the queue of model %s: %s", model, exc)
+        except BrokerUnavailable:
+            pass  # the connection dropped: declared again once it is back
+
+    async def _declare_cancel_stream(self) -> None:
+        """The stream that keeps every cancellation for consumers that start later
+        (:data:`contract.CANCEL_STREAM`), bound to the control exchange's ``cancel`` key."""
+        channel = await self.open_channel()
+        try:
+            await channel.queue_declare(
+                contract.CANCEL_STREAM, durable=True, arguments=contract.CANCEL_STREAM_ARGUMENTS, timeout=10
+            )
+            await channel.queue_bind(
+                contract.CANCEL_STREAM, contract.CONTROL_EXCHANGE, routing_key=contract.CANCEL_KEY, timeout=10
+            )
+        except aiormq.exceptions.ChannelClosed as exc:
+            log.error("could not declare the cancellation stream %s: %s", contract.CANCEL_STREAM, exc)
+        except BROKER_GONE as exc:
+            raise BrokerUnavailable(type(exc).__name__) from exc
+        finally:
+            if not channel.is_closed:
+                with contextlib.suppress(Exception):
+                    await channel.close()
+
+    async def declare_model_queue(self, model: str) -> None:
+        """Declare ``model``'s queue exactly as its consumers do (:func:`contract.model_queue_arguments`).
+
+        On a plain channel of its own: the broker closes a channel whose declare it refuses (a queue
+        that exists with other arguments), and a robust one would redeclare the queue on reconnect."""
+        channel = await self.open_channel()
+        try:
+            await channel.queue_declare(
+                contract.model_queue(model),
+                durable=True,
+                arguments=contract.model_queue_arguments(self._max_priority),
+                timeout=10,
+            )
+        except aiormq.exceptions.ChannelClosed:
+            raise  # refused by the broker (other arguments, no permission): not a lost connection
+        except BROKER_GONE as exc:
+            raise BrokerUnavailable(type(exc).__name__) from exc
+        except asyncio.CancelledError:
+            if really_cancelled():
+                raise
+            raise BrokerUnavailable("connection lost") from None
+        finally:
+            if not channel.is_closed:
+                with contextlib.suppress(Exception):
+                    await channel.close()
+
+    def _in_background(self, step: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(step)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _consume_replies(self, on_reply: ReplyHandler) -> None:
         assert self._reply_channel is not None

@@ -100,7 +100,7 @@ class ForwardingFront:
         try:
             admitted = await services.admission.admit(request, path, request_id)
             call = services.relay.publish(admitted)
-            response = await services.relay.answer(call, receive)
+            response = await services.relay.answer(call, receive, asleep=admitted.asleep)
         except Refused as exc:
             admitted, response, code = exc.request, exc.response(), exc.code
         except ApiError as exc:

@@ -1,8 +1,13 @@
-"""Which models are served right now, learned from the consumers' announcements.
+"""Which models are served right now, learned from the consumers' announcements, and which sleep.
 
 Consumers announce themselves every few seconds and whenever their state
 changes; an announcement is believed for its ``ttl``. A model is listed while
-at least one of its consumers is ``ready``. No management API is involved.
+at least one of its consumers is ``ready``, and so is every configured model
+(``SENDER_MODELS``) whatever its state, so that a UI can offer a sleeping
+model, whose first request wakes it up. Each entry says its ``status``, a
+field OpenAI clients ignore: ``ready`` (a consumer takes requests), ``starting``
+(none does yet, but a consumer is connected or requests wait for one: the model
+is being woken up) or ``sleeping``. No management API is involved.
 """
 
 from __future__ import annotations
@@ -16,10 +21,18 @@ from contract import Announcement, ContractError
 log = logging.getLogger(__name__)
 
 
+READY = "ready"
+STARTING = "starting"
+SLEEPING = "sleeping"
+
+
 class ModelRegistry:
-    def __init__(self, max_priority: int) -> None:
+    def __init__(self, max_priority: int, configured: tuple[str, ...] = ()) -> None:
         self._consumers: dict[str, dict[str, tuple[float, Announcement]]] = {}
         self._max_priority = max_priority
+        self.configured = configured
+        self._last_cards: dict[str, dict[str, Any]] = {}
+        """The last card a consumer announced for each configured model, shown while it sleeps."""
         self._mismatched: set[str] = set()
         """Consumers already reported for declaring another priority scale (said once each)."""
 
@@ -35,6 +48,8 @@ class ModelRegistry:
             consumers.pop(announcement.consumer_id, None)
         else:
             consumers[announcement.consumer_id] = (time.monotonic() + announcement.ttl, announcement)
+            if announcement.model in self.configured:
+                self._last_cards[announcement.model] = announcement.card
 
     def _check_scale(self, announcement: Announcement) -> None:
         """Both services clamp priorities to their own scale: a mismatch silently flattens the top
@@ -52,21 +67,36 @@ class ModelRegistry:
             self._max_priority,
         )
 
-    def card(self, model: str) -> dict[str, Any] | None:
-        """The OpenAI model object for ``model`` if a live consumer serves it."""
+    def card(self, model: str, *, waiting: bool = False) -> dict[str, Any] | None:
+        """The OpenAI model object for ``model``, with its ``status``, if a live consumer serves it
+        or it is configured; ``waiting``: requests wait in its queue."""
         now = time.monotonic()
+        connected = False
         for expires, announcement in self._consumers.get(model, {}).values():
-            if expires > now and announcement.state == Announcement.READY:
-                return _model_object(model, announcement.card)
-        return None
+            if expires > now:
+                if announcement.state == Announcement.READY:
+                    return _model_object(model, announcement.card, READY)
+                connected = True
+        if model not in self.configured:
+            return None
+        status = STARTING if connected or waiting else SLEEPING
+        return _model_object(model, self._last_cards.get(model, {}), status)
 
-    def cards(self) -> list[dict[str, Any]]:
-        listed = (self.card(model) for model in sorted(self._consumers))
+    def asleep(self, model: str) -> bool:
+        """Whether no live consumer of ``model`` is ready (its card's status is not ``ready``)."""
+        card = self.card(model)
+        return card is None or card["status"] != READY
+
+    def cards(self, waiting: frozenset[str] = frozenset()) -> list[dict[str, Any]]:
+        """Every model served or configured, by name; ``waiting``: models whose queue holds requests."""
+        models = sorted({*self._consumers, *self.configured})
+        listed = (self.card(model, waiting=model in waiting) for model in models)
         return [card for card in listed if card is not None]
 
 
-def _model_object(model: str, card: dict[str, Any]) -> dict[str, Any]:
+def _model_object(model: str, card: dict[str, Any], status: str) -> dict[str, Any]:
     entry: dict[str, Any] = {"object": "model", "created": 0, "owned_by": "dispatcher"}
     entry.update(card)
     entry["id"] = model
+    entry["status"] = status
     return entry

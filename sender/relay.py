@@ -12,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Awaitable, Callable
 
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from contract import Reply, Request, errors
+from contract.errors import clip
 from sender.admission import AdmittedRequest
 from sender.calls import Calls, PendingCall, PublishFailed
 from sender.errors import ApiError
@@ -24,10 +26,25 @@ from sender.errors import ApiError
 _END_OF_STREAM = b"data: [DONE]\n\n"
 
 
+class _StillAsleep(Exception):
+    """The cold-start budget ran out and the model still has no live consumer."""
+
+
 class Relay:
-    def __init__(self, calls: Calls, *, retry_after: int) -> None:
+    def __init__(
+        self,
+        calls: Calls,
+        *,
+        retry_after: int,
+        cold_start: float = 0.0,
+        has_consumer: Callable[[str], Awaitable[bool]] | None = None,
+    ) -> None:
+        """``cold_start``: seconds a request for a sleeping model waits for a consumer (0: its
+        deadline); ``has_consumer`` says whether a model has one now."""
         self._calls = calls
         self._retry_after = retry_after
+        self._cold_start = cold_start
+        self._has_consumer = has_consumer
 
     def publish(self, admitted: AdmittedRequest) -> PendingCall:
         """Queue the request; 503 ``queue_unavailable`` if the broker cannot take it."""
@@ -44,15 +61,24 @@ class Relay:
         except PublishFailed as exc:
             raise ApiError(errors.QUEUE_UNAVAILABLE, retry_after=self._retry_after) from exc
 
-    async def answer(self, call: PendingCall, receive: Receive) -> Response:
+    async def answer(self, call: PendingCall, receive: Receive, *, asleep: bool = False) -> Response:
         """The response to ``call``, once its first piece came; the :class:`ApiError` of a request
-        that got none. ``receive`` is the client connection's: a disconnect abandons the call."""
+        that got none. ``receive`` is the client connection's: a disconnect abandons the call.
+        ``asleep``: its model had no live consumer when it was queued."""
         watcher = asyncio.ensure_future(_watch_disconnect(receive, call))
         try:
-            first = await call.next(call.deadline - time.time())
+            first = await self._first_piece(call, asleep)
         except TimeoutError:
             call.close()
             raise ApiError(errors.DEADLINE_EXCEEDED) from None
+        except _StillAsleep:
+            call.close()  # cancelled: a consumer that starts later skips it
+            raise ApiError(
+                errors.MODEL_UNAVAILABLE,
+                f"model `{clip(call.model)}` is starting; no server took the request within "
+                f"{self._cold_start:g} seconds, retry later",
+                retry_after=self._retry_after,
+            ) from None
         except BaseException:
             call.close()
             raise
@@ -74,6 +100,18 @@ class Relay:
         headers["cache-control"] = "no-cache"
         headers["x-accel-buffering"] = "no"
         return RelayResponse(call, first, status_code=first.status, headers=headers)
+
+    async def _first_piece(self, call: PendingCall, asleep: bool) -> Reply:
+        """The first piece of the answer; a request for a sleeping model waits for a consumer only
+        within the cold-start budget (once one is there, up to its deadline)."""
+        budget_end = time.time() + self._cold_start
+        if asleep and self._cold_start > 0 and self._has_consumer is not None and budget_end < call.deadline:
+            try:
+                return await call.next(budget_end - time.time())
+            except TimeoutError:
+                if not await self._has_consumer(call.model):
+                    raise _StillAsleep from None
+        return await call.next(call.deadline - time.time())
 
 
 async def _watch_disconnect(receive: Receive, call: PendingCall) -> None:

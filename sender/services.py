@@ -44,7 +44,7 @@ class Services:
             pool_pre_ping=True,
             pool_recycle=1800,
         )
-        self.registry = ModelRegistry(settings.max_priority)
+        self.registry = ModelRegistry(settings.max_priority, settings.configured_models())
         self.metrics = SenderMetrics(token_label=settings.metrics_token_label)
         pepper = settings.pepper()
         if pepper is None:
@@ -77,6 +77,8 @@ class Services:
             settings.rabbitmq_url,
             reconnect_interval=settings.broker_reconnect_seconds,
             ssl_context=settings.rabbitmq_ssl_context(),
+            models=settings.configured_models(),
+            max_priority=settings.max_priority,
         )
         self.queue_stats = QueueStatsCache(
             self.broker, ttl=settings.queue_stats_seconds, on_read=self.metrics.queue_read
@@ -87,8 +89,15 @@ class Services:
             on_taken=self.queue_stats.taken,
             liveness_interval=settings.liveness_seconds,
         )
-        self.admission = Admission(self.tokens, self.queue_stats, self.limiter, settings)
-        self.relay = Relay(self.calls, retry_after=settings.retry_after_seconds)
+        self.admission = Admission(
+            self.tokens, self.queue_stats, self.limiter, settings, declare=self.broker.declare_model_queue
+        )
+        self.relay = Relay(
+            self.calls,
+            retry_after=settings.retry_after_seconds,
+            cold_start=settings.cold_start_seconds,
+            has_consumer=self._has_consumer,
+        )
         self.accounting = Accounting(
             self.metrics, self.limiter, self.usage, usage_rows=settings.usage_accounting
         )
@@ -128,6 +137,26 @@ class Services:
         await self.engine.dispose()
         if self.metrics_server is not None:
             await asyncio.to_thread(self.metrics_server.close)
+
+    async def waiting(self, models: list[str]) -> frozenset[str]:
+        """Which of these models have requests waiting in their queue (read at most ``ttl`` ago)."""
+
+        async def waits(model: str) -> bool:
+            try:
+                return (await self.queue_stats.get(model)).messages > 0
+            except Exception:
+                return False  # the broker cannot say: shown as sleeping
+
+        found = await asyncio.gather(*(waits(model) for model in models))
+        return frozenset(model for model, wait in zip(models, found, strict=True) if wait)
+
+    async def _has_consumer(self, model: str) -> bool:
+        """Whether ``model``'s queue has a live consumer now (when the broker cannot say: yes)."""
+        try:
+            return (await self.queue_stats.get(model, fresh=True)).consumers > 0
+        except Exception as exc:
+            log.info("could not read the queue of %s: %s", model, type(exc).__name__)
+            return True
 
     async def database_reachable(self) -> bool:
         if time.monotonic() - self._db_checked_at < 1.0:

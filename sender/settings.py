@@ -7,7 +7,7 @@ from pathlib import Path
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
-from contract import DEFAULT_MAX_PRIORITY, DEFAULT_RABBITMQ_URL
+from contract import DEFAULT_MAX_PRIORITY, DEFAULT_RABBITMQ_URL, servable_model_name
 from contract.service_settings import SharedSettings
 
 
@@ -90,9 +90,18 @@ class SenderSettings(SharedSettings):
     queue_stats_seconds: float = 0.25
     """How old the queue depth used for admission may be."""
     queue_without_consumers: bool = False
-    """Queue requests for a model that has a queue but no live consumer, instead of answering 503:
-    with a model scaled to zero (KEDA), the queued request is what wakes it up, and it waits for
-    the first replica up to its deadline."""
+    """Also queue requests for a model not in ``models`` that has a queue but no live consumer,
+    instead of answering 503 (the models in ``models`` always wait for their first replica)."""
+    models: str = ""
+    """Comma-separated names of the models this deployment serves (the chart's ``models`` list).
+    Their queues are declared at start and after each reconnect, before any consumer ever ran, and
+    a request for one of them waits while it has no live consumer (it sleeps: the queued request
+    is what wakes it up). ``/v1/models`` lists them, sleeping or not, with their ``status``.
+    Models not named here are served only while their queue exists, as before."""
+    cold_start_seconds: float = Field(0.0, ge=0)
+    """How long a request for a configured model with no live consumer waits for one to take it;
+    past it, 503 ``model_unavailable`` with ``Retry-After``, and the queued request is cancelled.
+    0: up to the request's own deadline (``deadline_seconds``, ``X-Request-Timeout``)."""
     retry_after_seconds: int = 1
     """``Retry-After`` sent with 429 and 503."""
     rollcall_wait_seconds: float = 0.5
@@ -103,6 +112,15 @@ class SenderSettings(SharedSettings):
     db_pool_size: int = 5
     metrics_token_label: bool = True
     """Label request metrics with the token name (names are operator-chosen; turn off for many tokens)."""
+
+    def configured_models(self) -> tuple[str, ...]:
+        """The models of ``SENDER_MODELS``, in order, each once; a name no queue can have is refused."""
+        names = dict.fromkeys(name.strip() for name in self.models.split(","))
+        names.pop("", None)
+        bad = [name for name in names if not servable_model_name(name)]
+        if bad:
+            raise ValueError(f"SENDER_MODELS: {bad[0]!r} cannot name a model queue")
+        return tuple(names)
 
     def pepper(self) -> bytes | None:
         """The token pepper as bytes (UTF-8), from ``SENDER_TOKEN_PEPPER`` or the file; None if neither."""

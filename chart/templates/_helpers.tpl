@@ -256,3 +256,10 @@ prometheus.io/port: {{ index . 1 | quote }}
 prometheus.io/path: /metrics
 {{- end }}
 {{- end }}
+
+{{/* The models' names, comma-separated: the sender's SENDER_MODELS. */}}
+{{- define "dispatcher.modelNames" -}}
+{{- $names := list }}
+{{- range .Values.models }}{{ $names = append $names .name }}{{ end }}
+{{- join "," $names }}
+{{- end }}

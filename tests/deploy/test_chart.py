@@ -378,9 +378,11 @@ def test_keda_scales_each_model_on_its_queue() -> None:
         assert obj["spec"]["minReplicaCount"] == overrides.get("minReplicaCount", 1)
         assert obj["spec"]["maxReplicaCount"] == overrides.get("maxReplicaCount", 3)
         assert trigger["metadata"]["value"] == str(overrides.get("queueLength", 32))
-    # Scaled to zero, a model is woken by the requests queued for it.
+    # Scaled to zero, a model is woken by the requests queued for it: the sender knows the models,
+    # declares their queues and queues their requests while they have no replica.
     sender = container(named(objects, "Deployment", "-sender"), "sender")
-    assert env(sender)["SENDER_QUEUE_WITHOUT_CONSUMERS"] == "true"
+    assert env(sender)["SENDER_MODELS"].split(",") == [model["name"] for model in models]
+    assert env(sender)["SENDER_COLD_START_SECONDS"] == "0"
     secrets = {ref["parameter"]: ref for ref in auth["spec"]["secretTargetRef"]}
     assert secrets["password"]["name"] == "rel-llm-dispatcher-rabbitmq-user-autoscaler"
     assert secrets["username"]["name"] == "rel-llm-dispatcher-rabbitmq-user-autoscaler"
@@ -1188,6 +1190,8 @@ def test_values_schema_accepts_the_examples(case: str) -> None:
         ({"sender": {"env": {"SENDER_SHUTDOWN_GRACE": 90}}}, "set it with sender.shutdownGraceSeconds"),
         ({"sender": {"env": {"SENDER_PORT": 9000}}}, "set it with sender.port"),
         ({"sender": {"env": {"SENDER_METRICS_PORT": 9000}}}, "set it with sender.metricsPort"),
+        ({"sender": {"env": {"SENDER_MODELS": "a,b"}}}, "set it with the models list"),
+        ({"sender": {"env": {"SENDER_COLD_START_SECONDS": 5}}}, "set it with sender.coldStartSeconds"),
         ({"sender": {"metricsPort": 8080}}, "sender.metricsPort: the metrics need a port of their own"),
         (
             {"consumer": {"env": {"CONSUMER_STATUS_PORT": 9500}}, "models": [{"name": "m", "model": "x"}]},

@@ -60,6 +60,9 @@ class RoleStack:
 @pytest.fixture(scope="module")
 def role_stack(processes: Processes, node: BrokerNode) -> RoleStack:
     model = unique("roles")
+    # First the sender: it declares the configured models' queues and the cancellation stream,
+    # which the consumer then reads at its start, each with its role's permissions.
+    sender = processes.sender("postgres", rabbitmq_url=url(node, "sender"), models=f"{model},{SLEEPING}")
     backend = processes.simulator(model, name=f"simulator-{model}", max_num_seqs=4, ttft_ms=5, itl_ms=5)
     consumer = processes.consumer(
         model,
@@ -68,8 +71,11 @@ def role_stack(processes: Processes, node: BrokerNode) -> RoleStack:
         rabbitmq_url=url(node, "consumer"),
         dead_letter_queue=contract.DEAD_LETTER_QUEUE,  # the name the role allows
     )
-    sender = processes.sender("postgres", rabbitmq_url=url(node, "sender"))
     return RoleStack(model, sender, backend, consumer)
+
+
+SLEEPING = unique("roles-sleeping")
+"""A configured model that never runs: the sender declares its queue."""
 
 
 async def aborted(backend: Service) -> float:
@@ -114,6 +120,7 @@ async def test_least_privileged_users_serve(role_stack: RoleStack, token: str) -
     assert await aborted(stack.backend) >= 1, "the cancellation did not reach the consumer"
     for service in (stack.sender, stack.consumer):
         assert "ACCESS_REFUSED" not in service.log_path.read_text(errors="replace"), service.log_tail()
+        assert "could not" not in service.log_path.read_text(errors="replace"), service.log_tail()
 
 
 async def refused(broker_url: str, action: str, model: str, reply_queue: str) -> BaseException | None:
@@ -140,6 +147,15 @@ async def refused(broker_url: str, action: str, model: str, reply_queue: str) ->
                 await channel.basic_publish(b"{}", exchange=contract.CONTROL_EXCHANGE, routing_key=action)
             elif action == "publish request":
                 await channel.basic_publish(b"{}", routing_key=contract.model_queue(model))
+            elif action == "read cancellations":
+                await channel.basic_qos(prefetch_count=10)
+                await channel.basic_consume(
+                    contract.CANCEL_STREAM, lambda _: asyncio.sleep(0), arguments={"x-stream-offset": "first"}
+                )
+            elif action == "declare sleeping model queue":
+                await channel.queue_declare(
+                    contract.model_queue(SLEEPING), durable=True, arguments=contract.model_queue_arguments()
+                )
             elif action == "queue depth":
                 declared = await channel.queue_declare(contract.model_queue(model), passive=True)
                 assert declared.message_count is not None
@@ -158,7 +174,9 @@ async def refused(broker_url: str, action: str, model: str, reply_queue: str) ->
 CASES = [
     ("sender", "consume model queue", False),
     ("sender", "purge model queue", False),
-    ("sender", "declare model queue", False),
+    ("sender", "declare model queue", True),  # the configured models' (SENDER_MODELS), before any consumer
+    ("sender", "declare sleeping model queue", True),
+    ("sender", "read cancellations", False),
     ("sender", "announce", False),  # a sender cannot pose as a consumer
     ("sender", "cancel", True),
     ("sender", "rollcall", True),
@@ -170,11 +188,13 @@ CASES = [
     ("consumer", "rollcall", False),
     ("consumer", "announce", True),
     ("consumer", "consume model queue", True),
+    ("consumer", "read cancellations", True),  # those published before it started
     ("autoscaler", "queue depth", True),
     ("autoscaler", "consume model queue", False),
     ("autoscaler", "purge model queue", False),
     ("autoscaler", "publish request", False),
     ("autoscaler", "declare model queue", False),
+    ("autoscaler", "read cancellations", False),
     ("autoscaler", "announce", False),
 ]
 
