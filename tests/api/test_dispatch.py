@@ -80,6 +80,7 @@ async def test_models_list_and_retrieve(
     async with httpx.AsyncClient() as http:
         backend = (await http.get(simulator.url + "/v1/models")).json()["data"][0]
     assert entry.model_extra is not None and entry.model_extra["max_model_len"] == backend["max_model_len"]
+    assert entry.model_extra["status"] == "ready"  # beside sleeping models; OpenAI clients ignore it
     retrieved = await client.models.retrieve(ready_model)
     assert retrieved.id == ready_model
     with pytest.raises(openai.NotFoundError):

@@ -147,7 +147,14 @@ async def test_stale_requests_never_reach_the_backend_after_the_wake_up(
         expired = await http.post("/v1/completions", json=body, headers={"X-Request-Timeout": "1"})
         assert expired.status_code == 504, expired.text
         await wait_logged(sender, gone_id, 499)  # its call closed, and so cancelled
-
+    # A request that no consumer took within another sender's cold-start budget: 503, cancelled.
+    impatient = processes.sender("postgres", models=model, cold_start_seconds=1)
+    async with httpx.AsyncClient(base_url=impatient.url, headers=auth(token), timeout=60) as http:
+        refused = await http.post("/v1/completions", json=body)
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["error"]["code"] == "model_unavailable"
+        assert refused.headers["retry-after"]
+    async with httpx.AsyncClient(base_url=sender.url, headers=auth(token), timeout=60) as http:
         processes.consumer(model, recording, name=f"consumer-{model}-woken")
         # Queued after the stale ones at the same priority: once it is answered, they came up too.
         fresh = await http.post(
