@@ -59,16 +59,18 @@ class QueueStatsCache:
         for watcher in list(self._watchers.values()):
             watcher.cancel()
 
-    async def get(self, model: str, *, fresh: bool = False) -> QueueStats:
+    async def get(self, model: str, *, fresh: bool = False, watch: bool = True) -> QueueStats:
         """The model queue's numbers, about ``ttl`` old; :class:`BrokerUnavailable` if unknown and
         the broker cannot be asked.
 
         The first request after a quiet spell (and any request for a model without
         a queue) waits for a passive declare, shared by all requests arriving
-        meanwhile. ``fresh`` asks for numbers read after the call.
+        meanwhile. ``fresh`` asks for numbers read after the call. ``watch=False`` (the model
+        list) neither starts nor prolongs keeping the numbers fresh: only requests do.
         """
         now = time.monotonic()
-        self._used[model] = now
+        if watch:
+            self._used[model] = now
         cached = None if fresh else self._stats.get(model)
         if cached is not None:
             fetched_at, stats = cached
@@ -81,7 +83,7 @@ class QueueStatsCache:
             pending[model] = task
             task.add_done_callback(lambda _: pending.pop(model, None))
         stats = await asyncio.shield(task)
-        if stats.exists and model not in self._watchers:
+        if watch and stats.exists and model not in self._watchers:
             self._watchers[model] = asyncio.create_task(self._watch(model))
         return stats
 

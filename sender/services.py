@@ -143,7 +143,7 @@ class Services:
 
         async def waits(model: str) -> bool:
             try:
-                return (await self.queue_stats.get(model)).messages > 0
+                return (await self.queue_stats.get(model, watch=False)).messages > 0
             except Exception:
                 return False  # the broker cannot say: shown as sleeping
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from contract import DEFAULT_MAX_PRIORITY, DEFAULT_RABBITMQ_URL, servable_model_name
@@ -113,13 +113,23 @@ class SenderSettings(SharedSettings):
     metrics_token_label: bool = True
     """Label request metrics with the token name (names are operator-chosen; turn off for many tokens)."""
 
+    @field_validator("models")
+    @classmethod
+    def _servable_models(cls, models: str) -> str:
+        """A name no queue can have is refused at start, not at the first request."""
+        bad = [
+            name.strip()
+            for name in models.split(",")
+            if name.strip() and not servable_model_name(name.strip())
+        ]
+        if bad:
+            raise ValueError(f"{bad[0]!r} cannot name a model queue")
+        return models
+
     def configured_models(self) -> tuple[str, ...]:
-        """The models of ``SENDER_MODELS``, in order, each once; a name no queue can have is refused."""
+        """The models of ``SENDER_MODELS``, in order, each once."""
         names = dict.fromkeys(name.strip() for name in self.models.split(","))
         names.pop("", None)
-        bad = [name for name in names if not servable_model_name(name)]
-        if bad:
-            raise ValueError(f"SENDER_MODELS: {bad[0]!r} cannot name a model queue")
         return tuple(names)
 
     def pepper(self) -> bytes | None:
