@@ -171,3 +171,15 @@ async def wait_logged(sender: Service, request_id: str, status: int, timeout: fl
             if any(line.get("status") == status for line in request_lines(sender, request_id)):
                 return
             await asyncio.sleep(0.05)
+
+
+async def test_a_configured_queue_lost_by_the_broker_is_declared_again(sender: Service, token: str) -> None:
+    connection = await aio_pika.connect(RABBITMQ_URL)
+    async with connection:
+        await (await connection.channel()).queue_delete(contract.model_queue(OTHER))
+    assert not await queue_exists(OTHER)
+    async with httpx.AsyncClient(base_url=sender.url, headers=auth(token), timeout=30) as http:
+        body = {"model": OTHER, "prompt": "hi", "max_tokens": 2}
+        response = await http.post("/v1/completions", json=body, headers={"X-Request-Timeout": "0.5"})
+    assert response.status_code == 504, response.text  # queued again, and waited: not 404
+    assert await queue_exists(OTHER)
