@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 
 from aio_pika.abc import AbstractChannel
 
+from consumer.token_counts import Counts
 from contract import Reply
 from contract.errors import BROKER_GONE
 
@@ -36,8 +37,13 @@ class ReplyWriter:
         self._lock = asyncio.Lock()
         self._timer: asyncio.Task[None] | None = None
         self.finished = False
-        self.usage: tuple[int, int] | None = None
+        self.usage: Counts | None = None
         """(prompt, completion) tokens as the backend reported them; sent with the last piece."""
+        self.count: Callable[[], Counts] | None = None
+        """Counts the tokens of a stream under way: what the last piece says when ``usage`` is not set
+        (an answer cut short)."""
+        self.reported: Counts | None = None
+        """The counts the last piece carried."""
         self.queue_ms: int | None = None
 
     @property
@@ -77,6 +83,20 @@ class ReplyWriter:
             self._timer = None
         await self._flush(last=True, error=error)
 
+    async def cut(self, error: str) -> None:
+        """The client is gone: drop what is batched and send only a last piece, with the token counts.
+
+        Nobody reads the answer any more, but the sender waits a while for this
+        piece to charge the tokens generated up to the cut to the request.
+        """
+        if self.finished:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._buffer.clear()
+        await self._flush(last=True, error=error)
+
     def abandon(self) -> None:
         """Send nothing more: the request was given back to the broker or its client is gone.
 
@@ -100,6 +120,10 @@ class ReplyWriter:
             body = bytes(self._buffer)
             self._buffer.clear()
             first = self._seq == 0
+            usage = None
+            if last:
+                usage = self.usage if self.usage is not None else self.count() if self.count else None
+                self.reported = usage
             reply = Reply(
                 seq=self._seq,
                 last=last,
@@ -107,8 +131,8 @@ class ReplyWriter:
                 status=self._status if first else None,
                 content_type=self._content_type if first else None,
                 error=error,
-                prompt_tokens=self.usage[0] if last and self.usage else None,
-                completion_tokens=self.usage[1] if last and self.usage else None,
+                prompt_tokens=usage[0] if usage else None,
+                completion_tokens=usage[1] if usage else None,
                 queue_ms=self.queue_ms if last else None,
                 liveness_queue=self._liveness_queue,
             )

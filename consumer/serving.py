@@ -58,6 +58,8 @@ class Outcome(enum.Enum):
     """Malformed: kept in the dead-letter queue."""
     REFUSED = "refused"
     """Its path is not a served route: answered 404 without calling the backend."""
+    INTERRUPTED = "interrupted"
+    """The consumer shut down before the answer was complete (after its grace period)."""
 
 
 class Trouble(enum.Enum):
@@ -97,9 +99,24 @@ class Serving:
         """``async with serving.serve(message) as served``: answer it; settle it when the block ends."""
         return Delivery(self, message, liveness_queue)
 
-    async def skip(self, message: AbstractIncomingMessage) -> Served:
-        """Settle a request whose client is already gone, without spending GPU time on it."""
+    async def skip(self, message: AbstractIncomingMessage, *, liveness_queue: str) -> Served:
+        """Settle a request whose client is already gone, without spending GPU time on it.
+
+        The sender may still wait to charge it: it hears that nothing was generated.
+        """
         await _settle(message.ack())
+        if message.reply_to and message.correlation_id:
+            publish = ReplyPublisher(self.channel, message.reply_to, message.correlation_id)
+            await publish(
+                contract.Reply(
+                    seq=0,
+                    last=True,
+                    error="skipped: the client went away",
+                    prompt_tokens=0,
+                    completion_tokens=0,
+                    liveness_queue=liveness_queue,
+                )
+            )
         self.metrics.requests.labels(self.settings.model, "", Outcome.SKIPPED.value).inc()
         request_id = contract.request_id_of(message)
         fields = {"request_id": clip(request_id or ""), "outcome": Outcome.SKIPPED.value}
@@ -155,11 +172,12 @@ class Serving:
             if not request.stream or response.status != 200:
                 answer = await response.read()
                 if response.status == 200:
-                    self._count_tokens(writer, token_counts.from_body(answer))
+                    writer.usage = token_counts.from_body(answer)
                 await writer.whole(response.status, content_type, answer)
                 return
             writer.begin(response.status, content_type)
             watcher = token_counts.StreamUsage(strip=strip_usage)
+            writer.count = watcher.so_far  # a cut stream still reports what it generated
             async for chunk in response.content.iter_any():
                 relayed = watcher.feed(chunk)
                 if relayed:
@@ -167,14 +185,8 @@ class Serving:
             rest = watcher.end()
             if rest:
                 await writer.feed(rest)
-        self._count_tokens(writer, watcher.counts)
+        writer.usage = watcher.so_far()
         await writer.finish()
-
-    def _count_tokens(self, writer: ReplyWriter, counts: tuple[int, int] | None) -> None:
-        if counts is not None:
-            writer.usage = counts
-            self.metrics.prompt_tokens.labels(self.settings.model).inc(counts[0])
-            self.metrics.completion_tokens.labels(self.settings.model).inc(counts[1])
 
     async def dead_letter(self, message: AbstractIncomingMessage, reason: str) -> None:
         """Keep an unreadable message for inspection, then settle it: never a crash, never a loop."""
@@ -197,10 +209,20 @@ class Serving:
             await _settle(message.ack())
         self.metrics.requests.labels(self.settings.model, "", Outcome.REJECTED.value).inc()
 
-    def log_request(self, request: Request, status: int | None, outcome: Outcome, started: float) -> None:
-        """The request's metrics and its log line."""
+    def log_request(
+        self,
+        request: Request,
+        status: int | None,
+        outcome: Outcome,
+        started: float,
+        tokens: token_counts.Counts | None = None,
+    ) -> None:
+        """The request's metrics (tokens generated included, cut short or not) and its log line."""
         model = self.settings.model
         self.metrics.requests.labels(model, str(status or ""), outcome.value).inc()
+        if tokens is not None:
+            self.metrics.prompt_tokens.labels(model).inc(tokens[0] or 0)
+            self.metrics.completion_tokens.labels(model).inc(tokens[1])
         if request.sent:
             self.metrics.queue_wait.labels(model, str(request.priority)).observe(
                 max(0.0, started - request.sent)
@@ -218,6 +240,8 @@ class Serving:
             "outcome": outcome.value,
             "queue_ms": round((started - request.sent) * 1000, 1) if request.sent else None,
             "serve_ms": round((time.time() - started) * 1000, 1),
+            "prompt_tokens": tokens[0] if tokens else None,
+            "completion_tokens": tokens[1] if tokens else None,
         }
         log.info("request", extra={"fields": fields})
 
@@ -275,7 +299,10 @@ class Delivery:
         handled = exc is not None and await self._interrupted(exc)
         await self._settle_message()
         if exc is None or handled:
-            self._serving.log_request(self._request, self._writer.status, self._served.outcome, self._started)
+            writer = self._writer
+            self._serving.log_request(
+                self._request, writer.status, self._served.outcome, self._started, writer.reported
+            )
         return handled
 
     async def _interrupted(self, exc: BaseException) -> bool:
@@ -286,11 +313,19 @@ class Delivery:
             why = self._serving.cancellations.why(self._request.correlation_id)
             if why is None:
                 return False
-            outcome = Outcome.GIVEN_BACK if why is Why.DELIVERY_LOST else Outcome.CANCELLED
-            writer.abandon()
             task = asyncio.current_task()
             if task is not None:
                 task.uncancel()
+            if why is Why.CLIENT_GONE:
+                outcome = Outcome.CANCELLED
+                await writer.cut("cancelled: the client went away")
+            elif why is Why.SHUTDOWN and writer.started:
+                # Past the grace period: the answer ends here with an error, its tokens counted.
+                outcome = Outcome.INTERRUPTED
+                await writer.finish(error="the model server shut down in the middle of the answer")
+            else:  # connection lost, or shutting down before anything was sent: another consumer serves it
+                outcome = Outcome.GIVEN_BACK
+                writer.abandon()
         elif isinstance(exc, Exception):
             log.error("request %s failed in the consumer", clip(self._request.request_id), exc_info=exc)
             outcome = Outcome.FAILED

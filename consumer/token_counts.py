@@ -1,10 +1,16 @@
 """Token counts read from the backend's answers, for the consumer's metrics and the sender's accounting.
 
-Only the ``usage`` object the backend itself reports is trusted: the whole
+The ``usage`` object the backend itself reports is what counts: the whole
 body of a plain answer, or the usage chunk that ends a stream
 (``stream_options.include_usage``). The consumer asks for that chunk even when
 the client did not (``consumer/backend_body.py``); :class:`StreamUsage` then
 removes it from the client's stream, which stays as vLLM would have sent it.
+
+A stream cut before its usage chunk (client gone, deadline, backend failure,
+shutdown) is still charged: :class:`StreamUsage` counts the events that carry
+generated tokens as they pass (vLLM sends one event per token and choice),
+so the completion tokens produced up to the cut are known; the prompt's are
+not (``None``). A plain answer cut before it arrived leaves nothing knowable.
 """
 
 from __future__ import annotations
@@ -47,6 +53,17 @@ def _counts(usage: object) -> tuple[int, int] | None:
     return prompt, completion if isinstance(completion, int) else 0
 
 
+Counts = tuple[int | None, int]
+"""(prompt tokens, completion tokens); the prompt's are None when unknown (a stream cut short)."""
+
+_ROLE_ONLY = b'"delta":{"role":"assistant","content":""}'
+"""The chat stream's first event: it names the role and carries no token."""
+
+
+def _carries_token(event: bytes) -> bool:
+    return event.startswith(b"data: {") and b'"choices":[]' not in event and _ROLE_ONLY not in event
+
+
 class StreamUsage:
     """Finds the usage of a streamed answer as it passes, and removes it when the client did not ask.
 
@@ -60,23 +77,36 @@ class StreamUsage:
     def __init__(self, *, strip: bool) -> None:
         self._strip = strip
         self._pending = b""
+        self.events = 0
+        """Events that carried generated tokens so far: the completion tokens of a stream cut short."""
         self._tail = b""
         self._finishing: bytes | None = None
         """The chunk that ends a choice, held until the usage chunk: vLLM sends its
         ``system_fingerprint`` on the usage chunk when usage was asked for, else on this one."""
         self.counts: tuple[int, int] | None = None
 
+    def so_far(self) -> Counts:
+        """What the stream used: the backend's usage once it came, else the tokens counted up to now."""
+        return self.counts if self.counts is not None else (None, self.events)
+
     def feed(self, data: bytes) -> bytes:
-        if not self._strip:
-            self._tail = (self._tail + data)[-TAIL_BYTES:]
-            return data
         self._pending += data
         cut = self._pending.rfind(b"\n\n")
         if cut < 0:
+            if not self._strip:
+                self._tail = (self._tail + data)[-TAIL_BYTES:]
+                return data
             return b""
         complete, self._pending = self._pending[: cut + 2], self._pending[cut + 2 :]
+        events = complete.split(b"\n\n")[:-1]
+        if not self._strip:
+            self.events += sum(1 for event in events if _carries_token(event))
+            self._tail = (self._tail + data)[-TAIL_BYTES:]
+            return data
         kept = []
-        for event in complete.split(b"\n\n")[:-1]:
+        for event in events:
+            if _carries_token(event):
+                self.events += 1
             if b'"usage":{' in event and b'"choices":[]' in event:
                 self.counts = from_stream_tail(event) or self.counts
                 if self._finishing is not None:

@@ -25,7 +25,7 @@ from contract import errors, servable_model_name
 from contract.errors import clip
 from sender.broker import BrokerUnavailable
 from sender.errors import ApiError
-from sender.limits import RateLimiter
+from sender.limits import Ask, RateLimiter, Reservation
 from sender.queue_stats import QueueStatsCache
 from sender.settings import SenderSettings
 from sender.tokens import Token, TokenStore
@@ -50,6 +50,8 @@ class AdmittedRequest:
     request_id: str
     asleep: bool = False
     """Admitted while its model had no live consumer (a configured model being woken up)."""
+    reservation: Reservation | None = None
+    """Tokens reserved under the token's tokens-per-minute limit, settled when the answer ends."""
 
 
 class Refused(ApiError):
@@ -106,12 +108,12 @@ class Admission:
             asleep = await self._check_queue(model, token)
             if asleep:
                 admitted = dataclasses.replace(admitted, asleep=True)
-            retry_after = await self._limiter.admit(token)
+            decision = await self._limiter.admit(token, Ask.of(model, payload, len(body)))
         except ApiError as exc:
             raise Refused(exc, admitted) from exc
-        if retry_after is not None:
-            raise Refused(ApiError(errors.RATE_LIMIT_EXCEEDED, retry_after=retry_after), admitted)
-        return admitted
+        if decision.retry_after is not None:
+            raise Refused(ApiError(errors.RATE_LIMIT_EXCEEDED, retry_after=decision.retry_after), admitted)
+        return dataclasses.replace(admitted, reservation=decision.reservation)
 
     async def authenticate(self, request: Request) -> Token:
         """The caller's token, usable now; the 401 (or 503) it gets otherwise."""

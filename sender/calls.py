@@ -9,6 +9,13 @@ connection's liveness queue, so a consumer that dies mid-answer ends the
 answer with an error at once rather than at the deadline. A call closed before
 its answer was complete is cancelled on the control exchange, so no consumer
 spends GPU time on it.
+
+Such a call is still charged what it generated: it waits (at most
+``settle_seconds``, and at most ``settle_calls`` of them at once, the oldest
+settled first) for the consumer's last piece, which carries the tokens
+generated up to the cut, before it is *settled* (its usage row written, its
+tokens-per-minute reservation replaced by the real count). A call that
+ended normally settles at once.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -59,6 +67,43 @@ class PendingCall:
         """The last piece of the answer, once it arrived (it carries the usage)."""
         self.answered = False
         """Whether any piece arrived: a consumer took the request off the queue."""
+        self.events = 0
+        """Server-sent events relayed (``data: {`` lines): the tokens of a stream whose consumer
+        could not report them (it died), roughly."""
+        self._settled = False
+        self._on_settled: list[Callable[[], None]] = []
+
+    def when_settled(self, action: Callable[[], None]) -> None:
+        """Run ``action`` once the call's usage is known (at once if it is)."""
+        if self._settled:
+            action()
+        else:
+            self._on_settled.append(action)
+
+    def settle(self) -> None:
+        """The usage is as known as it will be: run what waited for it, once."""
+        if self._settled:
+            return
+        self._settled = True
+        actions, self._on_settled = self._on_settled, []
+        for action in actions:
+            try:
+                action()
+            except Exception:
+                log.exception("accounting of request %s failed", self.correlation_id)
+
+    def report(self, reply: Reply) -> None:
+        """The consumer's last piece, come after the client left: it carries the tokens generated."""
+        if self.liveness_queue is not None and reply.liveness_queue not in (None, self.liveness_queue):
+            return  # a redelivered copy served elsewhere; the owner's report is the one
+        self.final = reply
+        self.settle()
+
+    @property
+    def awaits_report(self) -> bool:
+        """Closed before its answer was complete, on a request the broker took: a consumer may
+        still be generating, and will say how much."""
+        return not self.finished and self.publish_error is None and not self.server_gone
 
     def deliver(self, reply: Reply) -> None:
         self._replies.put_nowait(reply)
@@ -89,6 +134,7 @@ class PendingCall:
         if reply.seq != self._expected_seq:
             return Reply(seq=reply.seq, last=True, error=f"reply piece {self._expected_seq} was lost")
         self._expected_seq += 1
+        self.events += reply.body.count(b"data: {")
         self.finished = reply.last
         if reply.last:
             self.final = reply
@@ -127,6 +173,8 @@ class Calls:
         on_taken: Callable[[str], None] = lambda _: None,
         liveness_interval: float = 1.0,
         confirm_timeout: float = 10.0,
+        settle_seconds: float = 10.0,
+        settle_calls: int = 10_000,
     ) -> None:
         """``on_published`` and ``on_taken`` hear of a model's request when it is published and when
         its first reply shows that a consumer took it off the queue."""
@@ -136,6 +184,12 @@ class Calls:
         self._liveness_interval = liveness_interval
         self._confirm_timeout = confirm_timeout
         self._pending: dict[str, PendingCall] = {}
+        self._settle_seconds = settle_seconds
+        self._settle_calls = settle_calls
+        self._settling: dict[str, tuple[float, PendingCall]] = {}
+        """Calls closed before their answer was complete, awaiting the consumer's report: correlation
+        id -> (settle anyway after, monotonic). Insertion order is expiry order."""
+        self._closing = False
         self._background: set[asyncio.Future[None]] = set()
         self._watchdog: asyncio.Task[None] | None = None
 
@@ -148,6 +202,14 @@ class Calls:
             self._watchdog.cancel()
         for call in list(self._pending.values()):
             call.abandon("the dispatcher is shutting down")
+        self._closing = True
+        self.settle_all()
+
+    def settle_all(self) -> None:
+        """Settle every call still awaiting its report with what is known (at shutdown)."""
+        settling, self._settling = self._settling, {}
+        for _, call in settling.values():
+            call.settle()
 
     def publish(self, model: str, request: Request) -> PendingCall:
         """Publish ``request`` to the model's queue and return where its replies will arrive.
@@ -188,6 +250,13 @@ class Calls:
 
     def _forget(self, call: PendingCall) -> None:
         self._pending.pop(call.correlation_id, None)
+        if call.awaits_report and not self._closing and self._settle_seconds > 0:
+            self._settling[call.correlation_id] = (time.monotonic() + self._settle_seconds, call)
+            if len(self._settling) > self._settle_calls:
+                oldest = next(iter(self._settling))
+                self._settling.pop(oldest)[1].settle()
+        else:
+            call.settle()
         # Also after a failed publish (a confirm lost with the connection may hide a request the
         # broker did take) and when the consumer died mid-answer (the broker hands its copy on).
         if (not call.finished or call.server_gone) and self._broker.control is not None:
@@ -207,7 +276,8 @@ class Calls:
         properties = message.header.properties
         pending = self._pending.get(properties.correlation_id or "")
         if pending is None:
-            return  # the client gave up; nobody waits for this any more
+            self._reported(properties.correlation_id or "", properties, message.body)
+            return
         try:
             reply = Reply.from_properties(properties, message.body)
         except contract.ContractError as exc:
@@ -218,10 +288,37 @@ class Calls:
             self._on_taken(pending.model)
         pending.deliver(reply)
 
+    def _reported(self, correlation_id: str, properties: Any, body: bytes) -> None:
+        """A piece for a call whose client left: the last one says what the request generated."""
+        entry = self._settling.get(correlation_id)
+        if entry is None:
+            return  # nobody waits for this any more
+        try:
+            reply = Reply.from_properties(properties, body)
+        except contract.ContractError:
+            return
+        if reply.last:
+            call = entry[1]
+            call.report(reply)
+            if call.final is reply:
+                self._settling.pop(correlation_id, None)
+
+    def _settle_overdue(self) -> None:
+        """Settle the calls whose report did not come in time, with what is known."""
+        now = time.monotonic()
+        while self._settling:
+            correlation_id, (until, call) = next(iter(self._settling.items()))
+            if until > now:
+                break
+            del self._settling[correlation_id]
+            call.settle()
+
     async def _watch_liveness(self) -> None:
-        """End the answers whose consumer connection is gone (its liveness queue no longer exists)."""
+        """End the answers whose consumer connection is gone (its liveness queue no longer exists);
+        settle the calls that waited long enough for their report."""
         while True:
             await asyncio.sleep(self._liveness_interval)
+            self._settle_overdue()
             watched = {
                 call.liveness_queue
                 for call in self._pending.values()

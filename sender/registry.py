@@ -87,6 +87,12 @@ class ModelRegistry:
         card = self.card(model)
         return card is None or card["status"] != READY
 
+    def max_model_len(self, model: str) -> int | None:
+        """The model's context length as its backend reports it, if a live consumer serves it."""
+        card = self.card(model)
+        value = card.get("max_model_len") if card is not None else None
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
     def cards(self, waiting: frozenset[str] = frozenset()) -> list[dict[str, Any]]:
         """Every model served or configured, by name; ``waiting``: models whose queue holds requests."""
         models = sorted({*self._consumers, *self.configured})

@@ -64,7 +64,10 @@ class Services:
             on_query=self.metrics.token_queries.inc,
         )
         self.limiter = RateLimiter(
-            self.engine, sync_seconds=settings.rate_sync_seconds, timeout=settings.db_timeout_seconds
+            self.engine,
+            sync_seconds=settings.rate_sync_seconds,
+            timeout=settings.db_timeout_seconds,
+            max_model_len=self.registry.max_model_len,
         )
         self.usage = UsageRecorder(
             self.engine,
@@ -88,6 +91,7 @@ class Services:
             on_published=self.queue_stats.published,
             on_taken=self.queue_stats.taken,
             liveness_interval=settings.liveness_seconds,
+            settle_seconds=settings.settle_seconds,
         )
         self.admission = Admission(
             self.tokens, self.queue_stats, self.limiter, settings, declare=self.broker.declare_model_queue

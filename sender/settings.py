@@ -51,6 +51,9 @@ class SenderSettings(SharedSettings):
     """Pause between attempts to reconnect to RabbitMQ."""
     liveness_seconds: float = 1.0
     """How often the consumers serving streamed answers are checked to be still connected."""
+    settle_seconds: float = Field(10.0, ge=0)
+    """How long a request whose client left (or whose deadline passed) waits for its consumer's report
+    of the tokens it generated before its usage row is written with what is known (0: not at all)."""
     token_cache_seconds: float = 5.0
     """How long a token lookup is trusted; a revoked token works at most this long."""
     unknown_token_cache_seconds: float = 1.0
@@ -86,7 +89,8 @@ class SenderSettings(SharedSettings):
     usage_buffer_rows: int = 100_000
     """Usage rows kept while the database is unreachable; the oldest are dropped beyond this."""
     rate_sync_seconds: float = 1.0
-    """How old the tokens-per-minute total may be, and how often this sender adds its own to it."""
+    """How often this sender adds its settled tokens to the shared per-minute totals, and how long a
+    token whose minute was full waits before asking the database again."""
     queue_stats_seconds: float = 0.25
     """How old the queue depth used for admission may be."""
     queue_without_consumers: bool = False

@@ -44,3 +44,22 @@ async def test_reply_writer_marks_a_broken_stream() -> None:
     await writer.finish()  # idempotent
     assert [r.seq for r in sent] == [0, 1]
     assert sent[1].body == b"data: 2\n\n" and sent[1].error == "backend went away" and sent[1].last
+
+
+async def test_a_cut_answer_reports_the_tokens_generated_so_far() -> None:
+    from consumer.token_counts import StreamUsage
+
+    writer, sent = collecting_writer()
+    watcher = StreamUsage(strip=True)
+    writer.count = watcher.so_far
+    writer.begin(200, "text/event-stream")
+    token = b'data: {"object":"text_completion","choices":[{"index":0,"text":"a","finish_reason":null}]}\n\n'
+    await writer.feed(watcher.feed(token))
+    await writer.feed(watcher.feed(token + token))  # batched: waits for the timer
+    # The client went away: what is batched is dropped, the last piece says what was generated.
+    await writer.cut("cancelled: the client went away")
+    assert [r.seq for r in sent] == [0, 1] and sent[1].last and sent[1].body == b""
+    assert (sent[1].prompt_tokens, sent[1].completion_tokens) == (None, 3)
+    assert writer.reported == (None, 3)
+    await asyncio.sleep(0.08)
+    assert len(sent) == 2  # the batch timer sends nothing more

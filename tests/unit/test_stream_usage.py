@@ -47,3 +47,22 @@ def test_stripped_usage_leaves_the_system_fingerprint_where_vllm_puts_it_without
         assert out == without and watcher.counts == (3, 2)
     cut_short = StreamUsage(strip=True)  # a stream that ends before its usage chunk loses nothing
     assert cut_short.feed(token + last) + cut_short.end() == token + last
+
+
+def test_a_stream_cut_short_is_charged_the_tokens_it_carried() -> None:
+    from consumer.token_counts import StreamUsage
+
+    # A chat stream: the role chunk carries no token; each content chunk carries one.
+    head = b'data: {"id":"c","object":"chat.completion.chunk","choices":'
+    role = head + b'[{"index":0,"delta":{"role":"assistant","content":""}}],"usage":null}\n\n'
+    chunk = head + b'[{"index":0,"delta":{"content":"x"}}],"usage":null}\n\n'
+    usage = head + b'[],"usage":{"prompt_tokens":7,"completion_tokens":4}}\n\n'
+    cut = role + chunk * 3 + chunk[:20]  # the backend stopped in the middle of an event
+    for strip in (True, False):
+        watcher = StreamUsage(strip=strip)
+        for i in range(0, len(cut), 11):
+            watcher.feed(cut[i : i + 11])
+        assert watcher.so_far() == (None, 3)  # the prompt's tokens are not known
+        watcher.feed(chunk[20:] + usage + b"data: [DONE]\n\n")
+        watcher.end()
+        assert watcher.so_far() == (7, 4)  # once the backend's usage came, it is what counts
