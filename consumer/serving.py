@@ -39,6 +39,8 @@ from contract.errors import BROKER_GONE, clip
 log = logging.getLogger(__name__)
 
 _JSON = "application/json"
+_TOKENIZE_SECONDS = 2.0
+"""How long a cut answer waits for the backend to count its prompt."""
 
 
 class Outcome(enum.Enum):
@@ -146,8 +148,10 @@ class Serving:
                 await self._call_backend(request, body, writer, strip_usage)
         except TimeoutError:
             if writer.started:
+                await self.count_prompt(request, writer)
                 await writer.finish(error="the request ran past its deadline")
             else:
+                await self.count_prompt(request, writer)
                 await _fail(writer, errors.DEADLINE_EXCEEDED, "the request ran past its deadline")
         except BackendUnreachable as exc:
             if not redelivered:
@@ -158,6 +162,7 @@ class Serving:
         except BackendFailed as exc:
             message = f"the connection to the model server failed: {exc}"
             if writer.started:
+                await self.count_prompt(request, writer)
                 await writer.finish(error=message)
             else:
                 await _fail(writer, errors.BACKEND_ERROR, message)
@@ -167,6 +172,7 @@ class Serving:
     async def _call_backend(
         self, request: Request, body: bytes, writer: ReplyWriter, strip_usage: bool
     ) -> None:
+        writer.count = _nothing_counted  # a plain answer cut off: what it generated is not knowable
         async with self.backend.post(request.path, body) as response:
             content_type = response.headers.get("Content-Type")
             if not request.stream or response.status != 200:
@@ -187,6 +193,26 @@ class Serving:
                 await writer.feed(rest)
         writer.usage = watcher.so_far()
         await writer.finish()
+
+    async def count_prompt(self, request: Request, writer: ReplyWriter) -> None:
+        """An answer cut before the backend reported its usage: ask the backend how long the prompt was
+        (it was processed all the same), so that the last piece charges it too."""
+        if writer.count is None:
+            return  # the backend never saw it
+        counted = writer.usage or writer.count()
+        if counted[0] is not None:
+            return
+        body = token_counts.tokenize_body(request.path, request.body)
+        if body is None:
+            return
+        try:
+            async with asyncio.timeout(_TOKENIZE_SECONDS), self.backend.post("/tokenize", body) as response:
+                answer = await response.read() if response.status == 200 else b""
+        except (TimeoutError, BackendFailed, BackendUnreachable):
+            return
+        prompt = token_counts.count_of(answer)
+        if prompt is not None:
+            writer.usage = (prompt, counted[1])
 
     async def dead_letter(self, message: AbstractIncomingMessage, reason: str) -> None:
         """Keep an unreadable message for inspection, then settle it: never a crash, never a loop."""
@@ -318,10 +344,12 @@ class Delivery:
                 task.uncancel()
             if why is Why.CLIENT_GONE:
                 outcome = Outcome.CANCELLED
+                await self._serving.count_prompt(self._request, writer)
                 await writer.cut("cancelled: the client went away")
             elif why is Why.SHUTDOWN and writer.started:
                 # Past the grace period: the answer ends here with an error, its tokens counted.
                 outcome = Outcome.INTERRUPTED
+                await self._serving.count_prompt(self._request, writer)
                 await writer.finish(error="the model server shut down in the middle of the answer")
             else:  # connection lost, or shutting down before anything was sent: another consumer serves it
                 outcome = Outcome.GIVEN_BACK
@@ -344,6 +372,10 @@ class Delivery:
             await _settle(self._message.nack(requeue=True))
         else:
             await _settle(self._message.ack())
+
+
+def _nothing_counted() -> token_counts.Counts:
+    return (None, 0)
 
 
 async def _fail(writer: ReplyWriter, kind: errors.ErrorKind, message: str | None = None) -> None:

@@ -9,8 +9,11 @@ removes it from the client's stream, which stays as vLLM would have sent it.
 A stream cut before its usage chunk (client gone, deadline, backend failure,
 shutdown) is still charged: :class:`StreamUsage` counts the events that carry
 generated tokens as they pass (vLLM sends one event per token and choice),
-so the completion tokens produced up to the cut are known; the prompt's are
-not (``None``). A plain answer cut before it arrived leaves nothing knowable.
+so the completion tokens produced up to the cut are known. The prompt's are
+then asked of the backend's ``/tokenize`` (:func:`tokenize_body`): the
+backend processed the prompt whatever became of the answer. A plain answer
+cut before it arrived is charged its prompt only: what it generated is not
+knowable.
 """
 
 from __future__ import annotations
@@ -42,6 +45,46 @@ def from_stream_tail(tail: bytes) -> tuple[int, int] | None:
         if counts is not None:
             return counts
     return None
+
+
+_TOKENIZE_FIELDS = {
+    "/v1/completions": ("model", "prompt", "add_special_tokens"),
+    "/v1/chat/completions": (
+        "model",
+        "messages",
+        "tools",
+        "add_generation_prompt",
+        "continue_final_message",
+        "add_special_tokens",
+        "chat_template",
+        "chat_template_kwargs",
+    ),
+}
+"""The fields of a request that decide its prompt's tokens, by route, as vLLM's ``/tokenize`` takes them."""
+
+
+def tokenize_body(path: str, body: bytes) -> bytes | None:
+    """What to ask the backend's ``/tokenize`` to learn the prompt tokens of a request (None: nothing
+    to ask, e.g. a list of prompts, which ``/tokenize`` does not take)."""
+    fields = _TOKENIZE_FIELDS.get(path)
+    if fields is None:
+        return None
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(payload, dict) or ("prompt" in fields and not isinstance(payload.get("prompt"), str)):
+        return None
+    return orjson.dumps({key: payload[key] for key in fields if key in payload})
+
+
+def count_of(answer: bytes) -> int | None:
+    """The ``count`` of a ``/tokenize`` answer."""
+    try:
+        count = orjson.loads(answer).get("count")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    return count if isinstance(count, int) and not isinstance(count, bool) else None
 
 
 def _counts(usage: object) -> tuple[int, int] | None:

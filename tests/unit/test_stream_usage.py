@@ -66,3 +66,23 @@ def test_a_stream_cut_short_is_charged_the_tokens_it_carried() -> None:
         watcher.feed(chunk[20:] + usage + b"data: [DONE]\n\n")
         watcher.end()
         assert watcher.so_far() == (7, 4)  # once the backend's usage came, it is what counts
+
+
+def test_the_prompt_of_a_cut_answer_is_asked_of_tokenize_with_the_fields_that_make_it() -> None:
+    import orjson
+
+    from consumer.token_counts import count_of, tokenize_body
+
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "stream": True}
+    asked = tokenize_body("/v1/chat/completions", orjson.dumps({**chat, "tools": []}))
+    assert asked is not None and orjson.loads(asked) == {
+        "model": "m",
+        "messages": chat["messages"],
+        "tools": [],
+    }
+    plain = tokenize_body("/v1/completions", b'{"model": "m", "prompt": "hi", "n": 2}')
+    assert plain is not None and orjson.loads(plain) == {"model": "m", "prompt": "hi"}
+    assert tokenize_body("/v1/completions", b'{"model": "m", "prompt": ["a", "b"]}') is None
+    assert tokenize_body("/v1/embeddings", b'{"model": "m", "input": "a"}') is None
+    assert tokenize_body("/v1/completions", b"not json") is None
+    assert count_of(b'{"count": 7, "tokens": []}') == 7 and count_of(b'{"count": true}') is None
