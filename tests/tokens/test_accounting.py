@@ -40,31 +40,31 @@ async def slow(processes: Processes, engines: dict[str, AsyncEngine]) -> dict[st
     return {"model": model, **fronts}
 
 
-async def same_minute(needed: float = 15.0) -> int:
-    """Start where the next ``needed`` seconds stay in one calendar minute; that minute."""
+async def same_minute(needed: float = 8.0) -> None:
+    """Start where the next ``needed`` seconds stay in one calendar minute (limits count per minute)."""
     left = WINDOW_SECONDS - time.time() % WINDOW_SECONDS
     if left < needed:
         await asyncio.sleep(left + 0.1)
-    return int(time.time() // WINDOW_SECONDS)
 
 
-async def minute_total(engine: AsyncEngine, name: str, window: int) -> int:
+async def counted(engine: AsyncEngine, name: str) -> int:
+    """The token's tokens-per-minute totals, over every minute (a fresh token: this test's)."""
     statement = (
-        sa.select(rate_windows_table.c.tokens)
+        sa.select(sa.func.sum(rate_windows_table.c.tokens))
         .join(tokens_table, tokens_table.c.id == rate_windows_table.c.token_id)
-        .where(tokens_table.c.name == name, rate_windows_table.c.window_start == window)
+        .where(tokens_table.c.name == name)
     )
     async with engine.connect() as conn:
         return int((await conn.execute(statement)).scalar() or 0)
 
 
-async def until_total(engine: AsyncEngine, name: str, window: int, expected: int) -> None:
-    """The minute's total reaches ``expected`` once the sender pushed its settlement (every 0.2 s)."""
+async def until_counted(engine: AsyncEngine, name: str, expected: int) -> None:
+    """The minutes' totals reach ``expected`` once the sender pushed its settlement (every 0.2 s)."""
     for _ in range(100):
-        if await minute_total(engine, name, window) == expected:
+        if await counted(engine, name) == expected:
             return
         await asyncio.sleep(0.1)
-    raise AssertionError(f"minute total {await minute_total(engine, name, window)}, expected {expected}")
+    raise AssertionError(f"tokens counted: {await counted(engine, name)}, expected {expected}")
 
 
 def token_events(body: bytes) -> int:
@@ -80,7 +80,6 @@ async def test_a_cancelled_stream_is_charged_what_it_generated(
     name = unique(f"cancelled-{kind}")
     # A lease (2% of the limit) smaller than the reservation: the minute's total is exact once settled.
     secret = await create_token(engine, name, priority=5, tpm=10_000)
-    window = await same_minute()
     body = {"model": model, "prompt": "count", "max_tokens": SLOW_TOKENS, "stream": True}
     received = b""
     async with (
@@ -102,7 +101,7 @@ async def test_a_cancelled_stream_is_charged_what_it_generated(
     assert row["status"] == 200 and row["streamed"] is True
     assert int(row["prompt_tokens"]) > 0  # type: ignore[call-overload]  # asked of the backend after the cut
     charged = generated + int(row["prompt_tokens"])  # type: ignore[call-overload]
-    await until_total(engine, name, window, charged)  # the reservation replaced by the real count
+    await until_counted(engine, name, charged)  # the reservation replaced by the real count
     request_id = response.headers["x-request-id"]
     assert row["request_id"] == request_id
 
@@ -140,7 +139,7 @@ async def test_a_burst_cannot_start_more_than_its_tokens_per_minute_allow(
     name = unique(f"burst-{kind}")
     limit = 300
     secret = await create_token(engine, name, priority=5, tpm=limit)
-    window = await same_minute()
+    await same_minute()
     body = {"model": model, "prompt": "hi", "max_tokens": 20}
     size = len(orjson.dumps(body))
     estimate = size // 4 + 20
@@ -159,7 +158,7 @@ async def test_a_burst_cannot_start_more_than_its_tokens_per_minute_allow(
     assert used <= limit
     assert {r.json()["error"]["code"] for r in refused} == {"rate_limit_exceeded"}
     assert all(1 <= int(r.headers["retry-after"]) <= 60 for r in refused)
-    await until_total(engine, name, window, used)
+    await until_counted(engine, name, used)
 
 
 async def test_a_settled_answer_frees_what_it_reserved(
@@ -170,7 +169,7 @@ async def test_a_settled_answer_frees_what_it_reserved(
     name = unique("settled")
     limit = 200
     secret = await create_token(engine, name, priority=5, tpm=limit)
-    window = await same_minute()
+    await same_minute()
     long = {"model": model, "prompt": "count", "max_tokens": 180, "stream": True}  # reserves all 200
     short = {"model": model, "prompt": "hi", "max_tokens": 5}
     async with httpx.AsyncClient(base_url=front.url, headers=auth(secret), timeout=30) as http:
@@ -189,4 +188,40 @@ async def test_a_settled_answer_frees_what_it_reserved(
         assert admitted.status_code == 200
     rows = await usage_rows(engine, name, 2)  # a refused request leaves no row
     charged = sum(int(r["prompt_tokens"]) + int(r["completion_tokens"]) for r in rows if r["status"] == 200)  # type: ignore[call-overload]
-    await until_total(engine, name, window, charged)
+    await until_counted(engine, name, charged)
+
+
+@pytest.mark.parametrize("stop", ["backend killed", "consumer stopped"])
+async def test_an_interrupted_stream_is_charged_what_it_generated(
+    stop: str, processes: Processes, slow: dict[str, object], engines: dict[str, AsyncEngine]
+) -> None:
+    """The backend dies mid-stream, or the consumer stops and its grace period runs out: the answer
+    ends with an error event, and its row holds the tokens generated up to then."""
+    front, engine = slow["postgres"], engines["postgres"]
+    assert isinstance(front, Service)
+    model = unique("killed" if stop == "backend killed" else "stopped")
+    backend = processes.simulator(model, ttft_ms=5, itl_ms=50)
+    consumer = processes.consumer(model, backend, shutdown_grace=0.5)
+    name = unique(f"{model}-token")
+    secret = await create_token(engine, name, priority=5)
+    await wait_listed(front, secret, model)
+    body = {"model": model, "prompt": "count", "max_tokens": SLOW_TOKENS, "stream": True}
+    async with (
+        httpx.AsyncClient(base_url=front.url, headers=auth(secret), timeout=30) as http,
+        http.stream("POST", "/v1/completions", json=body) as response,
+    ):
+        received = b""
+        async for piece in response.aiter_bytes():
+            received += piece
+            if token_events(received) == 5 or b'"error"' in received:
+                if stop == "backend killed":
+                    backend.kill()
+                else:
+                    consumer.process.terminate()
+    last = orjson.loads(received.rstrip().split(b"\n\n")[-1].removeprefix(b"data: "))
+    assert last["error"]["code"] == "stream_interrupted"
+    (row,) = await usage_rows(engine, name, 1)
+    assert token_events(received) <= int(row["completion_tokens"]) < SLOW_TOKENS  # type: ignore[call-overload]
+    if stop == "consumer stopped":  # the backend is still there to count the prompt
+        assert int(row["prompt_tokens"]) > 0  # type: ignore[call-overload]
+        await asyncio.to_thread(consumer.process.wait, 15)
