@@ -80,6 +80,10 @@ class PendingCall:
         else:
             self._on_settled.append(action)
 
+    @property
+    def settled(self) -> bool:
+        return self._settled
+
     def settle(self) -> None:
         """The usage is as known as it will be: run what waited for it, once."""
         if self._settled:
@@ -107,6 +111,14 @@ class PendingCall:
 
     def deliver(self, reply: Reply) -> None:
         self._replies.put_nowait(reply)
+
+    def drop_unread(self) -> None:
+        """Forget the pieces that arrived and were not read (the client is gone); a last one among
+        them is the report of what the request used."""
+        while not self._replies.empty():
+            reply = self._replies.get_nowait()
+            if reply.last and reply.liveness_queue is not None:  # the consumer's, not one made here
+                self.report(reply)
 
     def publish_failed(self, error: str) -> None:
         self.publish_error = error
@@ -250,7 +262,9 @@ class Calls:
 
     def _forget(self, call: PendingCall) -> None:
         self._pending.pop(call.correlation_id, None)
-        if call.awaits_report and not self._closing and self._settle_seconds > 0:
+        if call.awaits_report:
+            call.drop_unread()  # nobody reads them; the report may be among them
+        if call.awaits_report and not call.settled and not self._closing and self._settle_seconds > 0:
             self._settling[call.correlation_id] = (time.monotonic() + self._settle_seconds, call)
             if len(self._settling) > self._settle_calls:
                 oldest = next(iter(self._settling))
