@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable
@@ -216,6 +217,14 @@ class Calls:
             call.abandon("the dispatcher is shutting down")
         self._closing = True
         self.settle_all()
+
+    async def wait_settled(self, timeout: float) -> None:
+        """At shutdown, while the broker connection is still open: give the reports of the calls cut
+        short (by the shutdown itself, often) up to ``timeout`` seconds to arrive."""
+        for _ in range(math.ceil(timeout / 0.05)):  # polled: it happens once, at shutdown
+            if not self._settling:
+                return
+            await asyncio.sleep(0.05)
 
     def settle_all(self) -> None:
         """Settle every call still awaiting its report with what is known (at shutdown)."""

@@ -132,6 +132,7 @@ class Services:
         await asyncio.sleep(self.settings.rollcall_wait_seconds)
 
     async def close(self) -> None:
+        await self.calls.wait_settled(min(2.0, self.settings.settle_seconds))
         self.calls.close()
         self.queue_stats.close()
         await self.broker.close()
