@@ -50,6 +50,14 @@ def test_reply_round_trip() -> None:
         Reply.from_amqp({"last": True}, b"", None)
 
 
+def test_the_report_of_a_cut_answer_round_trips_with_its_completion_tokens_alone() -> None:
+    # What a consumer sends after the client left: no body, why, and only what it could count.
+    report = Reply(seq=3, last=True, error="cancelled: the client went away", completion_tokens=12)
+    decoded = Reply.from_amqp(report.headers(), b"", None)
+    assert decoded == report and decoded.prompt_tokens is None and decoded.completion_tokens == 12
+    assert "prompt-tokens" not in report.headers()
+
+
 def test_announcement_round_trip() -> None:
     announcement = Announcement("c1", "m", Announcement.READY, 15.0, {"max_model_len": 4096})
     assert Announcement.decode(announcement.encode()) == announcement
