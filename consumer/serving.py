@@ -197,12 +197,16 @@ class Serving:
             await _settle(message.ack())
         self.metrics.requests.labels(self.settings.model, "", Outcome.REJECTED.value).inc()
 
+    def _level(self, request: Request) -> int:
+        """The user level of ``request`` (its message priority also holds its fair-share sub-level)."""
+        return contract.user_level(request.priority, self.settings.max_priority)
+
     def log_request(self, request: Request, status: int | None, outcome: Outcome, started: float) -> None:
         """The request's metrics and its log line."""
         model = self.settings.model
         self.metrics.requests.labels(model, str(status or ""), outcome.value).inc()
         if request.sent:
-            self.metrics.queue_wait.labels(model, str(request.priority)).observe(
+            self.metrics.queue_wait.labels(model, str(self._level(request))).observe(
                 max(0.0, started - request.sent)
             )
         self.metrics.serve_time.labels(model).observe(time.time() - started)
@@ -213,7 +217,8 @@ class Serving:
             "model": model,
             "path": clip(request.path),
             "stream": request.stream,
-            "priority": request.priority,
+            "priority": self._level(request),
+            "wire_priority": request.priority,
             "status": status,
             "outcome": outcome.value,
             "queue_ms": round((started - request.sent) * 1000, 1) if request.sent else None,

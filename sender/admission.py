@@ -20,6 +20,7 @@ from starlette.requests import ClientDisconnect, Request
 
 from contract import errors, servable_model_name
 from contract.errors import clip
+from sender.backlog import Backlog
 from sender.broker import BrokerUnavailable
 from sender.errors import ApiError
 from sender.limits import RateLimiter
@@ -64,11 +65,13 @@ class Admission:
         queue_stats: QueueStatsCache,
         limiter: RateLimiter,
         settings: SenderSettings,
+        backlog: Backlog | None = None,
     ) -> None:
         self._tokens = tokens
         self._queue_stats = queue_stats
         self._limiter = limiter
         self._settings = settings
+        self._backlog = backlog or Backlog()
 
     async def admit(self, request: Request, path: str, request_id: str) -> AdmittedRequest:
         """The request, read and admitted; :class:`ApiError` (:class:`Refused` once it was read) if not."""

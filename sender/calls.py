@@ -39,10 +39,17 @@ class PendingCall:
     """The replies to one published request, in order, as they arrive."""
 
     def __init__(
-        self, correlation_id: str, model: str, deadline: float, on_done: Callable[[PendingCall], None]
+        self,
+        correlation_id: str,
+        model: str,
+        deadline: float,
+        on_done: Callable[[PendingCall], None],
+        owner: str = "",
     ) -> None:
         self.correlation_id = correlation_id
         self.model = model
+        self.owner = owner
+        """Name of the token that sent it (its backlog and parallel count, ``sender/backlog.py``)."""
         self.deadline = deadline
         self._replies: asyncio.Queue[Reply] = asyncio.Queue()
         self._on_done = on_done
@@ -123,16 +130,18 @@ class Calls:
         self,
         broker: Broker,
         *,
-        on_published: Callable[[str], None] = lambda _: None,
-        on_taken: Callable[[str], None] = lambda _: None,
+        on_published: Callable[[PendingCall], None] = lambda _: None,
+        on_taken: Callable[[PendingCall], None] = lambda _: None,
+        on_closed: Callable[[PendingCall], None] = lambda _: None,
         liveness_interval: float = 1.0,
         confirm_timeout: float = 10.0,
     ) -> None:
-        """``on_published`` and ``on_taken`` hear of a model's request when it is published and when
-        its first reply shows that a consumer took it off the queue."""
+        """``on_published``, ``on_taken`` and ``on_closed`` hear of a call when it is published, when
+        its first reply shows that a consumer took it off the queue, and when it is closed."""
         self._broker = broker
         self._on_published = on_published
         self._on_taken = on_taken
+        self._on_closed = on_closed
         self._liveness_interval = liveness_interval
         self._confirm_timeout = confirm_timeout
         self._pending: dict[str, PendingCall] = {}
@@ -149,7 +158,7 @@ class Calls:
         for call in list(self._pending.values()):
             call.abandon("the dispatcher is shutting down")
 
-    def publish(self, model: str, request: Request) -> PendingCall:
+    def publish(self, model: str, request: Request, owner: str = "") -> PendingCall:
         """Publish ``request`` to the model's queue and return where its replies will arrive.
 
         The publisher confirm is awaited alongside the answer rather than before it;
@@ -163,7 +172,7 @@ class Calls:
         request = dataclasses.replace(
             request, correlation_id=correlation_id, reply_to=self._broker.reply_queue_name
         )
-        pending = PendingCall(correlation_id, model, request.deadline, self._forget)
+        pending = PendingCall(correlation_id, model, request.deadline, self._forget, owner)
         self._pending[correlation_id] = pending
         confirm = asyncio.ensure_future(
             exchange.publish(request.message(), routing_key=contract.model_queue(model), mandatory=True)
@@ -171,7 +180,7 @@ class Calls:
         # A confirm lost with its connection must not leave the client waiting until the deadline.
         overdue = asyncio.get_running_loop().call_later(self._confirm_timeout, confirm.cancel)
         confirm.add_done_callback(lambda done: self._confirmed(pending, done, overdue))
-        self._on_published(model)
+        self._on_published(pending)
         return pending
 
     def _confirmed(
@@ -187,7 +196,8 @@ class Calls:
             pending.publish_failed(str(exc) or type(exc).__name__)
 
     def _forget(self, call: PendingCall) -> None:
-        self._pending.pop(call.correlation_id, None)
+        if self._pending.pop(call.correlation_id, None) is not None:
+            self._on_closed(call)
         # Also after a failed publish (a confirm lost with the connection may hide a request the
         # broker did take) and when the consumer died mid-answer (the broker hands its copy on).
         if (not call.finished or call.server_gone) and self._broker.control is not None:
@@ -215,7 +225,7 @@ class Calls:
             reply = Reply(seq=-1, last=True, error="malformed reply from consumer")
         if not pending.answered:
             pending.answered = True
-            self._on_taken(pending.model)
+            self._on_taken(pending)
         pending.deliver(reply)
 
     async def _watch_liveness(self) -> None:

@@ -16,8 +16,10 @@ import time
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+import contract
 from contract import Reply, Request, errors
 from sender.admission import AdmittedRequest
+from sender.backlog import Backlog
 from sender.calls import Calls, PendingCall, PublishFailed
 from sender.errors import ApiError
 
@@ -25,9 +27,30 @@ _END_OF_STREAM = b"data: [DONE]\n\n"
 
 
 class Relay:
-    def __init__(self, calls: Calls, *, retry_after: int) -> None:
+    def __init__(
+        self,
+        calls: Calls,
+        backlog: Backlog,
+        *,
+        retry_after: int,
+        max_priority: int = contract.DEFAULT_MAX_PRIORITY,
+        fair_share: bool = True,
+    ) -> None:
         self._calls = calls
+        self._backlog = backlog
         self._retry_after = retry_after
+        self._max_priority = max_priority
+        self._fair_share = fair_share
+
+    def wire_priority(self, admitted: AdmittedRequest) -> int:
+        """The message priority of ``admitted``: its level, and within the level, a sub-level that
+        sinks with the token's own backlog (fair share: a token with nothing waiting goes ahead of
+        the waiting requests of a token with many, at the same level)."""
+        demotion = 0
+        if self._fair_share:
+            waiting = self._backlog.waiting(admitted.model, admitted.token.name)
+            demotion = contract.demotion_for_backlog(waiting, self._max_priority)
+        return contract.wire_priority(admitted.priority, demotion, self._max_priority)
 
     def publish(self, admitted: AdmittedRequest) -> PendingCall:
         """Queue the request; 503 ``queue_unavailable`` if the broker cannot take it."""
@@ -35,12 +58,12 @@ class Relay:
             path=admitted.path,
             body=admitted.body,
             stream=admitted.stream,
-            priority=admitted.priority,
+            priority=self.wire_priority(admitted),
             deadline=time.time() + admitted.timeout,
             request_id=admitted.request_id,
         )
         try:
-            return self._calls.publish(admitted.model, request)
+            return self._calls.publish(admitted.model, request, admitted.token.name)
         except PublishFailed as exc:
             raise ApiError(errors.QUEUE_UNAVAILABLE, retry_after=self._retry_after) from exc
 

@@ -41,7 +41,11 @@ class SenderSettings(SharedSettings):
     max_header_bytes: int = 64 * 1024
     """Requests whose headers add up to more get 431."""
     max_priority: int = DEFAULT_MAX_PRIORITY
-    """Top of the priority scale; it must match the consumers' ``x-max-priority``."""
+    """Top of the user priority scale; it must match the consumers' ``CONSUMER_MAX_PRIORITY``
+    (the queue's ``x-max-priority`` is the wire top derived from it, ``contract.wire_max_priority``)."""
+    fair_share: bool = True
+    """Within one priority level, publish a token's request lower the more of its requests already
+    wait (fair-share sub-levels, ``contract.demotion_for_backlog``); off: first come, first served."""
     deadline_seconds: float = 600.0
     """How long a request may wait and run in all before the client gets 504; a request may
     shorten its own with ``X-Request-Timeout`` (seconds), never lengthen it."""
