@@ -18,10 +18,11 @@ from starlette.types import Receive, Scope, Send
 
 import contract
 from contract import Reply, Request, errors
-from sender.admission import AdmittedRequest
+from sender.admission import AdmittedRequest, Refused, parallel_refusal
 from sender.backlog import Backlog
 from sender.calls import Calls, PendingCall, PublishFailed
 from sender.errors import ApiError
+from sender.settings import SenderSettings
 
 _END_OF_STREAM = b"data: [DONE]\n\n"
 
@@ -31,16 +32,14 @@ class Relay:
         self,
         calls: Calls,
         backlog: Backlog,
-        *,
-        retry_after: int,
-        max_priority: int = contract.DEFAULT_MAX_PRIORITY,
-        fair_share: bool = True,
+        settings: SenderSettings,
     ) -> None:
         self._calls = calls
         self._backlog = backlog
-        self._retry_after = retry_after
-        self._max_priority = max_priority
-        self._fair_share = fair_share
+        self._settings = settings
+        self._retry_after = settings.retry_after_seconds
+        self._max_priority = settings.max_priority
+        self._fair_share = settings.fair_share
 
     def wire_priority(self, admitted: AdmittedRequest) -> int:
         """The message priority of ``admitted``: its level, and within the level, a sub-level that
@@ -53,7 +52,13 @@ class Relay:
         return contract.wire_priority(admitted.priority, demotion, self._max_priority)
 
     def publish(self, admitted: AdmittedRequest) -> PendingCall:
-        """Queue the request; 503 ``queue_unavailable`` if the broker cannot take it."""
+        """Queue the request; 503 ``queue_unavailable`` if the broker cannot take it.
+
+        The token's parallel limit is checked again here, with no await between the check and the
+        count: requests admitted together cannot pass it together."""
+        refusal = parallel_refusal(self._backlog, admitted.token, self._settings)
+        if refusal is not None:
+            raise Refused(refusal, admitted)
         request = Request(
             path=admitted.path,
             body=admitted.body,

@@ -91,13 +91,7 @@ class Services:
             liveness_interval=settings.liveness_seconds,
         )
         self.admission = Admission(self.tokens, self.queue_stats, self.limiter, settings, self.backlog)
-        self.relay = Relay(
-            self.calls,
-            self.backlog,
-            retry_after=settings.retry_after_seconds,
-            max_priority=settings.max_priority,
-            fair_share=settings.fair_share,
-        )
+        self.relay = Relay(self.calls, self.backlog, settings)
         self.accounting = Accounting(
             self.metrics, self.limiter, self.usage, usage_rows=settings.usage_accounting
         )

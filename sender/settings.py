@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import SettingsConfigDict
@@ -97,8 +98,15 @@ class SenderSettings(SharedSettings):
     """Queue requests for a model that has a queue but no live consumer, instead of answering 503:
     with a model scaled to zero (KEDA), the queued request is what wakes it up, and it waits for
     the first replica up to its deadline."""
+    threshold_scope: Literal["token", "queue"] = "token"
+    """What a token's ``threshold`` is compared with: ``token`` (default, fair) its own requests
+    waiting for the model, as this sender counts them; ``queue`` the whole model queue's depth, so
+    that one heavy token's backlog is charged to every token."""
     retry_after_seconds: int = 1
-    """``Retry-After`` sent with 429 and 503."""
+    """``Retry-After`` sent with 503, and the least sent with 429."""
+    retry_after_max_seconds: int = 60
+    """The most ``Retry-After`` a 429 says: otherwise it is the expected wait (the backlog ahead
+    over its recent service rate)."""
     rollcall_wait_seconds: float = 0.5
     """At start, how long to wait for consumers to answer the roll call before serving."""
     shutdown_grace: int = 30
