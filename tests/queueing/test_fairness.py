@@ -21,7 +21,7 @@ from harness.processes import Processes
 from harness.stack import Service
 from harness.testrun import Tokens, unique
 
-BLOCKER_TOKENS = 150  # at 5 ms a token, the slot stays busy for ~0.75 s
+BLOCKER_TOKENS = 400  # at 5 ms a token, the slot stays busy for ~2 s while the others queue
 WAITING_TOKENS = 8
 """Each waiting request holds the slot ~45 ms: answers relayed to their clients a little late on a
 busy machine still arrive in the order they were served."""
