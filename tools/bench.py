@@ -191,7 +191,9 @@ class Bench:
         self.results.append(line)
         print(json.dumps(line), flush=True)
 
-    def start_model(self, model: str, **simulator: object) -> stack.Service:
+    def start_model(
+        self, model: str, *, forward_priority: bool = False, **simulator: object
+    ) -> stack.Service:
         backend = stack.start_simulator(self.log_dir, model=model, name=f"simulator-{model}", **simulator)
         consumer = stack.start_consumer(
             self.log_dir,
@@ -202,6 +204,7 @@ class Bench:
             max_inflight=512,
             log_level="warning",
             dead_letter_queue=self.dead_letter_queue,
+            **({"forward_priority": "true"} if forward_priority else {}),
         )
         self.services += [backend, consumer]
         return backend
@@ -220,6 +223,7 @@ class Bench:
     async def main(self) -> None:
         model = f"bench-{self.tag}"
         prio_model = f"bench-prio-{self.tag}"
+        models = [model, prio_model]
         stack.create_database(self.server_url, self.database)
         try:
             stack.migrate(self.database_url)
@@ -287,13 +291,29 @@ class Bench:
             if not self.args.only or "priority" in self.args.only:
                 await self.priority(prio_direct.url, sender.url, prio_model, high, low)
             if not self.args.only or "fairness" in self.args.only:
-                await self.fairness(prio_direct.url, sender.url, prio_model, heavy, heavy_low, lights)
+                fair_model, fair_direct = prio_model, prio_direct
+                if self.args.fair_backend_priority:
+                    # Priority (and the fair-share sub-level) forwarded to a priority-scheduling
+                    # backend, as with vLLM --scheduling-policy priority.
+                    fair_model = f"bench-fair-{self.tag}"
+                    fair_direct = self.start_model(
+                        fair_model,
+                        forward_priority=True,
+                        ttft_ms=20,
+                        itl_ms=10,
+                        max_num_seqs=16,
+                        default_max_tokens=64,
+                        scheduling_policy="priority",
+                    )
+                    models.append(fair_model)
+                    await self.wait_listed(sender, token, fair_model)
+                await self.fairness(fair_direct.url, sender.url, fair_model, heavy, heavy_low, lights)
             if not self.args.only or "tokens" in self.args.only:
                 await self.many_tokens(model, token, sender)
         finally:
             for service in reversed(self.services):
                 service.stop()
-            await self.delete_queues([model, prio_model])
+            await self.delete_queues(models)
             stack.drop_database(self.server_url, self.database)
         self.verdict()
 
@@ -709,6 +729,11 @@ def main() -> None:
     parser.add_argument("--priority-warmup", type=float, default=8.0)
     parser.add_argument("--fair-seconds", type=float, default=30.0, help="measured seconds per fairness run")
     parser.add_argument("--fair-warmup", type=float, default=10.0)
+    parser.add_argument(
+        "--fair-backend-priority",
+        action="store_true",
+        help="fairness on a backend scheduling by the forwarded priority (vLLM --scheduling-policy priority)",
+    )
     parser.add_argument(
         "--only", nargs="*", help="scenarios to run (e.g. whole-c64 stream-c64 priority fairness tokens)"
     )
