@@ -235,6 +235,10 @@ class Serving:
             await _settle(message.ack())
         self.metrics.requests.labels(self.settings.model, "", Outcome.REJECTED.value).inc()
 
+    def _level(self, request: Request) -> int:
+        """The user level of ``request`` (its message priority also holds its fair-share sub-level)."""
+        return contract.user_level(request.priority, self.settings.max_priority)
+
     def log_request(
         self,
         request: Request,
@@ -250,7 +254,7 @@ class Serving:
             self.metrics.prompt_tokens.labels(model).inc(tokens[0] or 0)
             self.metrics.completion_tokens.labels(model).inc(tokens[1])
         if request.sent:
-            self.metrics.queue_wait.labels(model, str(request.priority)).observe(
+            self.metrics.queue_wait.labels(model, str(self._level(request))).observe(
                 max(0.0, started - request.sent)
             )
         self.metrics.serve_time.labels(model).observe(time.time() - started)
@@ -261,7 +265,8 @@ class Serving:
             "model": model,
             "path": clip(request.path),
             "stream": request.stream,
-            "priority": request.priority,
+            "priority": self._level(request),
+            "wire_priority": request.priority,
             "status": status,
             "outcome": outcome.value,
             "queue_ms": round((started - request.sent) * 1000, 1) if request.sent else None,

@@ -66,6 +66,8 @@ class ConsumerSettings(SharedSettings):
     forward_priority: bool = False
     """Set the body's ``priority`` for vLLM's ``--scheduling-policy priority`` (lower = sooner)."""
     max_priority: int = DEFAULT_MAX_PRIORITY
+    """Top of the user priority scale, as the senders' ``SENDER_MAX_PRIORITY``; the queue's
+    ``x-max-priority`` is the wire top derived from it (``contract.wire_max_priority``)."""
     flush_interval: float = 0.05
     """Streamed answers are sent at most this often (the first piece at once), to spare the broker."""
     flush_bytes: int = 64 * 1024

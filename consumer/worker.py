@@ -25,6 +25,7 @@ from typing import Any
 
 import aio_pika
 import aiohttp
+import aiormq
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
@@ -216,11 +217,20 @@ class Worker:
             )
 
         self._consume_channel = await self._connection.channel(publisher_confirms=False)
-        self._queue = await self._consume_channel.declare_queue(
-            contract.model_queue(self.settings.model),
-            durable=True,
-            arguments=contract.model_queue_arguments(self.settings.max_priority),
-        )
+        arguments = contract.model_queue_arguments(self.settings.max_priority)
+        try:
+            self._queue = await self._consume_channel.declare_queue(
+                contract.model_queue(self.settings.model), durable=True, arguments=arguments
+            )
+        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            # A queue keeps the arguments it was first declared with (e.g. x-max-priority 9, from
+            # before the fair-share sub-levels): say what to do rather than fail unexplained.
+            raise RuntimeError(
+                f"the broker refused to declare {contract.model_queue(self.settings.model)} with "
+                f"{arguments}: it exists with other arguments (an older version, or another "
+                "CONSUMER_MAX_PRIORITY). Recreate it as rabbitmq/README.md says (Upgrading): "
+                f"{exc}"
+            ) from exc
 
     async def _declare_liveness(self) -> None:
         """A server-named exclusive queue: it lives exactly as long as this connection.
@@ -343,7 +353,7 @@ class Worker:
             state=state,
             ttl=self.settings.announce_interval * 3,
             card=dict(self.card),
-            max_priority=self.settings.max_priority,
+            max_priority=contract.wire_max_priority(self.settings.max_priority),
         )
         with contextlib.suppress(*BROKER_GONE):
             await self._control.publish(

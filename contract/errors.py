@@ -144,6 +144,13 @@ OVERLOADED = _kind(
 QUEUE_FULL = _kind(
     "queue_full", 429, RATE_LIMIT, "threshold", "too many requests are waiting for this model; retry later"
 )
+TOO_MANY_PARALLEL = _kind(
+    "too_many_parallel_requests",
+    429,
+    RATE_LIMIT,
+    "parallel",
+    "too many requests of this token are queued or running at once (its max_parallel); retry later",
+)
 RATE_LIMIT_EXCEEDED = _kind(
     "rate_limit_exceeded",
     429,

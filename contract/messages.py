@@ -306,7 +306,10 @@ class Announcement:
     """Seconds this announcement stays true unless renewed."""
     card: dict[str, Any] = field(default_factory=dict)
     max_priority: int = DEFAULT_MAX_PRIORITY
-    """Top of the priority scale the consumer declared its queue with: senders check it is theirs."""
+    """Top of the wire priority scale the consumer declared its queue with
+    (``contract.wire_max_priority`` of its user scale): senders check it is theirs. A consumer from
+    before the fair-share sub-levels announces its user scale (9), which a current sender (29)
+    reports as a mismatch."""
 
     READY = "ready"
     PAUSED = "paused"

@@ -48,10 +48,17 @@ class PendingCall:
     """The replies to one published request, in order, as they arrive."""
 
     def __init__(
-        self, correlation_id: str, model: str, deadline: float, on_done: Callable[[PendingCall], None]
+        self,
+        correlation_id: str,
+        model: str,
+        deadline: float,
+        on_done: Callable[[PendingCall], None],
+        owner: str = "",
     ) -> None:
         self.correlation_id = correlation_id
         self.model = model
+        self.owner = owner
+        """Name of the token that sent it (its backlog and parallel count, ``sender/backlog.py``)."""
         self.deadline = deadline
         self._replies: asyncio.Queue[Reply] = asyncio.Queue()
         self._on_done = on_done
@@ -182,18 +189,20 @@ class Calls:
         self,
         broker: Broker,
         *,
-        on_published: Callable[[str], None] = lambda _: None,
-        on_taken: Callable[[str], None] = lambda _: None,
+        on_published: Callable[[PendingCall], None] = lambda _: None,
+        on_taken: Callable[[PendingCall], None] = lambda _: None,
+        on_closed: Callable[[PendingCall], None] = lambda _: None,
         liveness_interval: float = 1.0,
         confirm_timeout: float = 10.0,
         settle_seconds: float = 10.0,
         settle_calls: int = 10_000,
     ) -> None:
-        """``on_published`` and ``on_taken`` hear of a model's request when it is published and when
-        its first reply shows that a consumer took it off the queue."""
+        """``on_published``, ``on_taken`` and ``on_closed`` hear of a call when it is published, when
+        its first reply shows that a consumer took it off the queue, and when it is closed."""
         self._broker = broker
         self._on_published = on_published
         self._on_taken = on_taken
+        self._on_closed = on_closed
         self._liveness_interval = liveness_interval
         self._confirm_timeout = confirm_timeout
         self._pending: dict[str, PendingCall] = {}
@@ -232,7 +241,7 @@ class Calls:
         for _, call in settling.values():
             call.settle()
 
-    def publish(self, model: str, request: Request) -> PendingCall:
+    def publish(self, model: str, request: Request, owner: str = "") -> PendingCall:
         """Publish ``request`` to the model's queue and return where its replies will arrive.
 
         The publisher confirm is awaited alongside the answer rather than before it;
@@ -246,7 +255,7 @@ class Calls:
         request = dataclasses.replace(
             request, correlation_id=correlation_id, reply_to=self._broker.reply_queue_name
         )
-        pending = PendingCall(correlation_id, model, request.deadline, self._forget)
+        pending = PendingCall(correlation_id, model, request.deadline, self._forget, owner)
         self._pending[correlation_id] = pending
         confirm = asyncio.ensure_future(
             exchange.publish(request.message(), routing_key=contract.model_queue(model), mandatory=True)
@@ -254,7 +263,7 @@ class Calls:
         # A confirm lost with its connection must not leave the client waiting until the deadline.
         overdue = asyncio.get_running_loop().call_later(self._confirm_timeout, confirm.cancel)
         confirm.add_done_callback(lambda done: self._confirmed(pending, done, overdue))
-        self._on_published(model)
+        self._on_published(pending)
         return pending
 
     def _confirmed(
@@ -270,7 +279,8 @@ class Calls:
             pending.publish_failed(str(exc) or type(exc).__name__)
 
     def _forget(self, call: PendingCall) -> None:
-        self._pending.pop(call.correlation_id, None)
+        if self._pending.pop(call.correlation_id, None) is not None:
+            self._on_closed(call)
         if call.awaits_report:
             call.drop_unread()  # nobody reads them; the report may be among them
         if call.awaits_report and not call.settled and not self._closing and self._settle_seconds > 0:
@@ -308,7 +318,7 @@ class Calls:
             reply = Reply(seq=-1, last=True, error="malformed reply from consumer")
         if not pending.answered:
             pending.answered = True
-            self._on_taken(pending.model)
+            self._on_taken(pending)
         pending.deliver(reply)
 
     def _reported(self, correlation_id: str, properties: Any, body: bytes) -> None:

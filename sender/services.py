@@ -16,8 +16,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from sender.accounting import Accounting
 from sender.admission import Admission
+from sender.backlog import Backlog
 from sender.broker import Broker
-from sender.calls import Calls
+from sender.calls import Calls, PendingCall
 from sender.database import create_engine
 from sender.limits import RateLimiter
 from sender.metrics import SenderMetrics
@@ -86,22 +87,24 @@ class Services:
         self.queue_stats = QueueStatsCache(
             self.broker, ttl=settings.queue_stats_seconds, on_read=self.metrics.queue_read
         )
+        self.backlog = Backlog()
         self.calls = Calls(
             self.broker,
-            on_published=self.queue_stats.published,
-            on_taken=self.queue_stats.taken,
+            on_published=self._published,
+            on_taken=self._taken,
+            on_closed=self._closed,
             liveness_interval=settings.liveness_seconds,
             settle_seconds=settings.settle_seconds,
         )
         self.admission = Admission(
-            self.tokens, self.queue_stats, self.limiter, settings, declare=self.broker.declare_model_queue
+            self.tokens,
+            self.queue_stats,
+            self.limiter,
+            settings,
+            declare=self.broker.declare_model_queue,
+            backlog=self.backlog,
         )
-        self.relay = Relay(
-            self.calls,
-            retry_after=settings.retry_after_seconds,
-            cold_start=settings.cold_start_seconds,
-            has_consumer=self._has_consumer,
-        )
+        self.relay = Relay(self.calls, self.backlog, settings, has_consumer=self._has_consumer)
         self.accounting = Accounting(
             self.metrics, self.limiter, self.usage, usage_rows=settings.usage_accounting
         )
@@ -109,6 +112,17 @@ class Services:
         self._db_checked_at = 0.0
         self._db_ok = False
         self.metrics_server: MetricsServer | None = None
+
+    def _published(self, call: PendingCall) -> None:
+        self.queue_stats.published(call.model)
+        self.backlog.published(call.model, call.owner)
+
+    def _taken(self, call: PendingCall) -> None:
+        self.queue_stats.taken(call.model)
+        self.backlog.started(call.model, call.owner)
+
+    def _closed(self, call: PendingCall) -> None:
+        self.backlog.ended(call.model, call.owner, started=call.answered)
 
     async def start(self) -> None:
         if self.settings.metrics_port:

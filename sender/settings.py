@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
@@ -41,7 +42,11 @@ class SenderSettings(SharedSettings):
     max_header_bytes: int = 64 * 1024
     """Requests whose headers add up to more get 431."""
     max_priority: int = DEFAULT_MAX_PRIORITY
-    """Top of the priority scale; it must match the consumers' ``x-max-priority``."""
+    """Top of the user priority scale; it must match the consumers' ``CONSUMER_MAX_PRIORITY``
+    (the queue's ``x-max-priority`` is the wire top derived from it, ``contract.wire_max_priority``)."""
+    fair_share: bool = True
+    """Within one priority level, publish a token's request lower the more of its requests already
+    wait (fair-share sub-levels, ``contract.demotion_for_backlog``); off: first come, first served."""
     deadline_seconds: float = 600.0
     """How long a request may wait and run in all before the client gets 504; a request may
     shorten its own with ``X-Request-Timeout`` (seconds), never lengthen it."""
@@ -106,8 +111,15 @@ class SenderSettings(SharedSettings):
     """How long a request for a configured model with no live consumer waits for one to take it;
     past it, 503 ``model_unavailable`` with ``Retry-After``, and the queued request is cancelled.
     0: up to the request's own deadline (``deadline_seconds``, ``X-Request-Timeout``)."""
+    threshold_scope: Literal["token", "queue"] = "token"
+    """What a token's ``threshold`` is compared with: ``token`` (default, fair) its own requests
+    waiting for the model, as this sender counts them; ``queue`` the whole model queue's depth, so
+    that one heavy token's backlog is charged to every token."""
     retry_after_seconds: int = 1
-    """``Retry-After`` sent with 429 and 503."""
+    """``Retry-After`` sent with 503, and the least sent with 429."""
+    retry_after_max_seconds: int = 60
+    """The most ``Retry-After`` a 429 says: otherwise it is the expected wait (the backlog ahead
+    over its recent service rate)."""
     rollcall_wait_seconds: float = 0.5
     """At start, how long to wait for consumers to answer the roll call before serving."""
     shutdown_grace: int = 30

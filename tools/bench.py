@@ -45,6 +45,9 @@ class Run:
     latencies: dict[str, list[float]] = field(default_factory=dict)
     ttfts: list[float] = field(default_factory=list)
     errors: int = 0
+    finished: int = 0
+    """Answers that arrived within the measured seconds, whenever they were sent: a starved client
+    whose requests all take longer than the warm-up still counts what it got."""
 
     @property
     def requests(self) -> int:
@@ -53,6 +56,10 @@ class Run:
     @property
     def throughput(self) -> float:
         return self.requests / self.seconds if self.seconds else 0.0
+
+    @property
+    def finish_rate(self) -> float:
+        return self.finished / self.seconds if self.seconds else 0.0
 
     def all_latencies(self) -> list[float]:
         return [x for values in self.latencies.values() for x in values]
@@ -107,6 +114,8 @@ async def drive(
             except aiohttp.ClientError:
                 ok = False
             done = clock()
+            if ok and measure_from <= done <= stop_at:
+                run.finished += 1
             if sent < measure_from or done > stop_at:
                 continue
             if not ok:
@@ -119,6 +128,37 @@ async def drive(
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         await asyncio.gather(*(client(session) for _ in range(concurrency)))
     return run
+
+
+FAIR_HEAVY_CLIENTS = 96
+FAIR_LIGHT_TOKENS = 8
+FAIR_LIGHT_CLIENTS = 2
+
+
+def max_min_shares(demand: dict[str, float], capacity: float) -> dict[str, float]:
+    """Max-min fair allocation of ``capacity``: a token asking for less than an equal split gets all
+    it asks for, and what it leaves is split again among the others (water-filling)."""
+    shares: dict[str, float] = {}
+    left = dict(demand)
+    remaining = capacity
+    while left:
+        equal = remaining / len(left)
+        satisfied = {k: v for k, v in left.items() if v <= equal}
+        if not satisfied:
+            shares.update({k: equal for k in left})
+            break
+        for key, value in satisfied.items():
+            shares[key] = value
+            remaining -= value
+            del left[key]
+    return shares
+
+
+def jain(values: dict[str, float]) -> float:
+    """Jain's fairness index: 1 when every value is equal, 1/n when one holds everything."""
+    xs = list(values.values())
+    squares = sum(x * x for x in xs)
+    return (sum(xs) ** 2) / (len(xs) * squares) if squares else float("nan")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -151,7 +191,9 @@ class Bench:
         self.results.append(line)
         print(json.dumps(line), flush=True)
 
-    def start_model(self, model: str, **simulator: object) -> stack.Service:
+    def start_model(
+        self, model: str, *, forward_priority: bool = False, **simulator: object
+    ) -> stack.Service:
         backend = stack.start_simulator(self.log_dir, model=model, name=f"simulator-{model}", **simulator)
         consumer = stack.start_consumer(
             self.log_dir,
@@ -162,6 +204,7 @@ class Bench:
             max_inflight=512,
             log_level="warning",
             dead_letter_queue=self.dead_letter_queue,
+            **({"forward_priority": "true"} if forward_priority else {}),
         )
         self.services += [backend, consumer]
         return backend
@@ -180,6 +223,7 @@ class Bench:
     async def main(self) -> None:
         model = f"bench-{self.tag}"
         prio_model = f"bench-prio-{self.tag}"
+        models = [model, prio_model]
         stack.create_database(self.server_url, self.database)
         try:
             stack.migrate(self.database_url)
@@ -203,6 +247,18 @@ class Bench:
             )
             low = await create_token_at(
                 self.database_url, f"bench-low-{self.tag}", priority=1, threshold=100_000
+            )
+            heavy = await create_token_at(
+                self.database_url, f"bench-heavy-{self.tag}", priority=5, threshold=100_000
+            )
+            heavy_low = await create_token_at(
+                self.database_url, f"bench-heavy-low-{self.tag}", priority=4, threshold=100_000
+            )
+            lights = await create_tokens_at(
+                self.database_url,
+                [f"bench-light{i}-{self.tag}" for i in range(FAIR_LIGHT_TOKENS)],
+                priority=5,
+                threshold=100_000,
             )
             await self.wait_listed(sender, token, model)
             await self.wait_listed(sender, token, prio_model)
@@ -234,12 +290,30 @@ class Bench:
                     await self.broker_hop()
             if not self.args.only or "priority" in self.args.only:
                 await self.priority(prio_direct.url, sender.url, prio_model, high, low)
+            if not self.args.only or "fairness" in self.args.only:
+                fair_model, fair_direct = prio_model, prio_direct
+                if self.args.fair_backend_priority:
+                    # Priority (and the fair-share sub-level) forwarded to a priority-scheduling
+                    # backend, as with vLLM --scheduling-policy priority.
+                    fair_model = f"bench-fair-{self.tag}"
+                    fair_direct = self.start_model(
+                        fair_model,
+                        forward_priority=True,
+                        ttft_ms=20,
+                        itl_ms=10,
+                        max_num_seqs=16,
+                        default_max_tokens=64,
+                        scheduling_policy="priority",
+                    )
+                    models.append(fair_model)
+                    await self.wait_listed(sender, token, fair_model)
+                await self.fairness(fair_direct.url, sender.url, fair_model, heavy, heavy_low, lights)
             if not self.args.only or "tokens" in self.args.only:
                 await self.many_tokens(model, token, sender)
         finally:
             for service in reversed(self.services):
                 service.stop()
-            await self.delete_queues([model, prio_model])
+            await self.delete_queues(models)
             stack.drop_database(self.server_url, self.database)
         self.verdict()
 
@@ -497,6 +571,86 @@ class Bench:
             }
         )
 
+    async def fairness(
+        self, direct_url: str, sender_url: str, model: str, heavy: str, heavy_low: str, lights: list[str]
+    ) -> None:
+        """One heavy token (many clients) and light tokens (two clients each) on a batch-16 model.
+
+        First all at the same priority: each light token should get what it asks for (its median
+        latency close to its latency on an idle system) and the heavy one the rest, which
+        Jain's index over each token's throughput divided by its max-min fair share measures
+        (1.0: every token got exactly its share). Then the heavy token one level lower. The same
+        load sent straight to the simulator (first come, first served) gives the throughput floor
+        and what the light tokens would see without fair share.
+        """
+        args = self.args
+        payload = {"model": model, "messages": [{"role": "user", "content": "Write a long story."}]}
+        url = "/v1/chat/completions"
+        idle = await drive(
+            sender_url + url,
+            lambda: ("light", payload, lights[0]),
+            concurrency=FAIR_LIGHT_CLIENTS,
+            seconds=args.fair_seconds / 2,
+            warmup=1,
+            stream=False,
+        )
+        idle_p50 = percentile(idle.all_latencies(), 50)
+
+        async def mixed(target: str, heavy_token: str) -> dict[str, Run]:
+            groups = {"heavy": (heavy_token, FAIR_HEAVY_CLIENTS)}
+            groups.update({f"light{i}": (secret, FAIR_LIGHT_CLIENTS) for i, secret in enumerate(lights)})
+
+            def one(label: str, secret: str, clients: int) -> Any:
+                return drive(
+                    target + url,
+                    lambda: (label, payload, secret),
+                    concurrency=clients,
+                    seconds=args.fair_seconds,
+                    warmup=args.fair_warmup,
+                    stream=False,
+                )
+
+            runs = await asyncio.gather(*(one(label, *group) for label, group in groups.items()))
+            return dict(zip(groups, runs, strict=True))
+
+        direct = await mixed(direct_url, heavy)
+        direct_rps = sum(run.finish_rate for run in direct.values())
+        clients = {label: FAIR_LIGHT_CLIENTS for label in direct if label != "heavy"}
+        clients["heavy"] = FAIR_HEAVY_CLIENTS
+        # What each token asks for: its clients' requests per second if each were answered at once.
+        demand = {label: count / idle_p50 for label, count in clients.items()}
+        shares = max_min_shares(demand, direct_rps)
+        for scenario, heavy_token in (("fairness-same-priority", heavy), ("fairness-heavy-lower", heavy_low)):
+            runs = await mixed(sender_url, heavy_token)
+            rps = {label: run.finish_rate for label, run in runs.items()}
+            light_p50 = {
+                label: percentile(run.all_latencies(), 50) for label, run in runs.items() if label != "heavy"
+            }
+            direct_light_p50 = [
+                percentile(run.all_latencies(), 50) for label, run in direct.items() if label != "heavy"
+            ]
+            total = sum(rps.values())
+            self.emit(
+                {
+                    "scenario": scenario,
+                    "idle_light_latency_ms_p50": round(idle_p50 * 1000, 1),
+                    "light_latency_ms_p50": {k: round(v * 1000, 1) for k, v in light_p50.items()},
+                    "light_p50_vs_idle_max": round(max(light_p50.values()) / idle_p50, 2),
+                    "light_p50_vs_idle_median": round(percentile(list(light_p50.values()), 50) / idle_p50, 2),
+                    "fcfs_direct_light_p50_vs_idle_median": round(
+                        percentile(direct_light_p50, 50) / idle_p50, 2
+                    ),
+                    "heavy_latency_ms_p50": round(percentile(runs["heavy"].all_latencies(), 50) * 1000, 1),
+                    "rps": {k: round(v, 2) for k, v in rps.items()},
+                    "max_min_share_rps": {k: round(v, 2) for k, v in shares.items()},
+                    "jain_index": round(jain({k: rps[k] / shares[k] for k in shares if shares[k] > 0}), 3),
+                    "total_rps": round(total, 1),
+                    "direct_rps": round(direct_rps, 1),
+                    "throughput_ratio": round(total / direct_rps, 3) if direct_rps else None,
+                    "errors": sum(run.errors for run in runs.values()),
+                }
+            )
+
     def verdict(self) -> None:
         by_name = {r["scenario"]: r for r in self.results}
         checks: dict[str, bool] = {}
@@ -524,6 +678,14 @@ class Bench:
             checks["low p99 <= ~2x fcfs"] = p["low_p99_vs_fcfs_p99"] <= 2.2
             checks["overload throughput >= 95% of direct"] = (p["throughput_ratio"] or 0) >= 0.95
             checks["overload zero errors"] = p["dispatcher"]["errors"] == 0
+        if "fairness-same-priority" in by_name:
+            f = by_name["fairness-same-priority"]
+            checks["fairness: light p50 <= 1.5x idle"] = f["light_p50_vs_idle_max"] <= 1.5
+            checks["fairness: Jain index >= 0.95"] = f["jain_index"] >= 0.95
+            checks["fairness: throughput >= 95% of direct"] = (f["throughput_ratio"] or 0) >= 0.95
+        if "fairness-heavy-lower" in by_name:
+            f = by_name["fairness-heavy-lower"]
+            checks["fairness, heavy lower: light p50 <= 1.5x idle"] = f["light_p50_vs_idle_max"] <= 1.5
         print(json.dumps({"scenario": "targets", "met": all(checks.values()), "checks": checks}), flush=True)
 
 
@@ -565,8 +727,15 @@ def main() -> None:
     parser.add_argument("--c1-seconds", type=float, default=30.0, help="measured seconds at concurrency 1")
     parser.add_argument("--priority-seconds", type=float, default=30.0)
     parser.add_argument("--priority-warmup", type=float, default=8.0)
+    parser.add_argument("--fair-seconds", type=float, default=30.0, help="measured seconds per fairness run")
+    parser.add_argument("--fair-warmup", type=float, default=10.0)
     parser.add_argument(
-        "--only", nargs="*", help="scenarios to run (e.g. whole-c64 stream-c64 priority tokens)"
+        "--fair-backend-priority",
+        action="store_true",
+        help="fairness on a backend scheduling by the forwarded priority (vLLM --scheduling-policy priority)",
+    )
+    parser.add_argument(
+        "--only", nargs="*", help="scenarios to run (e.g. whole-c64 stream-c64 priority fairness tokens)"
     )
     args = parser.parse_args()
     problems = missing_services(["RabbitMQ", "PostgreSQL"])
