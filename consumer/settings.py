@@ -68,11 +68,18 @@ class ConsumerSettings(SharedSettings):
     max_priority: int = DEFAULT_MAX_PRIORITY
     flush_interval: float = 0.05
     """Streamed answers are sent at most this often (the first piece at once), to spare the broker."""
-    flush_bytes: int = 64 * 1024
+    flush_bytes: int = Field(64 * 1024, ge=1)
+    """... or when this much piled up; also the largest body of one reply piece: a larger answer,
+    streamed or not, travels as several pieces. Must fit ``CONSUMER_BROKER_MAX_MESSAGE_SIZE``."""
     dead_letter_queue: str = DEAD_LETTER_QUEUE
     """Durable queue where unreadable request messages are kept for inspection."""
     reconnect_interval: float = 1.0
     """Seconds between attempts to reconnect to the broker after losing it."""
+
+    @model_validator(mode="after")
+    def _pieces_fit_the_broker(self) -> Self:
+        self.check_fits_broker(self.flush_bytes, "flush_bytes", "CONSUMER_")
+        return self
 
     @model_validator(mode="after")
     def _one_api_key(self) -> Self:

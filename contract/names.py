@@ -26,6 +26,13 @@ DEFAULT_MAX_PRIORITY = 9
 """Top of the priority scale (0 lowest): ``SENDER_MAX_PRIORITY`` and ``CONSUMER_MAX_PRIORITY``
 default to it, and a sender warns about a consumer that announces another."""
 
+DEFAULT_BROKER_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
+"""RabbitMQ's own ``max_message_size`` default since 4.0 (3.x: 128 MiB), which ``rabbitmq/rabbitmq.conf``
+states: what both services assume unless told (``*_BROKER_MAX_MESSAGE_SIZE``)."""
+MESSAGE_ENVELOPE_BYTES = 64 * 1024
+"""Room kept, besides a message's body, for its headers and properties: what the broker counts against
+``max_message_size`` is more than the body (a request's headers are well under 1 KiB)."""
+
 
 def model_queue(model: str) -> str:
     """Name of the durable queue that holds the requests for ``model``."""

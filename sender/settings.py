@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Self
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from contract import DEFAULT_MAX_PRIORITY, DEFAULT_RABBITMQ_URL
@@ -33,8 +34,9 @@ class SenderSettings(SharedSettings):
     """The metrics port; 0 turns it off. Metrics carry token names: keep it off the ingress."""
     log_level: str = "info"
 
-    max_body_bytes: int = 16 * 1024 * 1024
-    """Larger request bodies are refused with 413."""
+    max_body_bytes: int = 15 * 1024 * 1024
+    """Larger request bodies are refused with 413. With the request's headers it must fit the broker's
+    ``max_message_size`` (``SENDER_BROKER_MAX_MESSAGE_SIZE``, 16 MiB by default): checked at start."""
     body_timeout_seconds: float = 30.0
     """Time allowed to receive a request's whole body; a client that trickles or stalls past it
     gets 408, so that it does not hold a connection and a coroutine forever."""
@@ -103,6 +105,11 @@ class SenderSettings(SharedSettings):
     db_pool_size: int = 5
     metrics_token_label: bool = True
     """Label request metrics with the token name (names are operator-chosen; turn off for many tokens)."""
+
+    @model_validator(mode="after")
+    def _body_fits_the_broker(self) -> Self:
+        self.check_fits_broker(self.max_body_bytes, "max_body_bytes", "SENDER_")
+        return self
 
     def pepper(self) -> bytes | None:
         """The token pepper as bytes (UTF-8), from ``SENDER_TOKEN_PEPPER`` or the file; None if neither."""

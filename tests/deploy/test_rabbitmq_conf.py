@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from contract import DEFAULT_BROKER_MAX_MESSAGE_SIZE
 from harness.stack import free_port
 from harness.testrun import RUN_ID
 
@@ -88,3 +89,7 @@ def test_node_boots_with_our_settings(private_node: str) -> None:
     assert setting(private_node, "consumer_timeout") == "{ok,7200000}"
     assert setting(private_node, "vm_memory_high_watermark") == "{ok,0.6}"
     assert "2GB" in setting(private_node, "disk_free_limit")
+
+
+def test_node_limits_message_size_as_the_services_assume(private_node: str) -> None:
+    assert setting(private_node, "max_message_size") == f"{{ok,{DEFAULT_BROKER_MAX_MESSAGE_SIZE}}}"
