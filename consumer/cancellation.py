@@ -1,10 +1,11 @@
 """Which requests this consumer must stop, and why: the state cancellation shares between worker and serving.
 
-A request is stopped for one of two reasons that end differently: its client
-went away (the message is acked, nothing more is sent), or the broker
-connection dropped (the broker hands the message to another consumer, so it
-is not settled at all). The worker records the reason when it cancels the
-task serving the request; serving reads it when the cancellation reaches it.
+A request is stopped for one of three reasons that end differently: its client
+went away, or a piece of its answer was lost on the way to the sender (the
+message is acked, nothing more is sent), or the broker connection dropped (the
+broker hands the message to another consumer, so it is not settled at all).
+The worker records the reason when it cancels the task serving the request;
+serving reads it when the cancellation reaches it.
 A cancellation for a request not delivered yet is remembered until its
 deadline, so the request is skipped when it comes up.
 """
@@ -23,6 +24,8 @@ class Why(enum.Enum):
     CLIENT_GONE = "client gone"
     DELIVERY_LOST = "delivery lost"
     """The broker connection dropped: the broker gives the request to another consumer."""
+    REPLY_LOST = "reply lost"
+    """A reply piece did not reach the sender's reply queue (gone, or refused): nobody gets the rest."""
 
 
 class Cancellations:
@@ -50,6 +53,13 @@ class Cancellations:
         self._early[correlation_id] = now + forget_in
         if len(self._early) > _MEMORY_SIZE:
             self._early = {cid: until for cid, until in self._early.items() if until > now}
+
+    def reply_lost(self, correlation_id: str) -> None:
+        """Stop serving this request: a piece of its answer was lost on the way to the sender."""
+        task = self._serving.get(correlation_id)
+        if task is not None:
+            self._why.setdefault(correlation_id, Why.REPLY_LOST)
+            task.cancel()
 
     def delivery_lost(self) -> int:
         """The broker connection dropped: stop every request in flight; how many there were."""

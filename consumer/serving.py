@@ -58,6 +58,8 @@ class Outcome(enum.Enum):
     """Malformed: kept in the dead-letter queue."""
     REFUSED = "refused"
     """Its path is not a served route: answered 404 without calling the backend."""
+    REPLY_LOST = "reply lost"
+    """A piece of its answer did not reach the sender (its reply queue is gone): stopped at once."""
 
 
 class Trouble(enum.Enum):
@@ -197,6 +199,15 @@ class Serving:
             await _settle(message.ack())
         self.metrics.requests.labels(self.settings.model, "", Outcome.REJECTED.value).inc()
 
+    def reply_lost(self, request: Request, reason: str) -> None:
+        """A piece of the answer to ``request`` did not reach its sender: count it, and stop the
+        generation now rather than computing an answer nobody can receive."""
+        self.metrics.lost_replies.labels(self.settings.model, reason).inc()
+        log.warning(
+            "a reply to request %s was lost (%s); its generation is stopped", clip(request.request_id), reason
+        )
+        self.cancellations.reply_lost(request.correlation_id)
+
     def log_request(self, request: Request, status: int | None, outcome: Outcome, started: float) -> None:
         """The request's metrics and its log line."""
         model = self.settings.model
@@ -250,7 +261,12 @@ class Delivery:
             return self._served
         settings = serving.settings
         writer = ReplyWriter(
-            ReplyPublisher(serving.channel, request.reply_to, request.correlation_id),
+            ReplyPublisher(
+                serving.channel,
+                request.reply_to,
+                request.correlation_id,
+                on_lost=lambda reason: serving.reply_lost(request, reason),
+            ),
             liveness_queue=self._liveness_queue,
             interval=settings.flush_interval,
             max_bytes=settings.flush_bytes,
@@ -286,7 +302,9 @@ class Delivery:
             why = self._serving.cancellations.why(self._request.correlation_id)
             if why is None:
                 return False
-            outcome = Outcome.GIVEN_BACK if why is Why.DELIVERY_LOST else Outcome.CANCELLED
+            outcome = {Why.DELIVERY_LOST: Outcome.GIVEN_BACK, Why.REPLY_LOST: Outcome.REPLY_LOST}.get(
+                why, Outcome.CANCELLED
+            )
             writer.abandon()
             task = asyncio.current_task()
             if task is not None:

@@ -86,6 +86,8 @@ class Services:
             on_published=self.queue_stats.published,
             on_taken=self.queue_stats.taken,
             liveness_interval=settings.liveness_seconds,
+            max_buffered=settings.max_buffered_reply_bytes,
+            on_overflow=self.metrics.stopped_answers.inc,
         )
         self.admission = Admission(self.tokens, self.queue_stats, self.limiter, settings)
         self.relay = Relay(self.calls, retry_after=settings.retry_after_seconds)
@@ -93,6 +95,7 @@ class Services:
             self.metrics, self.limiter, self.usage, usage_rows=settings.usage_accounting
         )
         self.metrics.broker_connected.set_function(lambda: 1.0 if self.broker.connected else 0.0)
+        self.metrics.buffered_reply_bytes.set_function(lambda: float(self.calls.buffered.bytes))
         self._db_checked_at = 0.0
         self._db_ok = False
         self.metrics_server: MetricsServer | None = None

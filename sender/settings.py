@@ -37,6 +37,11 @@ class SenderSettings(SharedSettings):
     max_body_bytes: int = 15 * 1024 * 1024
     """Larger request bodies are refused with 413. With the request's headers it must fit the broker's
     ``max_message_size`` (``SENDER_BROKER_MAX_MESSAGE_SIZE``, 16 MiB by default): checked at start."""
+    max_buffered_reply_bytes: int = Field(64 * 1024 * 1024, ge=1)
+    """Most reply bytes held for one request: the pieces of a stream waiting for a client that reads
+    slowly (or not at all), or a non-streamed answer being put back together. Past it the request is
+    stopped and its generation cancelled: a stream ends with a ``client_too_slow`` event, a whole
+    answer is 502 ``answer_too_large``."""
     body_timeout_seconds: float = 30.0
     """Time allowed to receive a request's whole body; a client that trickles or stalls past it
     gets 408, so that it does not hold a connection and a coroutine forever."""
