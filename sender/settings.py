@@ -114,6 +114,12 @@ class SenderSettings(SharedSettings):
     @model_validator(mode="after")
     def _body_fits_the_broker(self) -> Self:
         self.check_fits_broker(self.max_body_bytes, "max_body_bytes", "SENDER_")
+        if self.max_buffered_reply_bytes < self.broker_max_message_size:
+            raise ValueError(
+                f"SENDER_MAX_BUFFERED_REPLY_BYTES ({self.max_buffered_reply_bytes}) is below "
+                f"SENDER_BROKER_MAX_MESSAGE_SIZE ({self.broker_max_message_size}): one reply piece "
+                "could then outgrow it on its own"
+            )
         return self
 
     def pepper(self) -> bytes | None:

@@ -34,6 +34,8 @@ def test_a_body_limit_too_close_to_the_broker_limit_is_refused() -> None:
         SenderSettings(max_body_bytes=DEFAULT_BROKER_MAX_MESSAGE_SIZE)
     # Raised together, it is fine.
     SenderSettings(max_body_bytes=32 * 1024 * 1024, broker_max_message_size=33 * 1024 * 1024)
+    with pytest.raises(ValidationError, match="SENDER_MAX_BUFFERED_REPLY_BYTES"):
+        SenderSettings(max_buffered_reply_bytes=1024 * 1024)
     with pytest.raises(ValidationError, match="CONSUMER_FLUSH_BYTES"):
         ConsumerSettings(model="m", flush_bytes=1024 * 1024, broker_max_message_size=1024 * 1024)
 
