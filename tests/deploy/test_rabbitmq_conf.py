@@ -89,7 +89,5 @@ def test_node_boots_with_our_settings(private_node: str) -> None:
     assert setting(private_node, "consumer_timeout") == "{ok,7200000}"
     assert setting(private_node, "vm_memory_high_watermark") == "{ok,0.6}"
     assert "2GB" in setting(private_node, "disk_free_limit")
-
-
-def test_node_limits_message_size_as_the_services_assume(private_node: str) -> None:
+    # What the sender and the consumers assume unless told otherwise (*_BROKER_MAX_MESSAGE_SIZE).
     assert setting(private_node, "max_message_size") == f"{{ok,{DEFAULT_BROKER_MAX_MESSAGE_SIZE}}}"
