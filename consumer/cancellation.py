@@ -2,12 +2,13 @@
 
 A request is stopped for one of three reasons that end differently: its client
 went away (the message is acked; only a last piece with the tokens generated
-so far is sent, for accounting), the broker connection dropped (the broker
-hands the message to another consumer, so it is not settled at all), or the
-consumer is shutting down past its grace period (an answer under way ends with
-an error and its token counts; one not started yet is given back like a lost
-delivery). The worker records the reason when it cancels the task serving the
-request; serving reads it when the cancellation reaches it.
+so far is sent, for accounting), a piece of its answer was lost on the way to
+the sender (acked, nothing more is sent), the broker connection dropped (the
+broker hands the message to another consumer, so it is not settled at all), or
+the consumer is shutting down past its grace period (an answer under way ends
+with an error and its token counts; one not started yet is given back like a
+lost delivery). The worker records the reason when it cancels the task serving
+the request; serving reads it when the cancellation reaches it.
 A cancellation for a request not delivered yet is remembered until its
 deadline, so the request is skipped when it comes up.
 """
@@ -28,6 +29,8 @@ class Why(enum.Enum):
     """The broker connection dropped: the broker gives the request to another consumer."""
     SHUTDOWN = "shutdown"
     """The consumer is stopping and its grace period ran out: the answer ends with an error."""
+    REPLY_LOST = "reply lost"
+    """A reply piece did not reach the sender's reply queue (gone, or refused): nobody gets the rest."""
 
 
 class Cancellations:
@@ -55,6 +58,13 @@ class Cancellations:
         self._early[correlation_id] = now + forget_in
         if len(self._early) > _MEMORY_SIZE:
             self._early = {cid: until for cid, until in self._early.items() if until > now}
+
+    def reply_lost(self, correlation_id: str) -> None:
+        """Stop serving this request: a piece of its answer was lost on the way to the sender."""
+        task = self._serving.get(correlation_id)
+        if task is not None:
+            self._why.setdefault(correlation_id, Why.REPLY_LOST)
+            task.cancel()
 
     def delivery_lost(self) -> int:
         """The broker connection dropped: stop every request in flight; how many there were."""

@@ -10,11 +10,12 @@ without a broker); :class:`ReplyPublisher` puts each piece on the wire.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Awaitable, Callable
 
+import aiormq.exceptions
 from aio_pika.abc import AbstractChannel
+from pamqp.commands import Basic
 
 from consumer.token_counts import Counts
 from contract import Reply
@@ -114,51 +115,91 @@ class ReplyWriter:
         await self._flush(last=False)
 
     async def _flush(self, *, last: bool, error: str | None = None) -> None:
+        """Publish what piled up, in pieces of at most ``max_bytes`` (one broker message each: a
+        non-streamed answer larger than that goes as several, which the sender joins again)."""
         async with self._lock:
             if self.finished or (not last and not self._buffer):
                 return
-            body = bytes(self._buffer)
+            data = bytes(self._buffer)
             self._buffer.clear()
-            first = self._seq == 0
-            usage = None
-            if last:
-                usage = self.usage if self.usage is not None else self.count() if self.count else None
-                self.reported = usage
-            reply = Reply(
-                seq=self._seq,
-                last=last,
-                body=body,
-                status=self._status if first else None,
-                content_type=self._content_type if first else None,
-                error=error,
-                prompt_tokens=usage[0] if usage else None,
-                completion_tokens=usage[1] if usage else None,
-                queue_ms=self.queue_ms if last else None,
-                liveness_queue=self._liveness_queue,
-            )
-            self._seq += 1
-            self._last_flush = time.monotonic()
-            if last:
-                self.finished = True
-            await self._publish(reply)
+            start = 0
+            while True:
+                body = data[start : start + self._max_bytes]
+                start += len(body)
+                final = last and start >= len(data)
+                await self._publish_piece(body, last=final, error=error if final else None)
+                if start >= len(data) or self.finished:
+                    return
+
+    async def _publish_piece(self, body: bytes, *, last: bool, error: str | None) -> None:
+        first = self._seq == 0
+        usage = None
+        if last:
+            usage = self.usage if self.usage is not None else self.count() if self.count else None
+            self.reported = usage
+        reply = Reply(
+            seq=self._seq,
+            last=last,
+            body=body,
+            status=self._status if first else None,
+            content_type=self._content_type if first else None,
+            error=error,
+            prompt_tokens=usage[0] if usage else None,
+            completion_tokens=usage[1] if usage else None,
+            queue_ms=self.queue_ms if last else None,
+            liveness_queue=self._liveness_queue,
+        )
+        self._seq += 1
+        self._last_flush = time.monotonic()
+        if last:
+            self.finished = True
+        await self._publish(reply)
 
 
 class ReplyPublisher:
-    """Publishes reply pieces of one request to the sender's reply queue.
+    """Publishes reply pieces of one request to the sender's reply queue, and hears of any lost.
 
     Straight through aiormq: replies are the most frequent messages (several per
     streamed answer) and aio-pika's message wrapper adds about half again to the
-    cost of each.
+    cost of each. Pieces are published ``mandatory`` on a channel with publisher
+    confirms, and each confirm is awaited before the next piece goes: a broker
+    round trip, during which what the backend sends piles up for the next piece
+    (the writer batches anyway), and no task per piece. A piece the broker
+    returned (the sender's reply queue is gone), nacked, or lost with its channel
+    calls ``on_lost`` at once.
     """
 
-    def __init__(self, channel: AbstractChannel, reply_to: str, correlation_id: str) -> None:
+    def __init__(
+        self,
+        channel: AbstractChannel,
+        reply_to: str,
+        correlation_id: str,
+        on_lost: Callable[[str], None] = lambda _: None,
+    ) -> None:
         self._channel = channel
         self._reply_to = reply_to
         self._correlation_id = correlation_id
+        self._on_lost = on_lost
+        self._lost = False
 
     async def __call__(self, reply: Reply) -> None:
+        if self._lost:
+            return  # the sender cannot take the rest of this answer either
         properties = reply.properties(self._correlation_id)
-        with contextlib.suppress(*BROKER_GONE):
+        try:
             channel = await self._channel.get_underlay_channel()
-            # Not mandatory: a reply to a sender that is gone has nobody to go to.
-            await channel.basic_publish(reply.body, routing_key=self._reply_to, properties=properties)
+            confirm = await channel.basic_publish(
+                reply.body, routing_key=self._reply_to, properties=properties, mandatory=True
+            )
+        except aiormq.exceptions.DeliveryError:
+            self._lose("nacked")
+        except BROKER_GONE:
+            self._lose("broker_gone")
+        else:
+            if confirm is not None and not isinstance(confirm, Basic.Ack):
+                self._lose("no_reply_queue")  # returned: a mandatory publish that no queue took
+
+    def _lose(self, reason: str) -> None:
+        if not self._lost:
+            self._lost = True
+            self._on_lost(reason)

@@ -62,6 +62,8 @@ class Outcome(enum.Enum):
     """Its path is not a served route: answered 404 without calling the backend."""
     INTERRUPTED = "interrupted"
     """The consumer shut down before the answer was complete (after its grace period)."""
+    REPLY_LOST = "reply lost"
+    """A piece of its answer did not reach the sender (its reply queue is gone): stopped at once."""
 
 
 class Trouble(enum.Enum):
@@ -235,6 +237,15 @@ class Serving:
             await _settle(message.ack())
         self.metrics.requests.labels(self.settings.model, "", Outcome.REJECTED.value).inc()
 
+    def reply_lost(self, request: Request, reason: str) -> None:
+        """A piece of the answer to ``request`` did not reach its sender: count it, and stop the
+        generation now rather than computing an answer nobody can receive."""
+        self.metrics.lost_replies.labels(self.settings.model, reason).inc()
+        log.warning(
+            "a reply to request %s was lost (%s); its generation is stopped", clip(request.request_id), reason
+        )
+        self.cancellations.reply_lost(request.correlation_id)
+
     def _level(self, request: Request) -> int:
         """The user level of ``request`` (its message priority also holds its fair-share sub-level)."""
         return contract.user_level(request.priority, self.settings.max_priority)
@@ -305,7 +316,12 @@ class Delivery:
             return self._served
         settings = serving.settings
         writer = ReplyWriter(
-            ReplyPublisher(serving.channel, request.reply_to, request.correlation_id),
+            ReplyPublisher(
+                serving.channel,
+                request.reply_to,
+                request.correlation_id,
+                on_lost=lambda reason: serving.reply_lost(request, reason),
+            ),
             liveness_queue=self._liveness_queue,
             interval=settings.flush_interval,
             max_bytes=settings.flush_bytes,
@@ -351,6 +367,9 @@ class Delivery:
                 outcome = Outcome.CANCELLED
                 await self._serving.count_prompt(self._request, writer)
                 await writer.cut("cancelled: the client went away")
+            elif why is Why.REPLY_LOST:
+                outcome = Outcome.REPLY_LOST  # nobody can receive the rest, nor a report
+                writer.abandon()
             elif why is Why.SHUTDOWN and writer.started:
                 # Past the grace period: the answer ends here with an error, its tokens counted.
                 outcome = Outcome.INTERRUPTED

@@ -191,7 +191,8 @@ class Worker:
         )
         self._connection.close_callbacks.add(self._on_connection_lost)
         self._connection.reconnect_callbacks.add(self._on_reconnected)
-        self._reply_channel = await self._connection.channel(publisher_confirms=False)
+        # Confirms, so that a reply piece that no queue took is known at once (consumer/replies.py).
+        self._reply_channel = await self._connection.channel(publisher_confirms=True)
         self._serving = Serving(
             self.settings, self.backend, self.metrics, self._cancellations, self._reply_channel
         )

@@ -42,6 +42,15 @@ WIRE_PRIORITY_CEILING = 31
 above counts as 31). The wire stays at or under it whenever the user scale allows, so the same
 messages keep their order on a quorum queue and on a classic ``x-max-priority`` queue."""
 
+DEFAULT_BROKER_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
+"""RabbitMQ's own ``max_message_size`` default since 4.0 (3.x: 128 MiB), which ``rabbitmq/rabbitmq.conf``
+states: what both services assume unless told (``*_BROKER_MAX_MESSAGE_SIZE``)."""
+MESSAGE_ENVELOPE_BYTES = 64 * 1024
+"""Room kept, besides a message's body, for its headers and properties. RabbitMQ 3.10 and 4.3 count
+only the body against ``max_message_size`` (measured: a 1 MiB body with 100 KB of headers passes a
+1 MiB limit, 1 MiB + 1 byte does not); the margin stays in case a release or a protocol counts the
+properties too (a request's headers are well under 1 KiB)."""
+
 
 def model_queue(model: str) -> str:
     """Name of the durable queue that holds the requests for ``model``."""

@@ -16,6 +16,11 @@ settled first) for the consumer's last piece, which carries the tokens
 generated up to the cut, before it is *settled* (its usage row written, its
 tokens-per-minute reservation replaced by the real count). A call that
 ended normally settles at once.
+
+Memory per request is bounded: the pieces waiting for a slow client (or the
+pieces of a non-streamed answer being put back together) may not exceed
+``max_buffered`` bytes. Past it the request is stopped: the pieces held are
+dropped, the generation is cancelled, and the client reads an error instead.
 """
 
 from __future__ import annotations
@@ -34,10 +39,21 @@ import aiormq.abc
 
 import contract
 from contract import Cancel, Reply, Request
-from contract.errors import BROKER_GONE
+from contract.errors import BROKER_GONE, clip
 from sender.broker import Broker, BrokerUnavailable, really_cancelled
 
 log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BUFFERED = 64 * 1024 * 1024
+
+
+class Buffered:
+    """Reply bytes this sender holds for its clients, all requests together (a metric)."""
+
+    __slots__ = ("bytes",)
+
+    def __init__(self) -> None:
+        self.bytes = 0
 
 
 class PublishFailed(Exception):
@@ -54,14 +70,32 @@ class PendingCall:
         deadline: float,
         on_done: Callable[[PendingCall], None],
         owner: str = "",
+        *,
+        stream: bool = True,
+        request_id: str = "",
+        max_buffered: int = DEFAULT_MAX_BUFFERED,
+        buffered: Buffered | None = None,
+        on_overflow: Callable[[], None] = lambda: None,
     ) -> None:
         self.correlation_id = correlation_id
         self.model = model
         self.owner = owner
         """Name of the token that sent it (its backlog and parallel count, ``sender/backlog.py``)."""
         self.deadline = deadline
+        self.stream = stream
+        self.request_id = request_id
         self._replies: asyncio.Queue[Reply] = asyncio.Queue()
         self._on_done = on_done
+        self._closed = False
+        self._max_buffered = max_buffered
+        self._buffered = 0
+        """Bytes of the pieces in the queue, plus those held while a whole answer is put together."""
+        self._queued = 0
+        """Of which in the queue."""
+        self._total = buffered if buffered is not None else Buffered()
+        self._on_overflow = on_overflow
+        self.overflowed = False
+        """The answer outgrew ``max_buffered``: it was stopped, and the client gets an error."""
         self._expected_seq = 0
         self.liveness_queue: str | None = None
         """Liveness queue of the consumer serving the answer, from its first piece."""
@@ -118,6 +152,13 @@ class PendingCall:
         return not self.finished and self.publish_error is None and not self.server_gone
 
     def deliver(self, reply: Reply) -> None:
+        if self.overflowed:
+            return
+        size = len(reply.body)
+        if size and self._buffered + size > self._max_buffered:
+            self._overflow()
+            return
+        self._hold(size, queued=True)
         self._replies.put_nowait(reply)
 
     def drop_unread(self) -> None:
@@ -127,6 +168,33 @@ class PendingCall:
             reply = self._replies.get_nowait()
             if reply.last and reply.liveness_queue is not None:  # the consumer's, not one made here
                 self.report(reply)
+        self._hold(-self._queued, queued=True)
+
+    def _hold(self, size: int, *, queued: bool = False) -> None:
+        self._buffered += size
+        if queued:
+            self._queued += size
+        self._total.bytes += size
+
+    def _drop_queued(self) -> None:
+        while not self._replies.empty():
+            self._replies.get_nowait()
+        self._hold(-self._queued, queued=True)
+
+    def _overflow(self) -> None:
+        """Too much waits for the client: drop it, stop the generation, end the answer with an error."""
+        self.overflowed = True
+        self._on_overflow()
+        log.warning(
+            "request %s for %s stopped: its answer outgrew SENDER_MAX_BUFFERED_REPLY_BYTES (%d bytes) "
+            "waiting for the client%s; the generation is cancelled",
+            clip(self.request_id),
+            clip(self.model),
+            self._max_buffered,
+            " to read it" if self.stream else " (a non-streamed answer is held whole)",
+        )
+        self.close()  # cancelled now, not once the client reads on; what was held is dropped
+        self._replies.put_nowait(Reply(seq=self._expected_seq, last=True, error="answer outgrew the buffer"))
 
     def publish_failed(self, error: str) -> None:
         self.publish_error = error
@@ -141,7 +209,8 @@ class PendingCall:
         async with asyncio.timeout(max(wait, 0.0)):
             while True:
                 reply = await self._replies.get()
-                if self.abandoned or self.publish_error is not None:
+                self._hold(-len(reply.body), queued=True)
+                if self.abandoned or self.overflowed or self.publish_error is not None:
                     return reply
                 if reply.liveness_queue is not None:
                     if self.liveness_queue is None:
@@ -149,6 +218,26 @@ class PendingCall:
                     elif reply.liveness_queue != self.liveness_queue:
                         continue  # a redelivered copy served by another consumer: the first answer stands
                 return self._check(reply)
+
+    async def whole(self, first: Reply) -> Reply:
+        """A non-streamed answer that came in several pieces (larger than one broker message), put
+        back together from ``first`` on: one last piece with the whole body, or the piece that
+        ended it with an error. The pieces held count against ``max_buffered`` meanwhile."""
+        parts = [first.body]
+        self._hold(len(first.body))
+        try:
+            while True:
+                reply = await self.next(self.deadline - time.time())
+                if reply.error is not None or self.overflowed or self.abandoned:
+                    return reply
+                parts.append(reply.body)
+                self._hold(len(reply.body))
+                if reply.last:
+                    return dataclasses.replace(
+                        reply, body=b"".join(parts), status=first.status, content_type=first.content_type
+                    )
+        finally:
+            self._hold(-sum(len(part) for part in parts))
 
     def _check(self, reply: Reply) -> Reply:
         if reply.seq != self._expected_seq:
@@ -179,7 +268,11 @@ class PendingCall:
 
     def close(self) -> None:
         """Stop listening; an unfinished request is cancelled wherever it is (queued or running)."""
+        if self._closed:
+            return
+        self._closed = True
         self._on_done(self)
+        self._drop_queued()  # pieces nobody will read
 
 
 class Calls:
@@ -196,15 +289,22 @@ class Calls:
         confirm_timeout: float = 10.0,
         settle_seconds: float = 10.0,
         settle_calls: int = 10_000,
+        max_buffered: int = DEFAULT_MAX_BUFFERED,
+        on_overflow: Callable[[], None] = lambda: None,
     ) -> None:
         """``on_published``, ``on_taken`` and ``on_closed`` hear of a call when it is published, when
-        its first reply shows that a consumer took it off the queue, and when it is closed."""
+        its first reply shows that a consumer took it off the queue, and when it is closed;
+        ``on_overflow`` of one stopped because its answer outgrew ``max_buffered`` bytes."""
         self._broker = broker
         self._on_published = on_published
         self._on_taken = on_taken
         self._on_closed = on_closed
         self._liveness_interval = liveness_interval
         self._confirm_timeout = confirm_timeout
+        self._max_buffered = max_buffered
+        self._on_overflow = on_overflow
+        self.buffered = Buffered()
+        """Reply bytes held for clients right now, all requests together."""
         self._pending: dict[str, PendingCall] = {}
         self._settle_seconds = settle_seconds
         self._settle_calls = settle_calls
@@ -255,7 +355,18 @@ class Calls:
         request = dataclasses.replace(
             request, correlation_id=correlation_id, reply_to=self._broker.reply_queue_name
         )
-        pending = PendingCall(correlation_id, model, request.deadline, self._forget, owner)
+        pending = PendingCall(
+            correlation_id,
+            model,
+            request.deadline,
+            self._forget,
+            owner,
+            stream=request.stream,
+            request_id=request.request_id,
+            max_buffered=self._max_buffered,
+            buffered=self.buffered,
+            on_overflow=self._on_overflow,
+        )
         self._pending[correlation_id] = pending
         confirm = asyncio.ensure_future(
             exchange.publish(request.message(), routing_key=contract.model_queue(model), mandatory=True)

@@ -91,6 +91,8 @@ class Relay:
         watcher = asyncio.ensure_future(_watch_disconnect(receive, call))
         try:
             first = await self._first_piece(call, asleep)
+            if not first.last and not call.stream and first.status is not None:
+                first = await call.whole(first)  # larger than one broker message
         except TimeoutError:
             call.close()
             raise ApiError(errors.DEADLINE_EXCEEDED) from None
@@ -113,6 +115,9 @@ class Relay:
         if call.publish_error is not None:
             call.close()
             raise ApiError(errors.QUEUE_UNAVAILABLE, retry_after=self._retry_after)
+        if call.overflowed:
+            call.close()
+            raise ApiError(errors.ANSWER_TOO_LARGE)
         if first.status is None:
             call.close()
             raise ApiError(errors.BAD_GATEWAY, first.error)
@@ -174,7 +179,9 @@ class RelayResponse(Response):
                 # Once the backend's own end of stream went out, a late error (the consumer lost
                 # its connection before saying "last") changes nothing for the client.
                 complete = complete or chunk.endswith(_END_OF_STREAM)
-                if reply.error is not None and not complete:
+                if call.overflowed:
+                    chunk = errors.CLIENT_TOO_SLOW.sse_event()
+                elif reply.error is not None and not complete:
                     chunk += errors.STREAM_INTERRUPTED.sse_event(reply.error)
                 if chunk:
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})

@@ -95,6 +95,8 @@ class Services:
             on_closed=self._closed,
             liveness_interval=settings.liveness_seconds,
             settle_seconds=settings.settle_seconds,
+            max_buffered=settings.max_buffered_reply_bytes,
+            on_overflow=self.metrics.stopped_answers.inc,
         )
         self.admission = Admission(
             self.tokens,
@@ -109,6 +111,7 @@ class Services:
             self.metrics, self.limiter, self.usage, usage_rows=settings.usage_accounting
         )
         self.metrics.broker_connected.set_function(lambda: 1.0 if self.broker.connected else 0.0)
+        self.metrics.buffered_reply_bytes.set_function(lambda: float(self.calls.buffered.bytes))
         self._db_checked_at = 0.0
         self._db_ok = False
         self.metrics_server: MetricsServer | None = None

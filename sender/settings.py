@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Self
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from contract import DEFAULT_MAX_PRIORITY, DEFAULT_RABBITMQ_URL, servable_model_name
@@ -34,8 +34,14 @@ class SenderSettings(SharedSettings):
     """The metrics port; 0 turns it off. Metrics carry token names: keep it off the ingress."""
     log_level: str = "info"
 
-    max_body_bytes: int = 16 * 1024 * 1024
-    """Larger request bodies are refused with 413."""
+    max_body_bytes: int = 15 * 1024 * 1024
+    """Larger request bodies are refused with 413. With the request's headers it must fit the broker's
+    ``max_message_size`` (``SENDER_BROKER_MAX_MESSAGE_SIZE``, 16 MiB by default): checked at start."""
+    max_buffered_reply_bytes: int = Field(64 * 1024 * 1024, ge=1)
+    """Most reply bytes held for one request: the pieces of a stream waiting for a client that reads
+    slowly (or not at all), or a non-streamed answer being put back together. Past it the request is
+    stopped and its generation cancelled: a stream ends with a ``client_too_slow`` event, a whole
+    answer is 502 ``answer_too_large``."""
     body_timeout_seconds: float = 30.0
     """Time allowed to receive a request's whole body; a client that trickles or stalls past it
     gets 408, so that it does not hold a connection and a coroutine forever."""
@@ -147,6 +153,17 @@ class SenderSettings(SharedSettings):
         names = dict.fromkeys(name.strip() for name in self.models.split(","))
         names.pop("", None)
         return tuple(names)
+
+    @model_validator(mode="after")
+    def _body_fits_the_broker(self) -> Self:
+        self.check_fits_broker(self.max_body_bytes, "max_body_bytes", "SENDER_")
+        if self.max_buffered_reply_bytes < self.broker_max_message_size:
+            raise ValueError(
+                f"SENDER_MAX_BUFFERED_REPLY_BYTES ({self.max_buffered_reply_bytes}) is below "
+                f"SENDER_BROKER_MAX_MESSAGE_SIZE ({self.broker_max_message_size}): one reply piece "
+                "could then outgrow it on its own"
+            )
+        return self
 
     def pepper(self) -> bytes | None:
         """The token pepper as bytes (UTF-8), from ``SENDER_TOKEN_PEPPER`` or the file; None if neither."""

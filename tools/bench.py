@@ -475,9 +475,10 @@ class Bench:
             )
 
         base = await measure(direct_url)
-        cpu_before = sum(cpu_seconds(pid) for pid in pids)
+        cpu_each_before = [cpu_seconds(pid) for pid in pids]
         through = await measure(sender_url)
-        cpu_after = sum(cpu_seconds(pid) for pid in pids)
+        cpu_each = [cpu_seconds(pid) - before for pid, before in zip(pids, cpu_each_before, strict=True)]
+        cpu_before, cpu_after = 0.0, sum(cpu_each)
         # CPU is counted over warm-up and measurement, so divide by every request answered meanwhile.
         answered = through.requests * (seconds + args.warmup) / seconds
         line: dict[str, Any] = {
@@ -501,6 +502,9 @@ class Bench:
             ),
             "throughput_ratio": round(through.throughput / base.throughput, 3) if base.throughput else None,
             "cpu_ms_per_request": round((cpu_after - cpu_before) * 1000 / answered, 3) if answered else None,
+            "cpu_ms_per_request_by_process": [
+                round(cpu * 1000 / answered, 3) if answered else None for cpu in cpu_each
+            ],
             "rss_mb": round(sum(rss_mb(pid) for pid in pids), 1),
         }
         if stream:

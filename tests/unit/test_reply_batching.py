@@ -27,9 +27,10 @@ async def test_reply_writer_batches_a_stream() -> None:
     assert len(sent) == 1  # the rest wait for the timer
     await asyncio.sleep(0.08)
     assert len(sent) == 2 and sent[1].body.count(b"data:") == 4
-    await writer.feed(b"x" * 2000)  # over max_bytes: sent at once
+    await writer.feed(b"x" * 2000)  # over max_bytes: sent at once, as two pieces
     await writer.finish()
-    assert [r.seq for r in sent] == [0, 1, 2, 3]
+    assert [r.seq for r in sent] == [0, 1, 2, 3, 4]
+    assert all(len(r.body) <= 1000 for r in sent)
     assert sent[-1].last and not any(r.last for r in sent[:-1])
     assert all(r.status is None for r in sent[1:])
     assert all(r.liveness_queue == "amq.gen-test" for r in sent)  # every piece names its consumer
@@ -63,3 +64,18 @@ async def test_a_cut_answer_reports_the_tokens_generated_so_far() -> None:
     assert writer.reported == (None, 3)
     await asyncio.sleep(0.08)
     assert len(sent) == 2  # the batch timer sends nothing more
+
+
+async def test_a_whole_answer_larger_than_a_piece_goes_in_several() -> None:
+    writer, sent = collecting_writer()
+    writer.usage = (3, 4)
+    body = bytes(range(256)) * 10  # 2,560 bytes, max_bytes 1,000
+    await writer.whole(200, "application/json", body)
+    assert [len(r.body) for r in sent] == [1000, 1000, 560]
+    assert b"".join(r.body for r in sent) == body
+    assert [r.last for r in sent] == [False, False, True]
+    assert sent[0].status == 200 and sent[0].content_type == "application/json"
+    assert sent[-1].prompt_tokens == 3 and sent[0].prompt_tokens is None
+    exact, pieces = collecting_writer()
+    await exact.whole(200, "application/json", b"y" * 1000)
+    assert len(pieces) == 1 and pieces[0].last  # exactly one piece's worth: one piece
