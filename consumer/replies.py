@@ -1,8 +1,9 @@
 """Writes one request's answer back to the sender, as the contract's numbered pieces, and publishes them.
 
-A streamed answer is batched: the first bytes go out at once (time to first
-token matters), later ones at most every ``interval`` seconds or when
-``max_bytes`` pile up, so the broker carries a few messages per answer, not
+A streamed answer is batched: everything up to and including the first token
+goes out at once (time to first token matters: a chat stream's role-only
+opening event does not count as the first token), later bytes at most every
+``interval`` seconds or when ``max_bytes`` pile up, so the broker carries a few messages per answer, not
 one per token. :class:`ReplyWriter` only numbers and batches (it is tested
 without a broker); :class:`ReplyPublisher` puts each piece on the wire.
 """
@@ -16,6 +17,7 @@ from collections.abc import Awaitable, Callable
 
 from aio_pika.abc import AbstractChannel
 
+from consumer.token_counts import carries_token
 from contract import Reply
 from contract.errors import BROKER_GONE
 
@@ -35,6 +37,8 @@ class ReplyWriter:
         self._last_flush = float("-inf")
         self._lock = asyncio.Lock()
         self._timer: asyncio.Task[None] | None = None
+        self._opened = False
+        """Whether a piece holding a token went out: until then nothing waits for a timer."""
         self.finished = False
         self.usage: tuple[int, int] | None = None
         """(prompt, completion) tokens as the backend reported them; sent with the last piece."""
@@ -62,6 +66,10 @@ class ReplyWriter:
 
     async def feed(self, data: bytes) -> None:
         self._buffer += data
+        if not self._opened:
+            self._opened = carries_token(data)
+            await self._flush(last=False)
+            return
         due = self._last_flush + self._interval
         if len(self._buffer) >= self._max_bytes or time.monotonic() >= due:
             await self._flush(last=False)
