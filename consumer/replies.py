@@ -25,10 +25,19 @@ Publish = Callable[[Reply], Awaitable[None]]
 
 
 class ReplyWriter:
-    def __init__(self, publish: Publish, *, liveness_queue: str, interval: float, max_bytes: int) -> None:
+    def __init__(
+        self,
+        publish: Publish,
+        *,
+        liveness_queue: str,
+        interval: float,
+        max_bytes: int,
+        max_interval: float | None = None,
+    ) -> None:
         self._publish = publish
         self._liveness_queue = liveness_queue
         self._interval = interval
+        self._max_interval = interval if max_interval is None else max(interval, max_interval)
         self._max_bytes = max_bytes
         self._seq = 0
         self._status: int | None = None
@@ -99,6 +108,7 @@ class ReplyWriter:
     async def _flush_at(self, due: float) -> None:
         await asyncio.sleep(max(0.0, due - time.monotonic()))
         self._timer = None
+        self._interval = min(self._interval * 2, self._max_interval)
         await self._flush(last=False)
 
     async def _flush(self, *, last: bool, error: str | None = None) -> None:

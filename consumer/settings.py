@@ -67,7 +67,10 @@ class ConsumerSettings(SharedSettings):
     """Set the body's ``priority`` for vLLM's ``--scheduling-policy priority`` (lower = sooner)."""
     max_priority: int = DEFAULT_MAX_PRIORITY
     flush_interval: float = 0.05
-    """Streamed answers are sent at most this often (the first piece at once), to spare the broker."""
+    """Streamed answers are sent at most this often (the first token at once), to spare the broker."""
+    flush_interval_max: float = 0.2
+    """The interval doubles after each timed piece of a stream, up to this: a long answer costs
+    a few pieces a second (each piece costs CPU in both processes), a short one stays smooth."""
     flush_bytes: int = 64 * 1024
     dead_letter_queue: str = DEAD_LETTER_QUEUE
     """Durable queue where unreadable request messages are kept for inspection."""
