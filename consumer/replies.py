@@ -81,7 +81,7 @@ class ReplyWriter:
             return
         due = self._last_flush + self._interval
         if len(self._buffer) >= self._max_bytes or time.monotonic() >= due:
-            await self._flush(last=False)
+            await self._batch()
         elif self._timer is None:
             self._timer = asyncio.create_task(self._flush_at(due))
 
@@ -108,6 +108,10 @@ class ReplyWriter:
     async def _flush_at(self, due: float) -> None:
         await asyncio.sleep(max(0.0, due - time.monotonic()))
         self._timer = None
+        await self._batch()
+
+    async def _batch(self) -> None:
+        """Send a batch after the first token, and wait longer for the next one."""
         self._interval = min(self._interval * 2, self._max_interval)
         await self._flush(last=False)
 
