@@ -18,7 +18,7 @@ import os
 import random
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,10 @@ class Run:
     latencies: dict[str, list[float]] = field(default_factory=dict)
     ttfts: list[float] = field(default_factory=list)
     errors: int = 0
+    generator_cpu: float = 0.0
+    """CPU seconds the load generator (this process) spent on the run, warm-up included."""
+    wall: float = 0.0
+    """Seconds the run took, warm-up included."""
 
     @property
     def requests(self) -> int:
@@ -243,13 +247,18 @@ class Bench:
             stack.drop_database(self.server_url, self.database)
         self.verdict()
 
-    async def broker_hop(self) -> None:
-        """The floor under the added latency at concurrency 1: a bare publish to a consume, with no
-        dispatcher code around it. A request crosses the broker twice (request, then answer), and
-        on a quiet machine each crossing costs more than on a busy one, so both paces are shown."""
-        queue_name = f"bench-hop-{self.tag}"
+    async def hop_round(self) -> float:
+        """One round of the broker-hop floor (at the pace of concurrency 1), for interleaving with
+        the concurrency-1 runs: its median one-way crossing, in seconds."""
+        hops = await self.hop_samples(pause=0.17, count=30)
+        return percentile(hops, 50)
+
+    async def hop_samples(self, *, pause: float, count: int) -> list[float]:
+        """``count`` bare publish-to-consume crossings of a fresh queue, ``pause`` seconds apart."""
+        queue_name = f"bench-hop-{self.tag}-{uuid.uuid4().hex[:4]}"
         sender = await aio_pika.connect(self.rabbitmq_url)
         receiver = await aio_pika.connect(self.rabbitmq_url)
+        hops: list[float] = []
         async with sender, receiver:
             out = await sender.channel()
             inbox = await receiver.channel()
@@ -262,24 +271,27 @@ class Bench:
                 await message.ack()
 
             consumer_tag = await queue.consume(on_message)
-            line: dict[str, Any] = {"scenario": "broker-hop"}
-            # One request per answer time (as at concurrency 1), then back to back.
-            for label, pause, count in (("quiet_ms", 0.17, 60), ("busy_ms", 0.001, 600)):
-                hops = []
-                for _ in range(count):
-                    arrived = asyncio.get_running_loop().create_future()
-                    sent = time.perf_counter()
-                    await out.default_exchange.publish(
-                        aio_pika.Message(
-                            b"x" * 200, priority=5, delivery_mode=aio_pika.DeliveryMode.PERSISTENT
-                        ),
-                        routing_key=queue_name,
-                    )
-                    hops.append(await arrived - sent)
-                    await asyncio.sleep(pause)
-                line[label] = summary_ms(hops)
+            for _ in range(count):
+                arrived = asyncio.get_running_loop().create_future()
+                sent = time.perf_counter()
+                await out.default_exchange.publish(
+                    aio_pika.Message(b"x" * 200, priority=5, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                    routing_key=queue_name,
+                )
+                hops.append(await arrived - sent)
+                await asyncio.sleep(pause)
             await queue.cancel(consumer_tag)
             await queue.delete(if_unused=False, if_empty=False)
+        return hops
+
+    async def broker_hop(self) -> None:
+        """The floor under the added latency at concurrency 1: a bare publish to a consume, with no
+        dispatcher code around it. A request crosses the broker twice (request, then answer), and
+        on a quiet machine each crossing costs more than on a busy one, so both paces are shown."""
+        line: dict[str, Any] = {"scenario": "broker-hop"}
+        # One request per answer time (as at concurrency 1), then back to back.
+        for label, pause, count in (("quiet_ms", 0.17, 60), ("busy_ms", 0.001, 600)):
+            line[label] = summary_ms(await self.hop_samples(pause=pause, count=count))
         self.emit(line)
 
     async def many_tokens(self, model: str, token: str, sender: stack.Service) -> None:
@@ -400,12 +412,12 @@ class Bench:
                 stream=stream,
             )
 
-        base = await measure(direct_url)
-        cpu_before = sum(cpu_seconds(pid) for pid in pids)
-        through = await measure(sender_url)
-        cpu_after = sum(cpu_seconds(pid) for pid in pids)
-        # CPU is counted over warm-up and measurement, so divide by every request answered meanwhile.
-        answered = through.requests * (seconds + args.warmup) / seconds
+        floor = self.hop_round if concurrency == 1 else None
+        paired = await alternate(
+            lambda: measure(direct_url), lambda: measure(sender_url), args.rounds, pids, floor=floor
+        )
+        base, through = merged(paired.direct), merged(paired.through)
+        answered = paired.answered(seconds + args.warmup, seconds)
         line: dict[str, Any] = {
             "scenario": name,
             "concurrency": concurrency,
@@ -426,9 +438,12 @@ class Bench:
                 (percentile(through.all_latencies(), 99) - percentile(base.all_latencies(), 99)) * 1000, 2
             ),
             "throughput_ratio": round(through.throughput / base.throughput, 3) if base.throughput else None,
-            "cpu_ms_per_request": round((cpu_after - cpu_before) * 1000 / answered, 3) if answered else None,
+            "cpu_ms_per_request": round(paired.cpu * 1000 / answered, 3) if answered else None,
             "rss_mb": round(sum(rss_mb(pid) for pid in pids), 1),
+            **paired.describe(),
         }
+        if paired.hops:
+            line.update(own_code_line(line["added_latency_ms_p50"], paired.hops))
         if stream:
             line["direct"]["ttft_ms"] = summary_ms(base.ttfts)
             line["dispatcher"]["ttft_ms"] = summary_ms(through.ttfts)
@@ -502,6 +517,10 @@ class Bench:
         checks: dict[str, bool] = {}
         if "whole-c1" in by_name:
             checks["added latency c1 p50 <= 3 ms"] = by_name["whole-c1"]["added_latency_ms_p50"] <= 3
+            if "own_code_ms_p50" in by_name["whole-c1"]:
+                checks["c1 own code <= 1 ms over two broker crossings"] = (
+                    by_name["whole-c1"]["own_code_ms_p50"] <= 1
+                )
         if "whole-c64" in by_name:
             c64 = by_name["whole-c64"]
             checks["c64 throughput >= 90% of direct"] = c64["throughput_ratio"] >= 0.9
@@ -525,6 +544,102 @@ class Bench:
             checks["overload throughput >= 95% of direct"] = (p["throughput_ratio"] or 0) >= 0.95
             checks["overload zero errors"] = p["dispatcher"]["errors"] == 0
         print(json.dumps({"scenario": "targets", "met": all(checks.values()), "checks": checks}), flush=True)
+
+
+async def generated(run: Callable[[], Awaitable[Run]]) -> Run:
+    """``run()``, with the load generator's own CPU and wall time written on the result.
+
+    A generator using most of a core is itself the limit: a reader compares
+    ``generator_cores`` of the direct and dispatched runs before blaming the dispatcher.
+    """
+    cpu, wall = time.process_time(), time.perf_counter()
+    result = await run()
+    result.generator_cpu = time.process_time() - cpu
+    result.wall = time.perf_counter() - wall
+    return result
+
+
+@dataclass
+class Paired:
+    """Direct and dispatched runs of one scenario, taken in turns so that a noisy moment of a
+    shared machine falls on both alike; the dispatcher's CPU is counted over its runs only."""
+
+    direct: list[Run] = field(default_factory=list)
+    through: list[Run] = field(default_factory=list)
+    cpu: float = 0.0
+    """CPU seconds of the sender and consumer over the dispatched runs."""
+    hops: list[float] = field(default_factory=list)
+    """Median broker crossing of each round, when the floor was measured in turn with the runs."""
+
+    def answered(self, run_seconds: float, measured_seconds: float) -> float:
+        """Requests answered during the dispatched runs, warm-up included (the CPU covers it too)."""
+        return sum(r.requests for r in self.through) * run_seconds / measured_seconds
+
+    def describe(self) -> dict[str, Any]:
+        def cores(runs: list[Run]) -> float:
+            wall = sum(r.wall for r in runs)
+            return round(sum(r.generator_cpu for r in runs) / wall, 3) if wall else 0.0
+
+        def per_request(runs: list[Run]) -> float | None:
+            done = sum(r.requests for r in runs)
+            return round(sum(r.generator_cpu for r in runs) * 1000 / done, 3) if done else None
+
+        return {
+            "rounds": {
+                "direct_rps": [round(r.throughput, 1) for r in self.direct],
+                "dispatcher_rps": [round(r.throughput, 1) for r in self.through],
+            },
+            "generator": {
+                "direct_cores": cores(self.direct),
+                "dispatcher_cores": cores(self.through),
+                "direct_cpu_ms_per_request": per_request(self.direct),
+                "dispatcher_cpu_ms_per_request": per_request(self.through),
+            },
+        }
+
+
+async def alternate(
+    direct: Callable[[], Awaitable[Run]],
+    through: Callable[[], Awaitable[Run]],
+    rounds: int,
+    pids: list[int],
+    *,
+    floor: Callable[[], Awaitable[float]] | None = None,
+) -> Paired:
+    """``rounds`` turns of (broker floor, if any) direct run, dispatched run."""
+    paired = Paired()
+    for _ in range(max(1, rounds)):
+        if floor is not None:
+            paired.hops.append(await floor())
+        paired.direct.append(await generated(direct))
+        before = sum(cpu_seconds(pid) for pid in pids)
+        paired.through.append(await generated(through))
+        paired.cpu += sum(cpu_seconds(pid) for pid in pids) - before
+    return paired
+
+
+def merged(runs: list[Run]) -> Run:
+    """One run made of several: every sample kept, throughput over their summed measured time."""
+    total = Run(seconds=sum(r.seconds for r in runs))
+    for run in runs:
+        for label, values in run.latencies.items():
+            total.latencies.setdefault(label, []).extend(values)
+        total.ttfts.extend(run.ttfts)
+        total.errors += run.errors
+        total.generator_cpu += run.generator_cpu
+        total.wall += run.wall
+    return total
+
+
+def own_code_line(added_p50_ms: float, hops: list[float]) -> dict[str, Any]:
+    """What the dispatcher's own code adds at concurrency 1: the added median latency less the two
+    broker crossings (request, answer) measured in turn with the runs."""
+    hop_ms = percentile(hops, 50) * 1000
+    return {
+        "broker_hop_ms_p50": round(hop_ms, 3),
+        "broker_hop_ms_by_round": [round(h * 1000, 3) for h in hops],
+        "own_code_ms_p50": round(added_p50_ms - 2 * hop_ms, 2),
+    }
 
 
 async def count_usage_rows(database_url: str) -> int:
@@ -562,6 +677,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__)
     parser.add_argument("--seconds", type=float, default=8.0, help="measured seconds per run")
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each run")
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="direct and dispatched runs of each scenario, taken in turns"
+    )
     parser.add_argument("--c1-seconds", type=float, default=30.0, help="measured seconds at concurrency 1")
     parser.add_argument("--priority-seconds", type=float, default=30.0)
     parser.add_argument("--priority-warmup", type=float, default=8.0)
