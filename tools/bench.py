@@ -543,6 +543,7 @@ class Bench:
             checks["low p99 <= ~2x fcfs"] = p["low_p99_vs_fcfs_p99"] <= 2.2
             checks["overload throughput >= 95% of direct"] = (p["throughput_ratio"] or 0) >= 0.95
             checks["overload zero errors"] = p["dispatcher"]["errors"] == 0
+        checks.update(streaming_checks(by_name))
         print(json.dumps({"scenario": "targets", "met": all(checks.values()), "checks": checks}), flush=True)
 
 
@@ -640,6 +641,27 @@ def own_code_line(added_p50_ms: float, hops: list[float]) -> dict[str, Any]:
         "broker_hop_ms_by_round": [round(h * 1000, 3) for h in hops],
         "own_code_ms_p50": round(added_p50_ms - 2 * hop_ms, 2),
     }
+
+
+def streaming_checks(by_name: dict[str, dict[str, Any]]) -> dict[str, bool]:
+    """The targets of the streamed path (issue 18), with the broker crossing measured in the same run."""
+    checks: dict[str, bool] = {}
+    hop_ms = by_name.get("whole-c1", {}).get("broker_hop_ms_p50")
+    if hop_ms is None and "broker-hop" in by_name:
+        hop_ms = by_name["broker-hop"]["quiet_ms"]["p50"]
+    stream = by_name.get("stream-c64")
+    if stream is not None:
+        checks["stream c64 throughput >= 95% of direct"] = (stream["throughput_ratio"] or 0) >= 0.95
+        checks["stream c64 cpu <= 2 ms per request"] = (stream["cpu_ms_per_request"] or 99) <= 2
+        if hop_ms is not None:
+            checks["stream c64 ttft p50 <= direct + two broker crossings + 2 ms"] = (
+                stream["added_ttft_ms_p50"] <= 2 * hop_ms + 2
+            )
+    whole = by_name.get("whole-c64")
+    if whole is not None:
+        checks["whole c64 throughput >= 95% of direct"] = (whole["throughput_ratio"] or 0) >= 0.95
+        checks["whole c64 cpu <= 1.5 ms per request"] = (whole["cpu_ms_per_request"] or 99) <= 1.5
+    return checks
 
 
 async def count_usage_rows(database_url: str) -> int:
