@@ -1,8 +1,9 @@
 """Writes one request's answer back to the sender, as the contract's numbered pieces, and publishes them.
 
-A streamed answer is batched: the first bytes go out at once (time to first
-token matters), later ones at most every ``interval`` seconds or when
-``max_bytes`` pile up, so the broker carries a few messages per answer, not
+A streamed answer is batched: everything up to and including the first token
+goes out at once (time to first token matters: a chat stream's role-only
+opening event does not count as the first token), later bytes at most every
+``interval`` seconds or when ``max_bytes`` pile up, so the broker carries a few messages per answer, not
 one per token. :class:`ReplyWriter` only numbers and batches (it is tested
 without a broker); :class:`ReplyPublisher` puts each piece on the wire.
 """
@@ -17,7 +18,7 @@ import aiormq.exceptions
 from aio_pika.abc import AbstractChannel
 from pamqp.commands import Basic
 
-from consumer.token_counts import Counts
+from consumer.token_counts import Counts, carries_token
 from contract import Reply
 from contract.errors import BROKER_GONE
 
@@ -25,10 +26,19 @@ Publish = Callable[[Reply], Awaitable[None]]
 
 
 class ReplyWriter:
-    def __init__(self, publish: Publish, *, liveness_queue: str, interval: float, max_bytes: int) -> None:
+    def __init__(
+        self,
+        publish: Publish,
+        *,
+        liveness_queue: str,
+        interval: float,
+        max_bytes: int,
+        max_interval: float | None = None,
+    ) -> None:
         self._publish = publish
         self._liveness_queue = liveness_queue
         self._interval = interval
+        self._max_interval = interval if max_interval is None else max(interval, max_interval)
         self._max_bytes = max_bytes
         self._seq = 0
         self._status: int | None = None
@@ -37,6 +47,8 @@ class ReplyWriter:
         self._last_flush = float("-inf")
         self._lock = asyncio.Lock()
         self._timer: asyncio.Task[None] | None = None
+        self._opened = False
+        """Whether a piece holding a token went out: until then nothing waits for a timer."""
         self.finished = False
         self.usage: Counts | None = None
         """(prompt, completion) tokens as the backend reported them; sent with the last piece."""
@@ -69,9 +81,13 @@ class ReplyWriter:
 
     async def feed(self, data: bytes) -> None:
         self._buffer += data
+        if not self._opened:
+            self._opened = carries_token(data)
+            await self._flush(last=False)
+            return
         due = self._last_flush + self._interval
         if len(self._buffer) >= self._max_bytes or time.monotonic() >= due:
-            await self._flush(last=False)
+            await self._batch()
         elif self._timer is None:
             self._timer = asyncio.create_task(self._flush_at(due))
 
@@ -112,6 +128,11 @@ class ReplyWriter:
     async def _flush_at(self, due: float) -> None:
         await asyncio.sleep(max(0.0, due - time.monotonic()))
         self._timer = None
+        await self._batch()
+
+    async def _batch(self) -> None:
+        """Send a batch after the first token, and wait longer for the next one."""
+        self._interval = min(self._interval * 2, self._max_interval)
         await self._flush(last=False)
 
     async def _flush(self, *, last: bool, error: str | None = None) -> None:

@@ -325,6 +325,7 @@ class Delivery:
             liveness_queue=self._liveness_queue,
             interval=settings.flush_interval,
             max_bytes=settings.flush_bytes,
+            max_interval=settings.flush_interval_max,
         )
         self._request, self._writer = request, writer
         self._started = time.time()

@@ -69,7 +69,10 @@ class ConsumerSettings(SharedSettings):
     """Top of the user priority scale, as the senders' ``SENDER_MAX_PRIORITY``; the queue's
     ``x-max-priority`` is the wire top derived from it (``contract.wire_max_priority``)."""
     flush_interval: float = 0.05
-    """Streamed answers are sent at most this often (the first piece at once), to spare the broker."""
+    """Streamed answers are sent at most this often (the first token at once), to spare the broker."""
+    flush_interval_max: float = 0.2
+    """The interval doubles after each timed piece of a stream, up to this: a long answer costs
+    a few pieces a second (each piece costs CPU in both processes), a short one stays smooth."""
     flush_bytes: int = Field(64 * 1024, ge=1)
     """... or when this much piled up; also the largest body of one reply piece: a larger answer,
     streamed or not, travels as several pieces. Must fit ``CONSUMER_BROKER_MAX_MESSAGE_SIZE``."""

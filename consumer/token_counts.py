@@ -87,6 +87,19 @@ def count_of(answer: bytes) -> int | None:
     return count if isinstance(count, int) and not isinstance(count, bool) else None
 
 
+def carries_token(data: bytes) -> bool:
+    """Whether ``data`` (whole events of a stream) holds more than the chat role's opening events.
+
+    vLLM opens a chat stream with one event per choice that only names the
+    ``assistant`` role (empty content); the first token may follow in a later
+    read. Counting is enough to tell them apart: no JSON is parsed on the hot path.
+    """
+    return data.count(b"data: ") > data.count(_ROLE_ONLY)
+
+
+_ROLE_ONLY = b'"delta":{"role":"assistant","content":""}'
+
+
 def _counts(usage: object) -> tuple[int, int] | None:
     if not isinstance(usage, dict):
         return None

@@ -183,10 +183,12 @@ class RelayResponse(Response):
                     chunk = errors.CLIENT_TOO_SLOW.sse_event()
                 elif reply.error is not None and not complete:
                     chunk += errors.STREAM_INTERRUPTED.sse_event(reply.error)
+                if reply.last:
+                    # The answer's last bytes and the end of the body in one write, not two.
+                    await send({"type": "http.response.body", "body": chunk, "more_body": False})
+                    return
                 if chunk:
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                if reply.last:
-                    break
                 try:
                     reply = await call.next(call.deadline - time.time())
                 except TimeoutError:

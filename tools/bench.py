@@ -18,7 +18,7 @@ import os
 import random
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,10 @@ class Run:
     finished: int = 0
     """Answers that arrived within the measured seconds, whenever they were sent: a starved client
     whose requests all take longer than the warm-up still counts what it got."""
+    generator_cpu: float = 0.0
+    """CPU seconds the load generator (this process) spent on the run, warm-up included."""
+    wall: float = 0.0
+    """Seconds the run took, warm-up included."""
 
     @property
     def requests(self) -> int:
@@ -317,13 +321,18 @@ class Bench:
             stack.drop_database(self.server_url, self.database)
         self.verdict()
 
-    async def broker_hop(self) -> None:
-        """The floor under the added latency at concurrency 1: a bare publish to a consume, with no
-        dispatcher code around it. A request crosses the broker twice (request, then answer), and
-        on a quiet machine each crossing costs more than on a busy one, so both paces are shown."""
-        queue_name = f"bench-hop-{self.tag}"
+    async def hop_round(self) -> float:
+        """One round of the broker-hop floor (at the pace of concurrency 1), for interleaving with
+        the concurrency-1 runs: its median one-way crossing, in seconds."""
+        hops = await self.hop_samples(pause=0.17, count=30)
+        return percentile(hops, 50)
+
+    async def hop_samples(self, *, pause: float, count: int) -> list[float]:
+        """``count`` bare publish-to-consume crossings of a fresh queue, ``pause`` seconds apart."""
+        queue_name = f"bench-hop-{self.tag}-{uuid.uuid4().hex[:4]}"
         sender = await aio_pika.connect(self.rabbitmq_url)
         receiver = await aio_pika.connect(self.rabbitmq_url)
+        hops: list[float] = []
         async with sender, receiver:
             out = await sender.channel()
             inbox = await receiver.channel()
@@ -336,24 +345,27 @@ class Bench:
                 await message.ack()
 
             consumer_tag = await queue.consume(on_message)
-            line: dict[str, Any] = {"scenario": "broker-hop"}
-            # One request per answer time (as at concurrency 1), then back to back.
-            for label, pause, count in (("quiet_ms", 0.17, 60), ("busy_ms", 0.001, 600)):
-                hops = []
-                for _ in range(count):
-                    arrived = asyncio.get_running_loop().create_future()
-                    sent = time.perf_counter()
-                    await out.default_exchange.publish(
-                        aio_pika.Message(
-                            b"x" * 200, priority=5, delivery_mode=aio_pika.DeliveryMode.PERSISTENT
-                        ),
-                        routing_key=queue_name,
-                    )
-                    hops.append(await arrived - sent)
-                    await asyncio.sleep(pause)
-                line[label] = summary_ms(hops)
+            for _ in range(count):
+                arrived = asyncio.get_running_loop().create_future()
+                sent = time.perf_counter()
+                await out.default_exchange.publish(
+                    aio_pika.Message(b"x" * 200, priority=5, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                    routing_key=queue_name,
+                )
+                hops.append(await arrived - sent)
+                await asyncio.sleep(pause)
             await queue.cancel(consumer_tag)
             await queue.delete(if_unused=False, if_empty=False)
+        return hops
+
+    async def broker_hop(self) -> None:
+        """The floor under the added latency at concurrency 1: a bare publish to a consume, with no
+        dispatcher code around it. A request crosses the broker twice (request, then answer), and
+        on a quiet machine each crossing costs more than on a busy one, so both paces are shown."""
+        line: dict[str, Any] = {"scenario": "broker-hop"}
+        # One request per answer time (as at concurrency 1), then back to back.
+        for label, pause, count in (("quiet_ms", 0.17, 60), ("busy_ms", 0.001, 600)):
+            line[label] = summary_ms(await self.hop_samples(pause=pause, count=count))
         self.emit(line)
 
     async def many_tokens(self, model: str, token: str, sender: stack.Service) -> None:
@@ -474,13 +486,12 @@ class Bench:
                 stream=stream,
             )
 
-        base = await measure(direct_url)
-        cpu_each_before = [cpu_seconds(pid) for pid in pids]
-        through = await measure(sender_url)
-        cpu_each = [cpu_seconds(pid) - before for pid, before in zip(pids, cpu_each_before, strict=True)]
-        cpu_before, cpu_after = 0.0, sum(cpu_each)
-        # CPU is counted over warm-up and measurement, so divide by every request answered meanwhile.
-        answered = through.requests * (seconds + args.warmup) / seconds
+        floor = self.hop_round if concurrency == 1 else None
+        paired = await alternate(
+            lambda: measure(direct_url), lambda: measure(sender_url), args.rounds, pids, floor=floor
+        )
+        base, through = merged(paired.direct), merged(paired.through)
+        answered = paired.answered(seconds + args.warmup, seconds)
         line: dict[str, Any] = {
             "scenario": name,
             "concurrency": concurrency,
@@ -501,12 +512,15 @@ class Bench:
                 (percentile(through.all_latencies(), 99) - percentile(base.all_latencies(), 99)) * 1000, 2
             ),
             "throughput_ratio": round(through.throughput / base.throughput, 3) if base.throughput else None,
-            "cpu_ms_per_request": round((cpu_after - cpu_before) * 1000 / answered, 3) if answered else None,
+            "cpu_ms_per_request": round(paired.cpu * 1000 / answered, 3) if answered else None,
             "cpu_ms_per_request_by_process": [
-                round(cpu * 1000 / answered, 3) if answered else None for cpu in cpu_each
+                round(cpu * 1000 / answered, 3) if answered else None for cpu in paired.cpu_each
             ],
             "rss_mb": round(sum(rss_mb(pid) for pid in pids), 1),
+            **paired.describe(),
         }
+        if paired.hops:
+            line.update(own_code_line(line["added_latency_ms_p50"], paired.hops))
         if stream:
             line["direct"]["ttft_ms"] = summary_ms(base.ttfts)
             line["dispatcher"]["ttft_ms"] = summary_ms(through.ttfts)
@@ -660,6 +674,10 @@ class Bench:
         checks: dict[str, bool] = {}
         if "whole-c1" in by_name:
             checks["added latency c1 p50 <= 3 ms"] = by_name["whole-c1"]["added_latency_ms_p50"] <= 3
+            if "own_code_ms_p50" in by_name["whole-c1"]:
+                checks["c1 own code <= 1 ms over two broker crossings"] = (
+                    by_name["whole-c1"]["own_code_ms_p50"] <= 1
+                )
         if "whole-c64" in by_name:
             c64 = by_name["whole-c64"]
             checks["c64 throughput >= 90% of direct"] = c64["throughput_ratio"] >= 0.9
@@ -690,7 +708,132 @@ class Bench:
         if "fairness-heavy-lower" in by_name:
             f = by_name["fairness-heavy-lower"]
             checks["fairness, heavy lower: light p50 <= 1.5x idle"] = f["light_p50_vs_idle_max"] <= 1.5
+        checks.update(streaming_checks(by_name))
         print(json.dumps({"scenario": "targets", "met": all(checks.values()), "checks": checks}), flush=True)
+
+
+async def generated(run: Callable[[], Awaitable[Run]]) -> Run:
+    """``run()``, with the load generator's own CPU and wall time written on the result.
+
+    A generator using most of a core is itself the limit: a reader compares
+    ``generator_cores`` of the direct and dispatched runs before blaming the dispatcher.
+    """
+    cpu, wall = time.process_time(), time.perf_counter()
+    result = await run()
+    result.generator_cpu = time.process_time() - cpu
+    result.wall = time.perf_counter() - wall
+    return result
+
+
+@dataclass
+class Paired:
+    """Direct and dispatched runs of one scenario, taken in turns so that a noisy moment of a
+    shared machine falls on both alike; the dispatcher's CPU is counted over its runs only."""
+
+    direct: list[Run] = field(default_factory=list)
+    through: list[Run] = field(default_factory=list)
+    cpu_each: list[float] = field(default_factory=list)
+    """CPU seconds of each dispatcher process (sender, consumer) over the dispatched runs."""
+    hops: list[float] = field(default_factory=list)
+    """Median broker crossing of each round, when the floor was measured in turn with the runs."""
+
+    @property
+    def cpu(self) -> float:
+        """CPU seconds of the sender and consumer together over the dispatched runs."""
+        return sum(self.cpu_each)
+
+    def answered(self, run_seconds: float, measured_seconds: float) -> float:
+        """Requests answered during the dispatched runs, warm-up included (the CPU covers it too)."""
+        return sum(r.requests for r in self.through) * run_seconds / measured_seconds
+
+    def describe(self) -> dict[str, Any]:
+        def cores(runs: list[Run]) -> float:
+            wall = sum(r.wall for r in runs)
+            return round(sum(r.generator_cpu for r in runs) / wall, 3) if wall else 0.0
+
+        def per_request(runs: list[Run]) -> float | None:
+            done = sum(r.requests for r in runs)
+            return round(sum(r.generator_cpu for r in runs) * 1000 / done, 3) if done else None
+
+        return {
+            "rounds": {
+                "direct_rps": [round(r.throughput, 1) for r in self.direct],
+                "dispatcher_rps": [round(r.throughput, 1) for r in self.through],
+            },
+            "generator": {
+                "direct_cores": cores(self.direct),
+                "dispatcher_cores": cores(self.through),
+                "direct_cpu_ms_per_request": per_request(self.direct),
+                "dispatcher_cpu_ms_per_request": per_request(self.through),
+            },
+        }
+
+
+async def alternate(
+    direct: Callable[[], Awaitable[Run]],
+    through: Callable[[], Awaitable[Run]],
+    rounds: int,
+    pids: list[int],
+    *,
+    floor: Callable[[], Awaitable[float]] | None = None,
+) -> Paired:
+    """``rounds`` turns of (broker floor, if any) direct run, dispatched run."""
+    paired = Paired(cpu_each=[0.0] * len(pids))
+    for _ in range(max(1, rounds)):
+        if floor is not None:
+            paired.hops.append(await floor())
+        paired.direct.append(await generated(direct))
+        before = [cpu_seconds(pid) for pid in pids]
+        paired.through.append(await generated(through))
+        for index, (pid, start) in enumerate(zip(pids, before, strict=True)):
+            paired.cpu_each[index] += cpu_seconds(pid) - start
+    return paired
+
+
+def merged(runs: list[Run]) -> Run:
+    """One run made of several: every sample kept, throughput over their summed measured time."""
+    total = Run(seconds=sum(r.seconds for r in runs))
+    for run in runs:
+        for label, values in run.latencies.items():
+            total.latencies.setdefault(label, []).extend(values)
+        total.ttfts.extend(run.ttfts)
+        total.errors += run.errors
+        total.finished += run.finished
+        total.generator_cpu += run.generator_cpu
+        total.wall += run.wall
+    return total
+
+
+def own_code_line(added_p50_ms: float, hops: list[float]) -> dict[str, Any]:
+    """What the dispatcher's own code adds at concurrency 1: the added median latency less the two
+    broker crossings (request, answer) measured in turn with the runs."""
+    hop_ms = percentile(hops, 50) * 1000
+    return {
+        "broker_hop_ms_p50": round(hop_ms, 3),
+        "broker_hop_ms_by_round": [round(h * 1000, 3) for h in hops],
+        "own_code_ms_p50": round(added_p50_ms - 2 * hop_ms, 2),
+    }
+
+
+def streaming_checks(by_name: dict[str, dict[str, Any]]) -> dict[str, bool]:
+    """The targets of the streamed path (issue 18), with the broker crossing measured in the same run."""
+    checks: dict[str, bool] = {}
+    hop_ms = by_name.get("whole-c1", {}).get("broker_hop_ms_p50")
+    if hop_ms is None and "broker-hop" in by_name:
+        hop_ms = by_name["broker-hop"]["quiet_ms"]["p50"]
+    stream = by_name.get("stream-c64")
+    if stream is not None:
+        checks["stream c64 throughput >= 95% of direct"] = (stream["throughput_ratio"] or 0) >= 0.95
+        checks["stream c64 cpu <= 2 ms per request"] = (stream["cpu_ms_per_request"] or 99) <= 2
+        if hop_ms is not None:
+            checks["stream c64 ttft p50 <= direct + two broker crossings + 2 ms"] = (
+                stream["added_ttft_ms_p50"] <= 2 * hop_ms + 2
+            )
+    whole = by_name.get("whole-c64")
+    if whole is not None:
+        checks["whole c64 throughput >= 95% of direct"] = (whole["throughput_ratio"] or 0) >= 0.95
+        checks["whole c64 cpu <= 1.5 ms per request"] = (whole["cpu_ms_per_request"] or 99) <= 1.5
+    return checks
 
 
 async def count_usage_rows(database_url: str) -> int:
@@ -728,6 +871,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__)
     parser.add_argument("--seconds", type=float, default=8.0, help="measured seconds per run")
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each run")
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="direct and dispatched runs of each scenario, taken in turns"
+    )
     parser.add_argument("--c1-seconds", type=float, default=30.0, help="measured seconds at concurrency 1")
     parser.add_argument("--priority-seconds", type=float, default=30.0)
     parser.add_argument("--priority-warmup", type=float, default=8.0)

@@ -79,3 +79,34 @@ async def test_a_whole_answer_larger_than_a_piece_goes_in_several() -> None:
     exact, pieces = collecting_writer()
     await exact.whole(200, "application/json", b"y" * 1000)
     assert len(pieces) == 1 and pieces[0].last  # exactly one piece's worth: one piece
+
+
+ROLE = b'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}\n\n'
+TOKEN = b'data: {"choices":[{"index":0,"delta":{"content":"Hi"},"finish_reason":null}]}\n\n'
+
+
+async def test_the_first_token_never_waits_for_the_timer_even_after_the_role_event() -> None:
+    sent: list[Reply] = []
+
+    async def publish(reply: Reply) -> None:
+        sent.append(reply)
+
+    # An hour between batches: anything that waited for the timer would not be sent in this test.
+    writer = ReplyWriter(publish, liveness_queue="amq.gen-test", interval=3600, max_bytes=1 << 20)
+    writer.begin(200, "text/event-stream")
+    await writer.feed(ROLE)
+    await writer.feed(TOKEN)
+    assert [r.body for r in sent] == [ROLE, TOKEN]  # the role alone did not open the answer
+    await writer.feed(TOKEN)
+    assert len(sent) == 2  # after the first token, batching resumes
+    await writer.finish()
+    assert [r.seq for r in sent] == [0, 1, 2] and sent[2].body == TOKEN and sent[2].last
+
+
+async def test_a_first_read_with_role_and_token_opens_the_answer_in_one_piece() -> None:
+    writer, sent = collecting_writer()
+    writer.begin(200, "text/event-stream")
+    await writer.feed(ROLE + TOKEN)
+    await writer.feed(TOKEN)
+    assert [r.body for r in sent] == [ROLE + TOKEN]
+    writer.abandon()

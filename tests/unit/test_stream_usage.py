@@ -22,6 +22,10 @@ def test_usage_is_asked_for_and_stripped_as_vllm_would_not_have_sent_it() -> Non
         watcher = StreamUsage(strip=True)
         out = b"".join(watcher.feed(sent[i : i + size]) for i in range(0, len(sent), size)) + watcher.end()
         assert out == expected and watcher.counts == (7, 2)
+    by_event = StreamUsage(strip=True)  # one whole event per read: token events take the fast path
+    reads = [chunk % b"a", chunk % b"b", usage, b"data: [DONE]\n\n"]
+    assert b"".join(by_event.feed(read) for read in reads) + by_event.end() == expected
+    assert by_event.counts == (7, 2)
     kept = StreamUsage(strip=False)  # the client asked: untouched, still counted
     assert kept.feed(sent) == sent and kept.end() == b"" and kept.counts == (7, 2)
 
