@@ -55,7 +55,12 @@ SCHEMAS: dict[str, Any] = {
             "object": {"const": "model"},
             "created": {"type": "integer"},
             "owned_by": {"type": "string"},
-            "max_model_len": {"type": "integer"},
+            "max_model_len": {"type": ["integer", "null"]},
+            "root": {"type": ["string", "null"]},
+            "parent": {
+                "type": ["string", "null"],
+                "description": "For a LoRA adapter, the model it adapts (as vLLM reports it).",
+            },
         },
     },
     "ModelList": {

@@ -35,6 +35,8 @@ from harness.stack import Service
 from harness.testrun import unique
 from harness.vllm_cpu import SetupError
 
+pytestmark = pytest.mark.timeout(600)  # Open WebUI takes a minute or two to start on a busy machine
+
 SLOW_TOKENS = 3000
 """The slow model's answer: 3,000 tokens at 50 ms each, minutes unless stopped."""
 WAIT = 90.0
