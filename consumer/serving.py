@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 from types import TracebackType
 
+import orjson
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 import contract
@@ -181,6 +182,11 @@ class Serving:
                 answer = await response.read()
                 if response.status == 200:
                     writer.usage = token_counts.from_body(answer)
+                elif _no_such_route(response.status, answer):
+                    await _fail(
+                        writer, errors.UNKNOWN_URL, f"the model's server has no route POST {request.path}"
+                    )
+                    return
                 await writer.whole(response.status, content_type, answer)
                 return
             writer.begin(response.status, content_type)
@@ -401,6 +407,18 @@ class Delivery:
 
 def _nothing_counted() -> token_counts.Counts:
     return (None, 0)
+
+
+def _no_such_route(status: int, body: bytes) -> bool:
+    """The backend has no such route: FastAPI's own ``{"detail": ...}`` 404 or 405 (vLLM answers its
+    errors in OpenAI's shape, but not these), which the client gets as our ``unknown_url`` instead."""
+    if status not in (404, 405):
+        return False
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(payload, dict) and "detail" in payload and "error" not in payload
 
 
 async def _fail(writer: ReplyWriter, kind: errors.ErrorKind, message: str | None = None) -> None:
