@@ -41,7 +41,7 @@ from consumer.metrics import ConsumerMetrics
 from consumer.serving import Outcome, Served, Serving
 from consumer.settings import ConsumerSettings
 from consumer.status_server import serve_status
-from contract import Announcement, Cancel, liveness
+from contract import Announcement, Cancel, broker_connection, liveness
 from contract.errors import BROKER_GONE
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,11 @@ class Worker:
         self._status: web.AppRunner | None = None
         self.inflight = 0
         self._connection: AbstractRobustConnection | None = None
+        """The consuming connection (model queue, control messages, liveness queue)."""
+        self._publishing: AbstractRobustConnection | None = None
+        """The publishing connection (replies, announcements, dead letters)."""
+        self._control_channel: AbstractChannel | None = None
+        self._background: set[asyncio.Future[None]] = set()
         self._consume_channel: AbstractChannel | None = None
         self._reply_channel: AbstractChannel | None = None
         self._control: AbstractExchange | None = None
@@ -149,8 +154,9 @@ class Worker:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._connection is not None:
-            await self._connection.close()
+        for connection in (self._connection, self._publishing):
+            if connection is not None:
+                await connection.close()
         await self.backend.close()
         if self._status is not None:
             await self._status.cleanup()
@@ -174,26 +180,30 @@ class Worker:
                 await asyncio.wait_for(stop.wait(), 1.0)
 
     async def _connect(self) -> None:
-        self._connection = await aio_pika.connect_robust(
-            self.settings.rabbitmq_url,
-            ssl_context=self.settings.rabbitmq_ssl_context(),
-            client_properties={"connection_name": f"consumer-{self.consumer_id}"},
-            reconnect_interval=self.settings.reconnect_interval,
-        )
+        """Two connections: one consumes (the model queue, control messages; the liveness queue lives
+        with it), one publishes (replies, announcements, dead letters). A memory or disk alarm blocks
+        the publishing one; the consuming one still acks, so the queue drains as requests finish."""
+        self._connection = await self._open_connection("consume")
+        self._publishing = await self._open_connection("publish")
         self._connection.close_callbacks.add(self._on_connection_lost)
         self._connection.reconnect_callbacks.add(self._on_reconnected)
-        self._reply_channel = await self._connection.channel(publisher_confirms=False)
+        self._publishing.close_callbacks.add(self._on_publishing_lost)
+        self._reply_channel = await self._publishing.channel(publisher_confirms=False)
         self._serving = Serving(
             self.settings, self.backend, self.metrics, self._cancellations, self._reply_channel
         )
-        await self._declare_liveness()
         await self._reply_channel.declare_queue(self.settings.dead_letter_queue, durable=True)
         self._control = await self._reply_channel.declare_exchange(
             contract.CONTROL_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
         )
-        rollcall = await self._reply_channel.declare_queue(exclusive=True, auto_delete=True)
-        await rollcall.bind(self._control, contract.ROLLCALL_KEY)
-        await rollcall.bind(self._control, contract.CANCEL_KEY)
+        self._control_channel = await self._connection.channel(publisher_confirms=False)
+        await self._declare_liveness()
+        control = await self._control_channel.declare_exchange(
+            contract.CONTROL_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        rollcall = await self._control_channel.declare_queue(exclusive=True, auto_delete=True)
+        await rollcall.bind(control, contract.ROLLCALL_KEY)
+        await rollcall.bind(control, contract.CANCEL_KEY)
         await rollcall.consume(self._on_control, no_ack=True)
 
         self._consume_channel = await self._connection.channel(publisher_confirms=False)
@@ -203,15 +213,38 @@ class Worker:
             arguments=contract.model_queue_arguments(self.settings.max_priority),
         )
 
+    async def _open_connection(self, role: str) -> AbstractRobustConnection:
+        return await broker_connection.connect(
+            self.settings.rabbitmq_urls,
+            name=f"consumer-{self.consumer_id}-{role}",
+            reconnect_interval=self.settings.reconnect_interval,
+            ssl_context=self.settings.rabbitmq_ssl_context(),
+        )
+
     async def _declare_liveness(self) -> None:
-        """A server-named exclusive queue: it lives exactly as long as this connection.
+        """A server-named exclusive queue: it lives exactly as long as the consuming connection,
+        which holds the deliveries (when it drops, the broker hands them to another consumer).
 
         Declared outside aio-pika's robust bookkeeping so that a reconnect makes
         a new name: pieces sent on the old connection then name a queue that is
         gone, and the sender knows their answer will not continue.
         """
-        assert self._reply_channel is not None
-        self._liveness_queue = await liveness.declare(await self._reply_channel.get_underlay_channel())
+        assert self._control_channel is not None
+        self._liveness_queue = await liveness.declare(await self._control_channel.get_underlay_channel())
+
+    def _on_publishing_lost(self, *_: object) -> None:
+        """Replies published meanwhile are lost: give the requests in flight back to the broker by
+        dropping the consuming connection too (the robust connection makes a new one at once). Its
+        liveness queue goes with it, so the senders end those answers now rather than at the deadline,
+        and the broker hands the requests to another consumer (or to this one, reconnected)."""
+        consuming = self._connection
+        if self._stopping or consuming is None or consuming.transport is None or self.inflight == 0:
+            return
+        log.warning("broker connection for replies lost; giving the requests in flight back")
+        transport = consuming.transport.connection
+        task = asyncio.ensure_future(transport.close(ConnectionError("the reply connection was lost")))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _on_connection_lost(self, *_: object) -> None:
         """The broker hands the unacked requests to another consumer: stop serving them here."""

@@ -1,12 +1,16 @@
-"""The sender's connection to RabbitMQ and its channels; what travels on them lives elsewhere.
+"""The sender's connections to RabbitMQ and their channels; what travels on them lives elsewhere.
 
-One robust connection holds three channels: one that publishes requests with
-publisher confirms, one that consumes this sender's reply queue (and the
-announcements), and short-lived ones for passive declares, which the broker
-closes whenever a queue does not exist. :mod:`sender.calls` publishes requests
-and routes their replies; :mod:`sender.queue_stats` reads the model queues.
-Keeping the connection apart gives both one place to change when the broker
-does (reconnection, channel kinds, queue types).
+Two robust connections, each to one of the ``RABBITMQ_URL`` nodes
+(:mod:`contract.broker_connection`). The publishing one carries the requests
+(publisher confirms) and the control messages (roll calls, cancellations).
+The consuming one never publishes: it reads this sender's reply queue and the
+announcements, and opens the short-lived channels for passive declares (queue
+numbers, liveness), which the broker closes whenever a queue does not exist. A
+memory or disk alarm blocks only connections that publish: replies keep
+coming in while new requests cannot go out. :mod:`sender.calls` publishes
+requests and routes their replies; :mod:`sender.queue_stats` reads the model
+queues. Keeping the connections apart gives both one place to change when the
+broker does (reconnection, channel kinds, queue types).
 
 The reply queue is durable and not exclusive: an exclusive queue dies with its
 connection, and with it every reply in flight during a reconnect; a durable one
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import time
 import uuid
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -34,7 +39,7 @@ from aio_pika.abc import (
 )
 
 import contract
-from contract import liveness
+from contract import broker_connection, liveness
 from contract.errors import BROKER_GONE
 
 ReplyHandler = Callable[[aiormq.abc.DeliveredMessage], Coroutine[Any, Any, None]]
@@ -48,22 +53,31 @@ class Broker:
     """Connection to RabbitMQ for one sender process."""
 
     def __init__(
-        self, url: str, *, reconnect_interval: float = 1.0, ssl_context: ssl.SSLContext | None = None
+        self, urls: list[str], *, reconnect_interval: float = 1.0, ssl_context: ssl.SSLContext | None = None
     ) -> None:
-        self._url = url
+        self._urls = urls
         self._ssl_context = ssl_context
         self._reconnect_interval = reconnect_interval
         self.instance_id = uuid.uuid4().hex[:12]
         self.reply_queue_name = contract.REPLY_QUEUE_PREFIX + self.instance_id
-        self._connection: AbstractRobustConnection | None = None
+        self._publishing: AbstractRobustConnection | None = None
+        self._consuming: AbstractRobustConnection | None = None
         self._publish_channel: AbstractChannel | None = None
         self._reply_channel: AbstractRobustChannel | None = None
         self._control: AbstractExchange | None = None
+        self.reconnected_at = float("-inf")
+        """When (monotonic) a connection was last restored: consumers may not be back yet."""
 
     @property
     def connected(self) -> bool:
-        connection = self._connection
-        return connection is not None and connection.connected.is_set() and not connection.is_closed
+        """Both connections are up (the publishing channel may still be reopening)."""
+        return _up(self._publishing) and _up(self._consuming)
+
+    @property
+    def ready(self) -> bool:
+        """Connected, and the channel that publishes requests is open."""
+        channel = self._publish_channel
+        return self.connected and channel is not None and not channel.is_closed
 
     @property
     def control(self) -> AbstractExchange | None:
@@ -79,16 +93,22 @@ class Broker:
     ) -> None:
         """Connect, subscribe ``on_reply`` to this sender's reply queue, listen to announcements
         and ask the consumers to announce themselves."""
-        self._connection = await aio_pika.connect_robust(
-            self._url,
-            ssl_context=self._ssl_context,
-            client_properties={"connection_name": f"sender-{self.instance_id}"},
-            reconnect_interval=self._reconnect_interval,
-        )
-        self._connection.reconnect_callbacks.add(lambda *_: on_reconnect())
-        self._publish_channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
+        self._consuming = await self._connect("consume")
+        self._publishing = await self._connect("publish")
 
-        reply_channel = await self._connection.channel(publisher_confirms=False)
+        def reconnected(*_: object) -> None:
+            self.reconnected_at = time.monotonic()
+            on_reconnect()
+
+        for connection in (self._consuming, self._publishing):
+            connection.reconnect_callbacks.add(reconnected)
+        self._publish_channel = await self._publishing.channel(publisher_confirms=True, on_return_raises=True)
+        control_channel = await self._publishing.channel(publisher_confirms=False)
+        self._control = await control_channel.declare_exchange(
+            contract.CONTROL_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+
+        reply_channel = await self._consuming.channel(publisher_confirms=False)
         await reply_channel.set_qos(prefetch_count=0)
         await reply_channel.declare_queue(
             self.reply_queue_name, durable=True, arguments={"x-expires": contract.REPLY_QUEUE_EXPIRES_MS}
@@ -102,7 +122,6 @@ class Broker:
         control = await reply_channel.declare_exchange(
             contract.CONTROL_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
         )
-        self._control = control
         announcements = await reply_channel.declare_queue(exclusive=True, auto_delete=True)
         await announcements.bind(control, contract.ANNOUNCE_KEY)
 
@@ -110,7 +129,17 @@ class Broker:
             on_announcement(message.body)
 
         await announcements.consume(announcement, no_ack=True)
-        await control.publish(contract.rollcall_message(), routing_key=contract.ROLLCALL_KEY, mandatory=False)
+        await self._control.publish(
+            contract.rollcall_message(), routing_key=contract.ROLLCALL_KEY, mandatory=False
+        )
+
+    async def _connect(self, role: str) -> AbstractRobustConnection:
+        return await broker_connection.connect(
+            self._urls,
+            name=f"sender-{self.instance_id}-{role}",
+            reconnect_interval=self._reconnect_interval,
+            ssl_context=self._ssl_context,
+        )
 
     async def _consume_replies(self, on_reply: ReplyHandler) -> None:
         assert self._reply_channel is not None
@@ -118,12 +147,13 @@ class Broker:
         await channel.basic_consume(self.reply_queue_name, on_reply, no_ack=True)
 
     async def close(self) -> None:
-        if self._connection is not None:
-            await self._connection.close()
+        for connection in (self._publishing, self._consuming):
+            if connection is not None:
+                await connection.close()
 
     def request_exchange(self) -> AbstractExchange:
         """Where requests are published: the default exchange, on the channel with publisher confirms."""
-        if self._publish_channel is None or not self.connected:
+        if self._publish_channel is None or not self.ready:
             raise BrokerUnavailable("not connected to the broker")
         try:
             return self._publish_channel.default_exchange
@@ -137,15 +167,22 @@ class Broker:
         that the broker closes (a passive declare of a queue that does not exist) reopens itself,
         and each one that does stays open on the broker, until the connection reaches its
         ``channel_max`` and the broker closes it: about 2,000 made-up model names did that."""
-        if self._connection is None or self._connection.transport is None or not self.connected:
-            raise BrokerUnavailable("not connected to the broker")
-        return await self._connection.transport.connection.channel(publisher_confirms=False)
+        return await self._consuming_transport().channel(publisher_confirms=False)
 
     async def vanished(self, queues: set[str]) -> list[str]:
         """Which of these liveness queues no longer exist (their consumer connection is gone)."""
-        if self._connection is None or self._connection.transport is None or not self.connected:
+        return await liveness.vanished(self._consuming_transport(), queues)
+
+    def _consuming_transport(self) -> aiormq.abc.AbstractConnection:
+        """The consuming connection's own AMQP connection: it never publishes, so no alarm blocks it."""
+        connection = self._consuming
+        if connection is None or connection.transport is None or not _up(connection):
             raise BrokerUnavailable("not connected to the broker")
-        return await liveness.vanished(self._connection.transport.connection, queues)
+        return connection.transport.connection
+
+
+def _up(connection: AbstractRobustConnection | None) -> bool:
+    return connection is not None and connection.connected.is_set() and not connection.is_closed
 
 
 def really_cancelled() -> bool:
