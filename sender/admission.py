@@ -11,7 +11,9 @@ clients see the same code for the same mistake whatever else is wrong.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,9 +23,10 @@ from starlette.requests import ClientDisconnect, Request
 from contract import errors, servable_model_name
 from contract.errors import clip
 from sender.broker import BrokerUnavailable
+from sender.broker_hold import BrokerHold, Retry
 from sender.errors import ApiError
 from sender.limits import RateLimiter
-from sender.queue_stats import QueueStatsCache
+from sender.queue_stats import QueueStats, QueueStatsCache
 from sender.settings import SenderSettings
 from sender.tokens import Token, TokenStore
 
@@ -64,11 +67,13 @@ class Admission:
         queue_stats: QueueStatsCache,
         limiter: RateLimiter,
         settings: SenderSettings,
+        hold: BrokerHold,
     ) -> None:
         self._tokens = tokens
         self._queue_stats = queue_stats
         self._limiter = limiter
         self._settings = settings
+        self._hold = hold
 
     async def admit(self, request: Request, path: str, request_id: str) -> AdmittedRequest:
         """The request, read and admitted; :class:`ApiError` (:class:`Refused` once it was read) if not."""
@@ -93,11 +98,15 @@ class Admission:
             ),
             request_id=request_id,
         )
+        checked_at = time.monotonic()
         try:
-            await self._check_queue(model, token)
+            await self._check_queue(model, token, request, admitted.timeout)
             retry_after = await self._limiter.admit(token)
         except ApiError as exc:
             raise Refused(exc, admitted) from exc
+        held = time.monotonic() - checked_at
+        if held >= BrokerHold.POLL_SECONDS:  # held for the broker: that time counts against the deadline
+            admitted = dataclasses.replace(admitted, timeout=max(0.001, admitted.timeout - held))
         if retry_after is not None:
             raise Refused(ApiError(errors.RATE_LIMIT_EXCEEDED, retry_after=retry_after), admitted)
         return admitted
@@ -124,18 +133,16 @@ class Admission:
             raise ApiError(errors.TOKEN_EXPIRED)
         return token
 
-    async def _check_queue(self, model: str, token: Token) -> None:
-        """Raise the error the client should get if ``model``'s queue cannot take this request now."""
+    async def _check_queue(self, model: str, token: Token, request: Request, timeout: float) -> None:
+        """Raise the error the client should get if ``model``'s queue cannot take this request now;
+        while the broker is away, hold the request for it (:mod:`sender.broker_hold`)."""
         settings = self._settings
         if not servable_model_name(model):
             raise model_not_found(model)
-        try:
-            stats = await self._queue_stats.get(model)
-            if not stats.exists or stats.consumers == 0:
-                # Refusing is rare: make sure with numbers newer than, say, a consumer's announcement.
-                stats = await self._queue_stats.get(model, fresh=True)
-        except (BrokerUnavailable, TimeoutError, ConnectionError) as exc:
-            raise self._unavailable(errors.BROKER_UNAVAILABLE) from exc
+        deadline = time.time() + timeout
+        stats = await self._hold.attempt(
+            lambda: self._read_queue(model), receive=request.receive, deadline=deadline
+        )
         if not stats.exists:
             raise model_not_found(model)
         if stats.consumers == 0 and not settings.queue_without_consumers:
@@ -153,6 +160,24 @@ class Admission:
                 f"too many requests are waiting for model `{clip(model)}`; retry later",
                 retry_after=settings.retry_after_seconds,
             )
+
+    async def _read_queue(self, model: str) -> QueueStats:
+        """The model queue's numbers; :class:`Retry` while the broker cannot give them, or while a
+        queue has no consumer just after the broker came back (they reconnect too)."""
+        try:
+            stats = await self._queue_stats.get(model)
+            if not stats.exists or stats.consumers == 0:
+                # Refusing is rare: make sure with numbers newer than, say, a consumer's announcement.
+                stats = await self._queue_stats.get(model, fresh=True)
+        except (BrokerUnavailable, TimeoutError, ConnectionError) as exc:
+            raise Retry(self._unavailable(errors.BROKER_UNAVAILABLE)) from exc
+        if stats.exists and stats.consumers == 0 and self._hold.recently_reconnected():
+            raise Retry(
+                self._unavailable(
+                    errors.MODEL_UNAVAILABLE, f"no server is available for model `{clip(model)}` right now"
+                )
+            )
+        return stats
 
     def _unavailable(self, kind: errors.ErrorKind, message: str | None = None) -> ApiError:
         return ApiError(kind, message, retry_after=self._settings.retry_after_seconds)

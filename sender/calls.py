@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -119,6 +120,10 @@ class PendingCall:
 class Calls:
     """Every request this sender published and still awaits replies for."""
 
+    STALLED_AFTER = 2.0
+    """Seconds after which a publish still unconfirmed means the broker has stopped taking them
+    (a memory or disk alarm blocks publishers): new requests are not published meanwhile."""
+
     def __init__(
         self,
         broker: Broker,
@@ -136,6 +141,8 @@ class Calls:
         self._liveness_interval = liveness_interval
         self._confirm_timeout = confirm_timeout
         self._pending: dict[str, PendingCall] = {}
+        self._unconfirmed: dict[str, float] = {}
+        """correlation id -> when published (monotonic), oldest first, until its confirm (or failure)."""
         self._background: set[asyncio.Future[None]] = set()
         self._watchdog: asyncio.Task[None] | None = None
 
@@ -155,6 +162,8 @@ class Calls:
         The publisher confirm is awaited alongside the answer rather than before it;
         a nack or a return (no such queue) ends the call with :attr:`PendingCall.publish_error`.
         """
+        if self.publishing_stalled():
+            raise PublishFailed("the broker is not confirming publishes (a memory or disk alarm?)")
         try:
             exchange = self._broker.request_exchange()
         except BrokerUnavailable as exc:
@@ -165,6 +174,7 @@ class Calls:
         )
         pending = PendingCall(correlation_id, model, request.deadline, self._forget)
         self._pending[correlation_id] = pending
+        self._unconfirmed[correlation_id] = time.monotonic()
         confirm = asyncio.ensure_future(
             exchange.publish(request.message(), routing_key=contract.model_queue(model), mandatory=True)
         )
@@ -178,6 +188,7 @@ class Calls:
         self, pending: PendingCall, confirm: asyncio.Future[Any], overdue: asyncio.TimerHandle
     ) -> None:
         overdue.cancel()
+        self._unconfirmed.pop(pending.correlation_id, None)
         if confirm.cancelled():
             pending.publish_failed("publishing was cancelled")
             return
@@ -185,6 +196,12 @@ class Calls:
         if exc is not None:
             log.warning("broker refused a request: %s", type(exc).__name__)
             pending.publish_failed(str(exc) or type(exc).__name__)
+
+    def publishing_stalled(self) -> bool:
+        """Whether the oldest publish still unconfirmed is older than :attr:`STALLED_AFTER`."""
+        for published_at in self._unconfirmed.values():
+            return time.monotonic() - published_at > self.STALLED_AFTER
+        return False
 
     def _forget(self, call: PendingCall) -> None:
         self._pending.pop(call.correlation_id, None)

@@ -18,6 +18,7 @@ from starlette.types import Receive, Scope, Send
 
 from contract import Reply, Request, errors
 from sender.admission import AdmittedRequest
+from sender.broker_hold import BrokerHold, Retry
 from sender.calls import Calls, PendingCall, PublishFailed
 from sender.errors import ApiError
 
@@ -25,12 +26,14 @@ _END_OF_STREAM = b"data: [DONE]\n\n"
 
 
 class Relay:
-    def __init__(self, calls: Calls, *, retry_after: int) -> None:
+    def __init__(self, calls: Calls, hold: BrokerHold, *, retry_after: int) -> None:
         self._calls = calls
+        self._hold = hold
         self._retry_after = retry_after
 
-    def publish(self, admitted: AdmittedRequest) -> PendingCall:
-        """Queue the request; 503 ``queue_unavailable`` if the broker cannot take it."""
+    async def publish(self, admitted: AdmittedRequest, receive: Receive) -> PendingCall:
+        """Queue the request, held a while if the broker cannot take it now (:mod:`sender.broker_hold`);
+        503 ``queue_unavailable`` past that."""
         request = Request(
             path=admitted.path,
             body=admitted.body,
@@ -39,10 +42,14 @@ class Relay:
             deadline=time.time() + admitted.timeout,
             request_id=admitted.request_id,
         )
-        try:
-            return self._calls.publish(admitted.model, request)
-        except PublishFailed as exc:
-            raise ApiError(errors.QUEUE_UNAVAILABLE, retry_after=self._retry_after) from exc
+
+        async def publish() -> PendingCall:
+            try:
+                return self._calls.publish(admitted.model, request)
+            except PublishFailed as exc:
+                raise Retry(ApiError(errors.QUEUE_UNAVAILABLE, retry_after=self._retry_after)) from exc
+
+        return await self._hold.attempt(publish, receive=receive, deadline=request.deadline)
 
     async def answer(self, call: PendingCall, receive: Receive) -> Response:
         """The response to ``call``, once its first piece came; the :class:`ApiError` of a request

@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sender.accounting import Accounting
 from sender.admission import Admission
 from sender.broker import Broker
+from sender.broker_hold import BrokerHold
 from sender.calls import Calls
 from sender.database import create_engine
 from sender.limits import RateLimiter
@@ -74,7 +75,7 @@ class Services:
             on_written=self.metrics.usage_rows_written.inc,
         )
         self.broker = Broker(
-            settings.rabbitmq_url,
+            settings.rabbitmq_urls,
             reconnect_interval=settings.broker_reconnect_seconds,
             ssl_context=settings.rabbitmq_ssl_context(),
         )
@@ -87,8 +88,9 @@ class Services:
             on_taken=self.queue_stats.taken,
             liveness_interval=settings.liveness_seconds,
         )
-        self.admission = Admission(self.tokens, self.queue_stats, self.limiter, settings)
-        self.relay = Relay(self.calls, retry_after=settings.retry_after_seconds)
+        self.hold = BrokerHold(self.broker, seconds=settings.broker_wait, max_held=settings.broker_wait_max)
+        self.admission = Admission(self.tokens, self.queue_stats, self.limiter, settings, self.hold)
+        self.relay = Relay(self.calls, self.hold, retry_after=settings.retry_after_seconds)
         self.accounting = Accounting(
             self.metrics, self.limiter, self.usage, usage_rows=settings.usage_accounting
         )
