@@ -19,10 +19,11 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import aiormq.abc
+from aio_pika.abc import AbstractExchange
 
 import contract
 from contract import Cancel, Reply, Request
@@ -132,14 +133,18 @@ class Calls:
         on_taken: Callable[[str], None] = lambda _: None,
         liveness_interval: float = 1.0,
         confirm_timeout: float = 10.0,
+        republish_within: float = 0.0,
     ) -> None:
         """``on_published`` and ``on_taken`` hear of a model's request when it is published and when
-        its first reply shows that a consumer took it off the queue."""
+        its first reply shows that a consumer took it off the queue. A request whose connection
+        dropped before its confirm is published again once the broker is back, within
+        ``republish_within`` seconds of its first publish."""
         self._broker = broker
         self._on_published = on_published
         self._on_taken = on_taken
         self._liveness_interval = liveness_interval
         self._confirm_timeout = confirm_timeout
+        self._republish_within = republish_within
         self._pending: dict[str, PendingCall] = {}
         self._unconfirmed: dict[str, float] = {}
         """correlation id -> when published (monotonic), oldest first, until its confirm (or failure)."""
@@ -168,34 +173,70 @@ class Calls:
             exchange = self._broker.request_exchange()
         except BrokerUnavailable as exc:
             raise PublishFailed(str(exc)) from exc
-        correlation_id = uuid.uuid4().hex
-        request = dataclasses.replace(
-            request, correlation_id=correlation_id, reply_to=self._broker.reply_queue_name
-        )
-        pending = PendingCall(correlation_id, model, request.deadline, self._forget)
-        self._pending[correlation_id] = pending
-        self._unconfirmed[correlation_id] = time.monotonic()
-        confirm = asyncio.ensure_future(
-            exchange.publish(request.message(), routing_key=contract.model_queue(model), mandatory=True)
-        )
-        # A confirm lost with its connection must not leave the client waiting until the deadline.
-        overdue = asyncio.get_running_loop().call_later(self._confirm_timeout, confirm.cancel)
-        confirm.add_done_callback(lambda done: self._confirmed(pending, done, overdue))
+        pending = PendingCall(uuid.uuid4().hex, model, request.deadline, self._forget)
+        self._send(pending, request, exchange, time.monotonic())
         self._on_published(model)
         return pending
 
-    def _confirmed(
-        self, pending: PendingCall, confirm: asyncio.Future[Any], overdue: asyncio.TimerHandle
+    def _send(
+        self, pending: PendingCall, request: Request, exchange: AbstractExchange, first_sent: float
     ) -> None:
+        request = dataclasses.replace(
+            request, correlation_id=pending.correlation_id, reply_to=self._broker.reply_queue_name
+        )
+        self._pending[pending.correlation_id] = pending
+        self._unconfirmed[pending.correlation_id] = time.monotonic()
+        queue = contract.model_queue(pending.model)
+        publishing = exchange.publish(request.message(), routing_key=queue, mandatory=True)
+        confirm = asyncio.ensure_future(publishing)
+        # A confirm lost with its connection must not leave the client waiting until the deadline.
+        overdue = asyncio.get_running_loop().call_later(self._confirm_timeout, confirm.cancel)
+        confirm.add_done_callback(lambda done: self._confirmed(pending, request, done, overdue, first_sent))
+
+    def _confirmed(
+        self,
+        pending: PendingCall,
+        request: Request,
+        confirm: asyncio.Future[Any],
+        overdue: asyncio.TimerHandle,
+        first_sent: float,
+    ) -> None:
+        late = overdue.when() <= asyncio.get_running_loop().time()
         overdue.cancel()
         self._unconfirmed.pop(pending.correlation_id, None)
-        if confirm.cancelled():
-            pending.publish_failed("publishing was cancelled")
+        exc = None if confirm.cancelled() else confirm.exception()
+        if not confirm.cancelled() and exc is None:
             return
-        exc = confirm.exception()
-        if exc is not None:
+        if late:
+            pending.publish_failed("the broker did not confirm the request in time")
+        elif isinstance(exc, (aiormq.exceptions.DeliveryError, aiormq.exceptions.PublishError)):
             log.warning("broker refused a request: %s", type(exc).__name__)
             pending.publish_failed(str(exc) or type(exc).__name__)
+        elif time.monotonic() - first_sent < self._republish_within and not pending.answered:
+            # The connection dropped under the publish: send it again once the broker is back.
+            self._in_background(self._republish(pending, request, first_sent))
+        else:
+            pending.publish_failed("the broker connection was lost while publishing")
+
+    async def _republish(self, pending: PendingCall, request: Request, first_sent: float) -> None:
+        """Publish again, under a new correlation id, a request whose confirm was lost with the
+        connection; the old id is cancelled, in case the broker took that copy after all."""
+        old = pending.correlation_id
+        while not self._broker.ready and self._pending.get(old) is pending:
+            if time.monotonic() - first_sent > self._republish_within:
+                break
+            await asyncio.sleep(0.1)
+        if self._pending.get(old) is not pending or pending.abandoned:
+            return  # the client went away meanwhile (its close cancelled the old id)
+        try:
+            exchange = self._broker.request_exchange()
+        except BrokerUnavailable:
+            pending.publish_failed("the broker is unavailable")
+            return
+        del self._pending[old]
+        pending.correlation_id = uuid.uuid4().hex
+        self._send(pending, request, exchange, first_sent)
+        await self._send_cancel(old, pending.deadline)
 
     def publishing_stalled(self) -> bool:
         """Whether the oldest publish still unconfirmed is older than :attr:`STALLED_AFTER`."""
@@ -208,14 +249,18 @@ class Calls:
         # Also after a failed publish (a confirm lost with the connection may hide a request the
         # broker did take) and when the consumer died mid-answer (the broker hands its copy on).
         if (not call.finished or call.server_gone) and self._broker.control is not None:
-            task = asyncio.ensure_future(self._send_cancel(call))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._in_background(self._send_cancel(call.correlation_id, call.deadline))
 
-    async def _send_cancel(self, call: PendingCall) -> None:
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _send_cancel(self, correlation_id: str, deadline: float) -> None:
         control = self._broker.control
-        assert control is not None
-        message = Cancel(call.correlation_id, call.deadline).message()
+        if control is None:
+            return
+        message = Cancel(correlation_id, deadline).message()
         with contextlib.suppress(*BROKER_GONE):
             await control.publish(message, routing_key=contract.CANCEL_KEY, mandatory=False)
 

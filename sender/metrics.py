@@ -93,6 +93,11 @@ class SenderMetrics:
             "1 while the sender is connected to RabbitMQ.",
             registry=self.registry,
         )
+        self.broker_held = Gauge(
+            "dispatcher_broker_held_requests",
+            "Requests held right now for the broker to come back (SENDER_BROKER_WAIT).",
+            registry=self.registry,
+        )
 
     def model_label(self, model: str) -> str:
         """``model`` if its queue exists (or existed), else ``_unknown``: clients choose the name."""

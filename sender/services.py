@@ -87,6 +87,7 @@ class Services:
             on_published=self.queue_stats.published,
             on_taken=self.queue_stats.taken,
             liveness_interval=settings.liveness_seconds,
+            republish_within=settings.broker_wait,
         )
         self.hold = BrokerHold(self.broker, seconds=settings.broker_wait, max_held=settings.broker_wait_max)
         self.admission = Admission(self.tokens, self.queue_stats, self.limiter, settings, self.hold)
@@ -95,6 +96,7 @@ class Services:
             self.metrics, self.limiter, self.usage, usage_rows=settings.usage_accounting
         )
         self.metrics.broker_connected.set_function(lambda: 1.0 if self.broker.connected else 0.0)
+        self.metrics.broker_held.set_function(lambda: float(self.hold.held))
         self._db_checked_at = 0.0
         self._db_ok = False
         self.metrics_server: MetricsServer | None = None
