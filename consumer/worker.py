@@ -24,6 +24,7 @@ from typing import Any
 
 import aio_pika
 import aiohttp
+import aiormq.abc
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
@@ -241,8 +242,7 @@ class Worker:
         if self._stopping or consuming is None or consuming.transport is None or self.inflight == 0:
             return
         log.warning("broker connection for replies lost; giving the requests in flight back")
-        transport = consuming.transport.connection
-        task = asyncio.ensure_future(transport.close(ConnectionError("the reply connection was lost")))
+        task = asyncio.ensure_future(_drop(consuming.transport.connection))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -395,6 +395,12 @@ class Worker:
         if served.outcome is Outcome.REQUEUED:
             self._healthy.clear()
             await self._stop_consuming()
+
+
+async def _drop(connection: aiormq.abc.AbstractConnection) -> None:
+    """Close an AMQP connection under its robust owner, which then reconnects."""
+    with contextlib.suppress(*BROKER_GONE):
+        await connection.close(ConnectionError("the reply connection was lost"))
 
 
 async def _survive(step: Coroutine[Any, Any, None], what: str) -> None:

@@ -47,6 +47,9 @@ class AdmittedRequest:
     priority: int
     timeout: float
     """Seconds the request may take in all, from when it is queued."""
+    asked_at: float
+    """When (monotonic) admission first asked the broker about it: the start of its allowance for
+    waiting on the broker (:mod:`sender.broker_hold`)."""
     request_id: str
 
 
@@ -97,14 +100,14 @@ class Admission:
                 request.headers.get("x-request-timeout"), token.deadline_seconds(settings.deadline_seconds)
             ),
             request_id=request_id,
+            asked_at=time.monotonic(),
         )
-        checked_at = time.monotonic()
         try:
-            await self._check_queue(model, token, request, admitted.timeout)
+            await self._check_queue(model, token, request, admitted.timeout, admitted.asked_at)
             retry_after = await self._limiter.admit(token)
         except ApiError as exc:
             raise Refused(exc, admitted) from exc
-        held = time.monotonic() - checked_at
+        held = time.monotonic() - admitted.asked_at
         if held >= BrokerHold.POLL_SECONDS:  # held for the broker: that time counts against the deadline
             admitted = dataclasses.replace(admitted, timeout=max(0.001, admitted.timeout - held))
         if retry_after is not None:
@@ -133,7 +136,9 @@ class Admission:
             raise ApiError(errors.TOKEN_EXPIRED)
         return token
 
-    async def _check_queue(self, model: str, token: Token, request: Request, timeout: float) -> None:
+    async def _check_queue(
+        self, model: str, token: Token, request: Request, timeout: float, asked_at: float
+    ) -> None:
         """Raise the error the client should get if ``model``'s queue cannot take this request now;
         while the broker is away, hold the request for it (:mod:`sender.broker_hold`)."""
         settings = self._settings
@@ -141,7 +146,7 @@ class Admission:
             raise model_not_found(model)
         deadline = time.time() + timeout
         stats = await self._hold.attempt(
-            lambda: self._read_queue(model), receive=request.receive, deadline=deadline
+            lambda: self._read_queue(model), receive=request.receive, deadline=deadline, since=asked_at
         )
         if not stats.exists:
             raise model_not_found(model)

@@ -51,10 +51,13 @@ class BrokerHold:
         """Whether the broker came back within the hold time: consumers may still be reconnecting."""
         return time.monotonic() - self._broker.reconnected_at < self._seconds
 
-    async def attempt(self, step: Callable[[], Awaitable[T]], *, receive: Receive, deadline: float) -> T:
+    async def attempt(
+        self, step: Callable[[], Awaitable[T]], *, receive: Receive, deadline: float, since: float
+    ) -> T:
         """``step``'s result; while it raises :class:`Retry`, ``step`` again once the broker is ready,
-        within the bounds. ``deadline`` is the request's (``time.time()``); ``receive`` its connection's,
-        the body already read."""
+        within the bounds: ``SENDER_BROKER_WAIT`` from ``since`` (monotonic: when the request first
+        asked the broker, so that admission and publishing share one allowance) and the request's
+        ``deadline`` (``time.time()``). ``receive`` is its connection's, the body already read."""
         try:
             return await step()
         except Retry as refused:
@@ -62,17 +65,16 @@ class BrokerHold:
         if self._seconds <= 0 or self.held >= self._max_held:
             raise error
         self.held += 1
-        until = time.monotonic() + self._seconds
+        until = min(since + self._seconds, time.monotonic() + deadline - time.time())
         gone = asyncio.ensure_future(_disconnected(receive))
         try:
             while True:
-                if time.time() >= deadline:
-                    raise ApiError(errors.DEADLINE_EXCEEDED)
                 left = until - time.monotonic()
                 if left <= 0:
-                    log.warning("broker still unavailable after holding a request %g s", self._seconds)
+                    # The broker's fault, not the request's: 503 with Retry-After, even at the deadline.
+                    log.warning("broker still unavailable after holding a request")
                     raise error
-                await asyncio.wait({gone}, timeout=min(self.POLL_SECONDS, left, deadline - time.time()))
+                await asyncio.wait({gone}, timeout=min(self.POLL_SECONDS, left))
                 if gone.done():
                     raise ApiError(errors.CLIENT_DISCONNECTED)
                 if not self._broker.ready:

@@ -61,6 +61,9 @@ class PendingCall:
         """The last piece of the answer, once it arrived (it carries the usage)."""
         self.answered = False
         """Whether any piece arrived: a consumer took the request off the queue."""
+        self.copies: list[str] = []
+        """Correlation ids of a request published more than once (its connection dropped before the
+        confirm), oldest first, until one of them answers."""
 
     def deliver(self, reply: Reply) -> None:
         self._replies.put_nowait(reply)
@@ -203,10 +206,12 @@ class Calls:
     ) -> None:
         late = overdue.when() <= asyncio.get_running_loop().time()
         overdue.cancel()
-        self._unconfirmed.pop(pending.correlation_id, None)
+        self._unconfirmed.pop(request.correlation_id, None)
         exc = None if confirm.cancelled() else confirm.exception()
-        if not confirm.cancelled() and exc is None:
-            return
+        if (not confirm.cancelled() and exc is None) or pending.answered:
+            return  # confirmed, or another copy of the request is being answered
+        if pending.copies and request.correlation_id in pending.copies[:-1]:
+            return  # a copy published again meanwhile stands in for this one
         if late:
             pending.publish_failed("the broker did not confirm the request in time")
         elif isinstance(exc, (aiormq.exceptions.DeliveryError, aiormq.exceptions.PublishError)):
@@ -220,23 +225,25 @@ class Calls:
 
     async def _republish(self, pending: PendingCall, request: Request, first_sent: float) -> None:
         """Publish again, under a new correlation id, a request whose confirm was lost with the
-        connection; the old id is cancelled, in case the broker took that copy after all."""
+        connection. The broker may have kept the first copy after all: both ids then lead to this
+        call, the first copy to answer wins and the other is cancelled (:meth:`on_reply`)."""
         old = pending.correlation_id
         while not self._broker.ready and self._pending.get(old) is pending:
             if time.monotonic() - first_sent > self._republish_within:
                 break
             await asyncio.sleep(0.1)
-        if self._pending.get(old) is not pending or pending.abandoned:
-            return  # the client went away meanwhile (its close cancelled the old id)
+        if self._pending.get(old) is not pending or pending.abandoned or pending.answered:
+            return  # the client went away meanwhile, or the first copy is being answered
         try:
             exchange = self._broker.request_exchange()
         except BrokerUnavailable:
             pending.publish_failed("the broker is unavailable")
             return
-        del self._pending[old]
+        if not pending.copies:
+            pending.copies.append(old)
         pending.correlation_id = uuid.uuid4().hex
+        pending.copies.append(pending.correlation_id)
         self._send(pending, request, exchange, first_sent)
-        await self._send_cancel(old, pending.deadline)
 
     def publishing_stalled(self) -> bool:
         """Whether the oldest publish still unconfirmed is older than :attr:`STALLED_AFTER`."""
@@ -245,11 +252,12 @@ class Calls:
         return False
 
     def _forget(self, call: PendingCall) -> None:
-        self._pending.pop(call.correlation_id, None)
-        # Also after a failed publish (a confirm lost with the connection may hide a request the
-        # broker did take) and when the consumer died mid-answer (the broker hands its copy on).
-        if (not call.finished or call.server_gone) and self._broker.control is not None:
-            self._in_background(self._send_cancel(call.correlation_id, call.deadline))
+        for correlation_id in call.copies or [call.correlation_id]:
+            self._pending.pop(correlation_id, None)
+            # Also after a failed publish (a confirm lost with the connection may hide a request the
+            # broker did take) and when the consumer died mid-answer (the broker hands its copy on).
+            if (not call.finished or call.server_gone) and self._broker.control is not None:
+                self._in_background(self._send_cancel(correlation_id, call.deadline))
 
     def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(work)
@@ -267,9 +275,12 @@ class Calls:
     async def on_reply(self, message: aiormq.abc.DeliveredMessage) -> None:
         """Hand a reply piece to the call that awaits it (subscribed to the reply queue)."""
         properties = message.header.properties
-        pending = self._pending.get(properties.correlation_id or "")
+        correlation_id = properties.correlation_id or ""
+        pending = self._pending.get(correlation_id)
         if pending is None:
             return  # the client gave up; nobody waits for this any more
+        if pending.copies:
+            self._answered_by(pending, correlation_id)
         try:
             reply = Reply.from_properties(properties, message.body)
         except contract.ContractError as exc:
@@ -279,6 +290,16 @@ class Calls:
             pending.answered = True
             self._on_taken(pending.model)
         pending.deliver(reply)
+
+    def _answered_by(self, pending: PendingCall, correlation_id: str) -> None:
+        """The copy ``correlation_id`` of a request published more than once answers first: the
+        other copies are forgotten and cancelled, wherever they are."""
+        for other in pending.copies:
+            if other != correlation_id:
+                self._pending.pop(other, None)
+                self._in_background(self._send_cancel(other, pending.deadline))
+        pending.copies = []
+        pending.correlation_id = correlation_id
 
     async def _watch_liveness(self) -> None:
         """End the answers whose consumer connection is gone (its liveness queue no longer exists)."""

@@ -70,7 +70,7 @@ class SenderMetrics:
         )
         self.broker_reconnects = Counter(
             "dispatcher_broker_reconnects",
-            "Times the connection to RabbitMQ was re-established.",
+            "Times a connection to RabbitMQ (the publishing or the consuming one) was re-established.",
             registry=self.registry,
         )
         self.token_queries = Counter(

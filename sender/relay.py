@@ -49,7 +49,9 @@ class Relay:
             except PublishFailed as exc:
                 raise Retry(ApiError(errors.QUEUE_UNAVAILABLE, retry_after=self._retry_after)) from exc
 
-        return await self._hold.attempt(publish, receive=receive, deadline=request.deadline)
+        return await self._hold.attempt(
+            publish, receive=receive, deadline=request.deadline, since=admitted.asked_at
+        )
 
     async def answer(self, call: PendingCall, receive: Receive) -> Response:
         """The response to ``call``, once its first piece came; the :class:`ApiError` of a request

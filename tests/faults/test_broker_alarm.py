@@ -23,6 +23,10 @@ from harness.processes import Processes
 from harness.testrun import unique
 
 
+pytestmark = pytest.mark.timeout(150, func_only=True)
+"""Node start-up is the fixture's; the test body alone gets this long."""
+
+
 @pytest.fixture(scope="module")
 def alarm_node() -> Iterator[BrokerNode]:
     node = BrokerNode()
@@ -31,6 +35,11 @@ def alarm_node() -> Iterator[BrokerNode]:
         yield node
     finally:
         node.stop()
+
+
+def held_and_queued(node: BrokerNode, queue: str) -> bool:
+    ready, unacked = node.queue_counts().get(queue, (0, 0))
+    return unacked == 2 and ready >= 2
 
 
 def connection_states(node: BrokerNode) -> list[str]:
@@ -58,13 +67,10 @@ async def test_memory_alarm_blocks_publishers_not_consumers(
     body = {"model": model, "prompt": "alarm", "max_tokens": 200}
     async with httpx.AsyncClient(base_url=sender.url, headers=auth(token), timeout=120) as http:
         first = [asyncio.create_task(http.post("/v1/completions", json=body)) for _ in range(6)]
-        await until("2 requests served, 4 queued", lambda: alarm_node.queue_counts().get(queue) == (4, 2))
-        alarm_node.ctl("set_vm_memory_high_watermark", "0.0001")
+        await until("2 requests served, more queued", lambda: held_and_queued(alarm_node, queue))
+        await asyncio.to_thread(alarm_node.ctl, "set_vm_memory_high_watermark", "0.0001")
         try:
-            await until(
-                "the alarm blocks a publisher",
-                lambda: "blocked" in alarm_node.ctl("list_connections", "state"),
-            )
+            await until("the alarm blocks a publisher", lambda: "blocked" in connection_states(alarm_node))
             # The consumer keeps taking and acking what is queued: its acks are not on a blocked connection.
             await until(
                 "the queue drained", lambda: alarm_node.queue_counts().get(queue) == (0, 0), timeout=60

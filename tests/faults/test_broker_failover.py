@@ -22,6 +22,10 @@ from harness.processes import Processes
 from harness.testrun import unique
 
 
+pytestmark = pytest.mark.timeout(120, func_only=True)
+"""Node start-up is the fixture's; the test body alone gets this long."""
+
+
 @pytest.fixture(scope="module")
 def two_nodes() -> Iterator[tuple[BrokerNode, BrokerNode]]:
     nodes = (BrokerNode(), BrokerNode())

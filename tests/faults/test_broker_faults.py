@@ -174,6 +174,28 @@ async def test_sender_connection_alone_is_closed(
         assert response.json()["usage"]["completion_tokens"] == 200
 
 
+async def test_consumer_reply_connection_alone_is_closed(
+    fault_stack: FaultStack, broker_node: BrokerNode, token: str
+) -> None:
+    """A consumer loses only the connection it publishes replies on: it gives the requests in flight
+    back (dropping its consuming connection too), so none hangs or is cut short without an error."""
+    sender, model = fault_stack.sender, fault_stack.model
+
+    def close_reply_connections() -> None:
+        listing = broker_node.ctl("list_connections", "pid", "client_properties")
+        closed = 0
+        for line in listing.splitlines():
+            if "consumer-" in line and "-publish" in line:
+                broker_node.ctl("close_connection", line.split()[0], "fault injection")
+                closed += 1
+        assert closed == 2, listing
+
+    during, after = await run_with_fault(
+        sender, token, model, "consumer reply connections closed", close_reply_connections
+    )
+    check(during, after)
+
+
 async def test_consumer_killed_under_traffic(
     processes: Processes, fault_stack: FaultStack, broker_node: BrokerNode, token: str
 ) -> None:
