@@ -22,7 +22,6 @@ from harness.broker_node import BrokerNode
 from harness.processes import Processes
 from harness.testrun import unique
 
-
 pytestmark = pytest.mark.timeout(150, func_only=True)
 """Node start-up is the fixture's; the test body alone gets this long."""
 

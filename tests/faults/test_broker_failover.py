@@ -21,7 +21,6 @@ from harness.broker_node import BrokerNode
 from harness.processes import Processes
 from harness.testrun import unique
 
-
 pytestmark = pytest.mark.timeout(120, func_only=True)
 """Node start-up is the fixture's; the test body alone gets this long."""
 
