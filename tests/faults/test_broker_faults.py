@@ -58,7 +58,7 @@ def fault_stack(processes: Processes, broker_node: BrokerNode) -> FaultStack:
 def start_consumer(
     processes: Processes, stack: FaultStack, broker_node: BrokerNode, backend: Service, name: str
 ) -> Service:
-    return processes.consumer(
+    consumer = processes.consumer(
         stack.model,
         backend,
         name=f"consumer-{stack.model}-{name}",
@@ -67,6 +67,9 @@ def start_consumer(
         flow="fixed",
         health_interval=0.2,
     )
+    # Ready once consuming: a test that stops the other consumer next must not find none.
+    wait_http(consumer, "/health")
+    return consumer
 
 
 async def readiness(sender: Service) -> int:
