@@ -189,6 +189,7 @@ class Worker:
         self._connection.close_callbacks.add(self._on_connection_lost)
         self._connection.reconnect_callbacks.add(self._on_reconnected)
         self._publishing.close_callbacks.add(self._on_publishing_lost)
+        self._publishing.reconnect_callbacks.add(self._on_publishing_back)
         self._reply_channel = await self._publishing.channel(publisher_confirms=False)
         self._serving = Serving(
             self.settings, self.backend, self.metrics, self._cancellations, self._reply_channel
@@ -234,17 +235,32 @@ class Worker:
         self._liveness_queue = await liveness.declare(await self._control_channel.get_underlay_channel())
 
     def _on_publishing_lost(self, *_: object) -> None:
-        """Replies published meanwhile are lost: give the requests in flight back to the broker by
-        dropping the consuming connection too (the robust connection makes a new one at once). Its
-        liveness queue goes with it, so the senders end those answers now rather than at the deadline,
-        and the broker hands the requests to another consumer (or to this one, reconnected)."""
+        """Replies cannot be sent until the publishing connection is back: pause (see
+        :meth:`_pause_for_replies`)."""
+        if not self._stopping:
+            task = asyncio.ensure_future(self._pause_for_replies())
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _pause_for_replies(self) -> None:
+        """Stop taking requests, and give those in flight back by dropping the consuming connection
+        too (the robust connection makes a new one at once, without the subscription): their replies
+        may have been lost, and the liveness queue going with it lets the senders end those answers
+        now rather than at the deadline. Consuming resumes once the publishing connection is back."""
+        log.warning("broker connection for replies lost; pausing and giving the requests in flight back")
+        await self._stop_consuming()
         consuming = self._connection
-        if self._stopping or consuming is None or consuming.transport is None or self.inflight == 0:
-            return
-        log.warning("broker connection for replies lost; giving the requests in flight back")
-        task = asyncio.ensure_future(_drop(consuming.transport.connection))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        if consuming is not None and consuming.transport is not None:
+            await _drop(consuming.transport.connection)
+
+    async def _on_publishing_back(self, *_: object) -> None:
+        if self._healthy.is_set():
+            await _survive(self._start_consuming(), "resuming after the reply connection came back")
+
+    @property
+    def _can_reply(self) -> bool:
+        publishing = self._publishing
+        return publishing is not None and publishing.connected.is_set() and not publishing.is_closed
 
     def _on_connection_lost(self, *_: object) -> None:
         """The broker hands the unacked requests to another consumer: stop serving them here."""
@@ -304,7 +320,8 @@ class Worker:
             if not self._healthy.is_set():
                 log.info("backend is back; consuming again")
                 self._healthy.set()
-            await self._start_consuming()
+            if self._can_reply:
+                await self._start_consuming()
         else:
             if self._healthy.is_set():
                 log.warning("backend %s is unhealthy; pausing consumption", self.settings.vllm_url)
@@ -367,6 +384,8 @@ class Worker:
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         correlation_id = message.correlation_id or ""
         assert self._serving is not None
+        if not self._can_reply:
+            return  # left unacked: dropping the consuming connection gives it back (_pause_for_replies)
         if self._cancellations.skip(correlation_id):
             await self._serving.skip(message)
             return
