@@ -65,8 +65,8 @@ class Broker:
         self._publish_channel: AbstractChannel | None = None
         self._reply_channel: AbstractRobustChannel | None = None
         self._control: AbstractExchange | None = None
-        self.reconnected_at = float("-inf")
-        """When (monotonic) a connection was last restored: consumers may not be back yet."""
+        self.disturbed_at = float("-inf")
+        """When (monotonic) a connection was last lost or restored: consumers may not be back yet."""
 
     @property
     def connected(self) -> bool:
@@ -96,11 +96,15 @@ class Broker:
         self._consuming = await self._connect("consume")
         self._publishing = await self._connect("publish")
 
+        def disturbed(*_: object) -> None:
+            self.disturbed_at = time.monotonic()
+
         def reconnected(*_: object) -> None:
-            self.reconnected_at = time.monotonic()
+            disturbed()
             on_reconnect()
 
         for connection in (self._consuming, self._publishing):
+            connection.close_callbacks.add(disturbed)
             connection.reconnect_callbacks.add(reconnected)
         self._publish_channel = await self._publishing.channel(publisher_confirms=True, on_return_raises=True)
         control_channel = await self._publishing.channel(publisher_confirms=False)

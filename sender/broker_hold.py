@@ -48,8 +48,9 @@ class BrokerHold:
         """Requests held right now."""
 
     def recently_reconnected(self) -> bool:
-        """Whether the broker came back within the hold time: consumers may still be reconnecting."""
-        return time.monotonic() - self._broker.reconnected_at < self._seconds
+        """Whether the broker went away or came back within the hold time: consumers may still be
+        reconnecting."""
+        return time.monotonic() - self._broker.disturbed_at < self._seconds
 
     async def attempt(
         self, step: Callable[[], Awaitable[T]], *, receive: Receive, deadline: float, since: float
