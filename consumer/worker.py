@@ -248,10 +248,11 @@ class Worker:
         may have been lost, and the liveness queue going with it lets the senders end those answers
         now rather than at the deadline. Consuming resumes once the publishing connection is back."""
         log.warning("broker connection for replies lost; pausing and giving the requests in flight back")
-        await self._stop_consuming()
         consuming = self._connection
         if consuming is not None and consuming.transport is not None:
+            # First: a piece waiting for the reply channel to reopen must never go out after one lost.
             await _drop(consuming.transport.connection)
+        await self._stop_consuming()  # the subscription is not restored with the new connection
 
     async def _on_publishing_back(self, *_: object) -> None:
         if self._healthy.is_set():

@@ -168,7 +168,8 @@ class Admission:
 
     async def _read_queue(self, model: str) -> QueueStats:
         """The model queue's numbers; :class:`Retry` while the broker cannot give them, or while a
-        queue has no consumer just after the broker came back (they reconnect too)."""
+        queue is missing or has no consumer just after the broker went away or came back (the
+        consumers reconnect too, and redeclare their queue)."""
         try:
             stats = await self._queue_stats.get(model)
             if not stats.exists or stats.consumers == 0:
@@ -176,12 +177,12 @@ class Admission:
                 stats = await self._queue_stats.get(model, fresh=True)
         except (BrokerUnavailable, TimeoutError, ConnectionError) as exc:
             raise Retry(self._unavailable(errors.BROKER_UNAVAILABLE)) from exc
-        if stats.exists and stats.consumers == 0 and self._hold.recently_reconnected():
-            raise Retry(
-                self._unavailable(
-                    errors.MODEL_UNAVAILABLE, f"no server is available for model `{clip(model)}` right now"
-                )
-            )
+        if self._hold.recently_reconnected():
+            if not stats.exists:  # the node that held it may be gone; its consumers redeclare it
+                raise Retry(model_not_found(model))
+            if stats.consumers == 0:
+                message = f"no server is available for model `{clip(model)}` right now"
+                raise Retry(self._unavailable(errors.MODEL_UNAVAILABLE, message))
         return stats
 
     def _unavailable(self, kind: errors.ErrorKind, message: str | None = None) -> ApiError:
