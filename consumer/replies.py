@@ -10,7 +10,6 @@ without a broker); :class:`ReplyPublisher` puts each piece on the wire.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Awaitable, Callable
 
@@ -131,10 +130,15 @@ class ReplyPublisher:
         self._channel = channel
         self._reply_to = reply_to
         self._correlation_id = correlation_id
+        self.lost = False
+        """A piece could not be published (the connection dropped): the answer cannot be complete,
+        so the request must go back to the queue rather than be acked."""
 
     async def __call__(self, reply: Reply) -> None:
         properties = reply.properties(self._correlation_id)
-        with contextlib.suppress(*BROKER_GONE):
+        try:
             channel = await self._channel.get_underlay_channel()
             # Not mandatory: a reply to a sender that is gone has nobody to go to.
             await channel.basic_publish(reply.body, routing_key=self._reply_to, properties=properties)
+        except BROKER_GONE:
+            self.lost = True
