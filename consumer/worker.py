@@ -26,6 +26,7 @@ from typing import Any
 import aio_pika
 import aiohttp
 import aiormq
+import aiormq.abc
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
@@ -44,7 +45,7 @@ from consumer.metrics import ConsumerMetrics
 from consumer.serving import Outcome, Served, Serving
 from consumer.settings import ConsumerSettings
 from consumer.status_server import serve_status
-from contract import Announcement, Cancel, liveness
+from contract import Announcement, Cancel, broker_connection, liveness
 from contract.errors import BROKER_GONE
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,11 @@ class Worker:
         self._status: web.AppRunner | None = None
         self.inflight = 0
         self._connection: AbstractRobustConnection | None = None
+        """The consuming connection (model queue, control messages, liveness queue)."""
+        self._publishing: AbstractRobustConnection | None = None
+        """The publishing connection (replies, announcements, dead letters)."""
+        self._control_channel: AbstractChannel | None = None
+        self._background: set[asyncio.Future[None]] = set()
         self._consume_channel: AbstractChannel | None = None
         self._reply_channel: AbstractChannel | None = None
         self._control: AbstractExchange | None = None
@@ -158,8 +164,9 @@ class Worker:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._connection is not None:
-            await self._connection.close()
+        for connection in (self._connection, self._publishing):
+            if connection is not None:
+                await connection.close()
         await self.backend.close()
         if self._status is not None:
             await self._status.cleanup()
@@ -183,27 +190,32 @@ class Worker:
                 await asyncio.wait_for(stop.wait(), 1.0)
 
     async def _connect(self) -> None:
-        self._connection = await aio_pika.connect_robust(
-            self.settings.rabbitmq_url,
-            ssl_context=self.settings.rabbitmq_ssl_context(),
-            client_properties={"connection_name": f"consumer-{self.consumer_id}"},
-            reconnect_interval=self.settings.reconnect_interval,
-        )
+        """Two connections: one consumes (the model queue, control messages; the liveness queue lives
+        with it), one publishes (replies, announcements, dead letters). A memory or disk alarm blocks
+        the publishing one; the consuming one still acks, so the queue drains as requests finish."""
+        self._connection = await self._open_connection("consume")
+        self._publishing = await self._open_connection("publish")
         self._connection.close_callbacks.add(self._on_connection_lost)
         self._connection.reconnect_callbacks.add(self._on_reconnected)
+        self._publishing.close_callbacks.add(self._on_publishing_lost)
+        self._publishing.reconnect_callbacks.add(self._on_publishing_back)
         # Confirms, so that a reply piece that no queue took is known at once (consumer/replies.py).
-        self._reply_channel = await self._connection.channel(publisher_confirms=True)
+        self._reply_channel = await self._publishing.channel(publisher_confirms=True)
         self._serving = Serving(
             self.settings, self.backend, self.metrics, self._cancellations, self._reply_channel
         )
-        await self._declare_liveness()
         await self._reply_channel.declare_queue(self.settings.dead_letter_queue, durable=True)
         self._control = await self._reply_channel.declare_exchange(
             contract.CONTROL_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
         )
-        rollcall = await self._reply_channel.declare_queue(exclusive=True, auto_delete=True)
-        await rollcall.bind(self._control, contract.ROLLCALL_KEY)
-        await rollcall.bind(self._control, contract.CANCEL_KEY)
+        self._control_channel = await self._connection.channel(publisher_confirms=False)
+        await self._declare_liveness()
+        control = await self._control_channel.declare_exchange(
+            contract.CONTROL_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        rollcall = await self._control_channel.declare_queue(exclusive=True, auto_delete=True)
+        await rollcall.bind(control, contract.ROLLCALL_KEY)
+        await rollcall.bind(control, contract.CANCEL_KEY)
         await rollcall.consume(self._on_control, no_ack=True)
         # Cancellations published before this start (a model woken from zero): read before serving.
         started = time.monotonic()
@@ -233,15 +245,53 @@ class Worker:
                 f"{exc}"
             ) from exc
 
+    async def _open_connection(self, role: str) -> AbstractRobustConnection:
+        return await broker_connection.connect(
+            self.settings.rabbitmq_urls,
+            name=f"consumer-{self.consumer_id}-{role}",
+            reconnect_interval=self.settings.reconnect_interval,
+            ssl_context=self.settings.rabbitmq_ssl_context(),
+        )
+
     async def _declare_liveness(self) -> None:
-        """A server-named exclusive queue: it lives exactly as long as this connection.
+        """A server-named exclusive queue: it lives exactly as long as the consuming connection,
+        which holds the deliveries (when it drops, the broker hands them to another consumer).
 
         Declared outside aio-pika's robust bookkeeping so that a reconnect makes
         a new name: pieces sent on the old connection then name a queue that is
         gone, and the sender knows their answer will not continue.
         """
-        assert self._reply_channel is not None
-        self._liveness_queue = await liveness.declare(await self._reply_channel.get_underlay_channel())
+        assert self._control_channel is not None
+        self._liveness_queue = await liveness.declare(await self._control_channel.get_underlay_channel())
+
+    def _on_publishing_lost(self, *_: object) -> None:
+        """Replies cannot be sent until the publishing connection is back: pause (see
+        :meth:`_pause_for_replies`)."""
+        if not self._stopping:
+            task = asyncio.ensure_future(self._pause_for_replies())
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _pause_for_replies(self) -> None:
+        """Stop taking requests, and give those in flight back by dropping the consuming connection
+        too (the robust connection makes a new one at once, without the subscription): their replies
+        may have been lost, and the liveness queue going with it lets the senders end those answers
+        now rather than at the deadline. Consuming resumes once the publishing connection is back."""
+        log.warning("broker connection for replies lost; pausing and giving the requests in flight back")
+        consuming = self._connection
+        if consuming is not None and consuming.transport is not None:
+            # First: a piece waiting for the reply channel to reopen must never go out after one lost.
+            await _drop(consuming.transport.connection)
+        await self._stop_consuming()  # the subscription is not restored with the new connection
+
+    async def _on_publishing_back(self, *_: object) -> None:
+        if self._healthy.is_set():
+            await _survive(self._start_consuming(), "resuming after the reply connection came back")
+
+    @property
+    def _can_reply(self) -> bool:
+        publishing = self._publishing
+        return publishing is not None and publishing.connected.is_set() and not publishing.is_closed
 
     def _on_connection_lost(self, *_: object) -> None:
         """The broker hands the unacked requests to another consumer: stop serving them here."""
@@ -301,7 +351,8 @@ class Worker:
             if not self._healthy.is_set():
                 log.info("backend is back; consuming again")
                 self._healthy.set()
-            await self._start_consuming()
+            if self._can_reply:
+                await self._start_consuming()
         else:
             if self._healthy.is_set():
                 log.warning("backend %s is unhealthy; pausing consumption", self.settings.vllm_url)
@@ -366,6 +417,8 @@ class Worker:
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         correlation_id = message.correlation_id or ""
         assert self._serving is not None
+        if not self._can_reply:
+            return  # left unacked: dropping the consuming connection gives it back (_pause_for_replies)
         if self._cancellations.skip(correlation_id):
             await self._serving.skip(message, liveness_queue=self._liveness_queue)
             return
@@ -394,6 +447,12 @@ class Worker:
         if served.outcome is Outcome.REQUEUED:
             self._healthy.clear()
             await self._stop_consuming()
+
+
+async def _drop(connection: aiormq.abc.AbstractConnection) -> None:
+    """Close an AMQP connection under its robust owner, which then reconnects."""
+    with contextlib.suppress(*BROKER_GONE):
+        await connection.close(ConnectionError("the reply connection was lost"))
 
 
 async def _survive(step: Coroutine[Any, Any, None], what: str) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -26,9 +27,10 @@ from contract import errors, servable_model_name
 from contract.errors import clip
 from sender.backlog import Backlog, expected_wait
 from sender.broker import BrokerUnavailable
+from sender.broker_hold import BrokerHold, Retry
 from sender.errors import ApiError
 from sender.limits import Ask, RateLimiter, Reservation
-from sender.queue_stats import QueueStatsCache
+from sender.queue_stats import QueueStats, QueueStatsCache
 from sender.settings import SenderSettings
 from sender.tokens import Token, TokenStore
 
@@ -49,6 +51,9 @@ class AdmittedRequest:
     priority: int
     timeout: float
     """Seconds the request may take in all, from when it is queued."""
+    asked_at: float
+    """When (monotonic) admission first asked the broker about it: the start of its allowance for
+    waiting on the broker (:mod:`sender.broker_hold`)."""
     request_id: str
     asleep: bool = False
     """Admitted while its model had no live consumer (a configured model being woken up)."""
@@ -73,6 +78,8 @@ class Admission:
         queue_stats: QueueStatsCache,
         limiter: RateLimiter,
         settings: SenderSettings,
+        hold: BrokerHold,
+        *,
         declare: Callable[[str], Awaitable[None]],
         backlog: Backlog | None = None,
     ) -> None:
@@ -84,6 +91,7 @@ class Admission:
         self._declare = declare
         self.configured = frozenset(settings.configured_models())
         self._backlog = backlog or Backlog()
+        self._hold = hold
 
     async def admit(self, request: Request, path: str, request_id: str) -> AdmittedRequest:
         """The request, read and admitted; :class:`ApiError` (:class:`Refused` once it was read) if not."""
@@ -107,9 +115,10 @@ class Admission:
                 request.headers.get("x-request-timeout"), token.deadline_seconds(settings.deadline_seconds)
             ),
             request_id=request_id,
+            asked_at=time.monotonic(),
         )
         try:
-            asleep = await self._check_queue(model, token)
+            asleep = await self._check_queue(model, token, request, admitted.timeout, admitted.asked_at)
             if asleep:
                 admitted = dataclasses.replace(admitted, asleep=True)
             refusal = parallel_refusal(self._backlog, token, settings)
@@ -119,6 +128,9 @@ class Admission:
             decision = await self._limiter.admit(token, Ask.of(model, payload, len(body)))
         except ApiError as exc:
             raise Refused(exc, admitted) from exc
+        held = time.monotonic() - admitted.asked_at
+        if held >= BrokerHold.POLL_SECONDS:  # held for the broker: that time counts against the deadline
+            admitted = dataclasses.replace(admitted, timeout=max(0.001, admitted.timeout - held))
         if decision.retry_after is not None:
             raise Refused(ApiError(errors.RATE_LIMIT_EXCEEDED, retry_after=decision.retry_after), admitted)
         return dataclasses.replace(admitted, reservation=decision.reservation)
@@ -145,24 +157,23 @@ class Admission:
             raise ApiError(errors.TOKEN_EXPIRED)
         return token
 
-    async def _check_queue(self, model: str, token: Token) -> bool:
+    async def _check_queue(
+        self, model: str, token: Token, request: Request, timeout: float, asked_at: float
+    ) -> bool:
         """Raise the error the client should get if ``model``'s queue cannot take this request now;
-        whether the model sleeps (no live consumer: the request waits for its wake-up)."""
+        whether the model sleeps (no live consumer: the request waits for its wake-up). While the
+        broker is away, the request is held for it (:mod:`sender.broker_hold`)."""
         settings = self._settings
         if not servable_model_name(model):
             raise model_not_found(model)
         configured = model in self.configured
-        try:
-            stats = await self._queue_stats.get(model)
-            if not stats.exists or stats.consumers == 0:
-                # Refusing is rare: make sure with numbers newer than, say, a consumer's announcement.
-                stats = await self._queue_stats.get(model, fresh=True)
-            if not stats.exists and configured:
-                # Lost by the broker since this sender declared it (or refused then): declare it again.
-                await self._redeclare(model)
-                stats = await self._queue_stats.get(model, fresh=True)
-        except (BrokerUnavailable, TimeoutError, ConnectionError) as exc:
-            raise self._unavailable(errors.BROKER_UNAVAILABLE) from exc
+        deadline = time.time() + timeout
+        stats = await self._hold.attempt(
+            lambda: self._read_queue(model, configured),
+            receive=request.receive,
+            deadline=deadline,
+            since=asked_at,
+        )
         if not stats.exists:
             raise model_not_found(model)
         if stats.consumers == 0 and not (configured or settings.queue_without_consumers):
@@ -210,6 +221,30 @@ class Admission:
         return expected_wait(
             ahead, rate, floor=settings.retry_after_seconds, ceiling=settings.retry_after_max_seconds
         )
+
+    async def _read_queue(self, model: str, configured: bool) -> QueueStats:
+        """The model queue's numbers; :class:`Retry` while the broker cannot give them, or while a
+        queue is missing or has no consumer just after the broker went away or came back (the
+        consumers reconnect too, and redeclare their queue). A configured model's queue that is
+        missing is declared again."""
+        try:
+            stats = await self._queue_stats.get(model)
+            if not stats.exists or stats.consumers == 0:
+                # Refusing is rare: make sure with numbers newer than, say, a consumer's announcement.
+                stats = await self._queue_stats.get(model, fresh=True)
+            if not stats.exists and configured:
+                # Lost by the broker since this sender declared it (or refused then): declare it again.
+                await self._redeclare(model)
+                stats = await self._queue_stats.get(model, fresh=True)
+        except (BrokerUnavailable, TimeoutError, ConnectionError) as exc:
+            raise Retry(self._unavailable(errors.BROKER_UNAVAILABLE)) from exc
+        if self._hold.recently_reconnected():
+            if not stats.exists:  # the node that held it may be gone; its consumers redeclare it
+                raise Retry(model_not_found(model))
+            if stats.consumers == 0 and not configured:
+                message = f"no server is available for model `{clip(model)}` right now"
+                raise Retry(self._unavailable(errors.MODEL_UNAVAILABLE, message))
+        return stats
 
     def _unavailable(self, kind: errors.ErrorKind, message: str | None = None) -> ApiError:
         return ApiError(kind, message, retry_after=self._settings.retry_after_seconds)

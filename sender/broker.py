@@ -1,12 +1,16 @@
-"""The sender's connection to RabbitMQ and its channels; what travels on them lives elsewhere.
+"""The sender's connections to RabbitMQ and their channels; what travels on them lives elsewhere.
 
-One robust connection holds three channels: one that publishes requests with
-publisher confirms, one that consumes this sender's reply queue (and the
-announcements), and short-lived ones for passive declares, which the broker
-closes whenever a queue does not exist. :mod:`sender.calls` publishes requests
-and routes their replies; :mod:`sender.queue_stats` reads the model queues.
-Keeping the connection apart gives both one place to change when the broker
-does (reconnection, channel kinds, queue types).
+Two robust connections, each to one of the ``RABBITMQ_URL`` nodes
+(:mod:`contract.broker_connection`). The publishing one carries the requests
+(publisher confirms) and the control messages (roll calls, cancellations).
+The consuming one never publishes: it reads this sender's reply queue and the
+announcements, and opens the short-lived channels for passive declares (queue
+numbers, liveness), which the broker closes whenever a queue does not exist. A
+memory or disk alarm blocks only connections that publish: replies keep
+coming in while new requests cannot go out. :mod:`sender.calls` publishes
+requests and routes their replies; :mod:`sender.queue_stats` reads the model
+queues. Keeping the connections apart gives both one place to change when the
+broker does (reconnection, channel kinds, queue types).
 
 The reply queue is durable and not exclusive: an exclusive queue dies with its
 connection, and with it every reply in flight during a reconnect; a durable one
@@ -20,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
+import time
 import uuid
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -36,7 +41,7 @@ from aio_pika.abc import (
 )
 
 import contract
-from contract import liveness
+from contract import broker_connection, liveness
 from contract.errors import BROKER_GONE
 
 log = logging.getLogger(__name__)
@@ -53,14 +58,14 @@ class Broker:
 
     def __init__(
         self,
-        url: str,
+        urls: list[str],
         *,
         reconnect_interval: float = 1.0,
         ssl_context: ssl.SSLContext | None = None,
         models: tuple[str, ...] = (),
         max_priority: int = contract.DEFAULT_MAX_PRIORITY,
     ) -> None:
-        self._url = url
+        self._urls = urls
         self.models = models
         """The configured models, whose queues this sender declares (``SENDER_MODELS``)."""
         self._max_priority = max_priority
@@ -69,15 +74,24 @@ class Broker:
         self._reconnect_interval = reconnect_interval
         self.instance_id = uuid.uuid4().hex[:12]
         self.reply_queue_name = contract.REPLY_QUEUE_PREFIX + self.instance_id
-        self._connection: AbstractRobustConnection | None = None
+        self._publishing: AbstractRobustConnection | None = None
+        self._consuming: AbstractRobustConnection | None = None
         self._publish_channel: AbstractChannel | None = None
         self._reply_channel: AbstractRobustChannel | None = None
         self._control: AbstractExchange | None = None
+        self.disturbed_at = float("-inf")
+        """When (monotonic) a connection was last lost or restored: consumers may not be back yet."""
 
     @property
     def connected(self) -> bool:
-        connection = self._connection
-        return connection is not None and connection.connected.is_set() and not connection.is_closed
+        """Both connections are up (the publishing channel may still be reopening)."""
+        return _up(self._publishing) and _up(self._consuming)
+
+    @property
+    def ready(self) -> bool:
+        """Connected, and the channel that publishes requests is open."""
+        channel = self._publish_channel
+        return self.connected and channel is not None and not channel.is_closed
 
     @property
     def control(self) -> AbstractExchange | None:
@@ -93,17 +107,28 @@ class Broker:
     ) -> None:
         """Connect, subscribe ``on_reply`` to this sender's reply queue, listen to announcements
         and ask the consumers to announce themselves."""
-        self._connection = await aio_pika.connect_robust(
-            self._url,
-            ssl_context=self._ssl_context,
-            client_properties={"connection_name": f"sender-{self.instance_id}"},
-            reconnect_interval=self._reconnect_interval,
-        )
-        self._connection.reconnect_callbacks.add(lambda *_: on_reconnect())
-        self._connection.reconnect_callbacks.add(lambda *_: self._in_background(self.declare_queues()))
-        self._publish_channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
+        self._consuming = await self._connect("consume")
+        self._publishing = await self._connect("publish")
+        # Declared on the consuming connection (open_channel): again whenever it comes back.
+        self._consuming.reconnect_callbacks.add(lambda *_: self._in_background(self.declare_queues()))
 
-        reply_channel = await self._connection.channel(publisher_confirms=False)
+        def disturbed(*_: object) -> None:
+            self.disturbed_at = time.monotonic()
+
+        def reconnected(*_: object) -> None:
+            disturbed()
+            on_reconnect()
+
+        for connection in (self._consuming, self._publishing):
+            connection.close_callbacks.add(disturbed)
+            connection.reconnect_callbacks.add(reconnected)
+        self._publish_channel = await self._publishing.channel(publisher_confirms=True, on_return_raises=True)
+        control_channel = await self._publishing.channel(publisher_confirms=False)
+        self._control = await control_channel.declare_exchange(
+            contract.CONTROL_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+
+        reply_channel = await self._consuming.channel(publisher_confirms=False)
         await reply_channel.set_qos(prefetch_count=0)
         await reply_channel.declare_queue(
             self.reply_queue_name, durable=True, arguments={"x-expires": contract.REPLY_QUEUE_EXPIRES_MS}
@@ -117,7 +142,6 @@ class Broker:
         control = await reply_channel.declare_exchange(
             contract.CONTROL_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
         )
-        self._control = control
         announcements = await reply_channel.declare_queue(exclusive=True, auto_delete=True)
         await announcements.bind(control, contract.ANNOUNCE_KEY)
 
@@ -125,7 +149,10 @@ class Broker:
             on_announcement(message.body)
 
         await announcements.consume(announcement, no_ack=True)
-        await control.publish(contract.rollcall_message(), routing_key=contract.ROLLCALL_KEY, mandatory=False)
+        await self._control.publish(
+            contract.rollcall_message(), routing_key=contract.ROLLCALL_KEY, mandatory=False
+        )
+
         await self.declare_queues()
 
     async def declare_queues(self) -> None:
@@ -195,18 +222,27 @@ class Broker:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
+    async def _connect(self, role: str) -> AbstractRobustConnection:
+        return await broker_connection.connect(
+            self._urls,
+            name=f"sender-{self.instance_id}-{role}",
+            reconnect_interval=self._reconnect_interval,
+            ssl_context=self._ssl_context,
+        )
+
     async def _consume_replies(self, on_reply: ReplyHandler) -> None:
         assert self._reply_channel is not None
         channel = await self._reply_channel.get_underlay_channel()
         await channel.basic_consume(self.reply_queue_name, on_reply, no_ack=True)
 
     async def close(self) -> None:
-        if self._connection is not None:
-            await self._connection.close()
+        for connection in (self._publishing, self._consuming):
+            if connection is not None:
+                await connection.close()
 
     def request_exchange(self) -> AbstractExchange:
         """Where requests are published: the default exchange, on the channel with publisher confirms."""
-        if self._publish_channel is None or not self.connected:
+        if self._publish_channel is None or not self.ready:
             raise BrokerUnavailable("not connected to the broker")
         try:
             return self._publish_channel.default_exchange
@@ -220,15 +256,22 @@ class Broker:
         that the broker closes (a passive declare of a queue that does not exist) reopens itself,
         and each one that does stays open on the broker, until the connection reaches its
         ``channel_max`` and the broker closes it: about 2,000 made-up model names did that."""
-        if self._connection is None or self._connection.transport is None or not self.connected:
-            raise BrokerUnavailable("not connected to the broker")
-        return await self._connection.transport.connection.channel(publisher_confirms=False)
+        return await self._consuming_transport().channel(publisher_confirms=False)
 
     async def vanished(self, queues: set[str]) -> list[str]:
         """Which of these liveness queues no longer exist (their consumer connection is gone)."""
-        if self._connection is None or self._connection.transport is None or not self.connected:
+        return await liveness.vanished(self._consuming_transport(), queues)
+
+    def _consuming_transport(self) -> aiormq.abc.AbstractConnection:
+        """The consuming connection's own AMQP connection: it never publishes, so no alarm blocks it."""
+        connection = self._consuming
+        if connection is None or connection.transport is None or not _up(connection):
             raise BrokerUnavailable("not connected to the broker")
-        return await liveness.vanished(self._connection.transport.connection, queues)
+        return connection.transport.connection
+
+
+def _up(connection: AbstractRobustConnection | None) -> bool:
+    return connection is not None and connection.connected.is_set() and not connection.is_closed
 
 
 def really_cancelled() -> bool:
