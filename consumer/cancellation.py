@@ -52,11 +52,18 @@ class Cancellations:
             self._early = {cid: until for cid, until in self._early.items() if until > now}
 
     def delivery_lost(self) -> int:
-        """The broker connection dropped: stop every request in flight; how many there were."""
+        """The broker channel or connection dropped: stop every request in flight; how many were stopped.
+
+        Heard both from the connection and from the consume channel: a request stopped once is not
+        cancelled again (its serving uncancels its task once)."""
+        stopped = 0
         for correlation_id, task in list(self._serving.items()):
+            if self._why.get(correlation_id) is Why.DELIVERY_LOST:
+                continue
             self._why[correlation_id] = Why.DELIVERY_LOST
             task.cancel()
-        return len(self._serving)
+            stopped += 1
+        return stopped
 
     def skip(self, correlation_id: str) -> bool:
         """Whether this request was cancelled before it arrived (then it is forgotten)."""

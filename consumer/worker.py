@@ -1,9 +1,17 @@
 """One consumer process: a model queue on one side, one vLLM server on the other.
 
 Life cycle: wait for the backend to be healthy, read its model card, declare
-the model queue, then consume with a channel-wide prefetch equal to the flow
-window (so only what vLLM can start at once leaves the broker). Consumption
-pauses while the backend is unhealthy. The worker owns what concerns all
+the model queue (quorum or classic, :mod:`contract.queues`), then consume
+through as many prefetch-one consumers as the flow window allows
+(:mod:`consumer.slots`), so only what vLLM can start at once leaves the
+broker. Consumption pauses while the backend is unhealthy.
+
+The worker alone re-subscribes: after the consume channel reopens (a
+reconnect) and when the broker cancels a consumer (its quorum queue failed
+over, or was deleted), one subscription task redeclares the queues this
+process owns on whichever node it is connected to and makes the slots again.
+A consume channel that closes gives back every request it delivered: their
+serving stops at once (the broker hands them to another consumer). The worker owns what concerns all
 requests at once: the connection, the health, flow and announcement loops,
 and cancellation. Each message is served by ``consumer/serving.py``, which
 says what became of it; the worker acts on that (an unreachable backend
@@ -24,11 +32,12 @@ from typing import Any
 
 import aio_pika
 import aiohttp
+import aiormq.abc
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
     AbstractIncomingMessage,
-    AbstractQueue,
+    AbstractRobustChannel,
     AbstractRobustConnection,
 )
 from aiohttp import web
@@ -40,8 +49,9 @@ from consumer.flow import Window
 from consumer.metrics import ConsumerMetrics
 from consumer.serving import Outcome, Served, Serving
 from consumer.settings import ConsumerSettings
+from consumer.slots import Slots
 from consumer.status_server import serve_status
-from contract import Announcement, Cancel, liveness
+from contract import Announcement, Cancel, liveness, queues
 from contract.errors import BROKER_GONE
 
 log = logging.getLogger(__name__)
@@ -74,11 +84,18 @@ class Worker:
         self._status: web.AppRunner | None = None
         self.inflight = 0
         self._connection: AbstractRobustConnection | None = None
-        self._consume_channel: AbstractChannel | None = None
+        self._consume_channel: AbstractRobustChannel | None = None
         self._reply_channel: AbstractChannel | None = None
         self._control: AbstractExchange | None = None
-        self._queue: AbstractQueue | None = None
-        self._consumer_tag: str | None = None
+        self.queue_type = queues.QueueType.CLASSIC
+        """Type of the queues this consumer declares, chosen when it connects."""
+        self._slots = Slots(contract.model_queue(settings.model), self._on_delivery)
+        self._slots.on_broker_cancel = self._want_subscription
+        self._consuming = False
+        """Whether the model queue should be consumed now (the backend is healthy, not stopping)."""
+        self._subscribe = asyncio.Event()
+        """Set when the slots must be made again: the channel reopened, or the broker cancelled one."""
+        self._serving_tasks: set[asyncio.Task[None]] = set()
         self._applied_prefetch = 0
         self._healthy = asyncio.Event()
         self._slow_checks = 0
@@ -97,7 +114,7 @@ class Worker:
 
     @property
     def consuming(self) -> bool:
-        return self._consumer_tag is not None
+        return self._consuming
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set, then drain gracefully."""
@@ -125,6 +142,7 @@ class Worker:
         self._tasks = [
             asyncio.create_task(self._health_loop()),
             asyncio.create_task(self._announce_loop()),
+            asyncio.create_task(self._subscription_loop()),
         ]
         if use_metrics:
             self._tasks.append(asyncio.create_task(self._flow_loop()))
@@ -187,7 +205,12 @@ class Worker:
             self.settings, self.backend, self.metrics, self._cancellations, self._reply_channel
         )
         await self._declare_liveness()
-        await self._reply_channel.declare_queue(self.settings.dead_letter_queue, durable=True)
+        transport = self._connection.transport
+        assert transport is not None
+        self.queue_type = queues.choose(self.settings.queue_type, queues.server_version(transport.connection))
+        model_queue = contract.model_queue(self.settings.model)
+        log.info("model queue %s is a %s queue", model_queue, self.queue_type.value)
+        await self._declare_owned()
         self._control = await self._reply_channel.declare_exchange(
             contract.CONTROL_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
         )
@@ -197,11 +220,34 @@ class Worker:
         await rollcall.consume(self._on_control, no_ack=True)
 
         self._consume_channel = await self._connection.channel(publisher_confirms=False)
-        self._queue = await self._consume_channel.declare_queue(
+        await self._attach(await self._consume_channel.get_underlay_channel())
+        self._consume_channel.reopen_callbacks.add(lambda *_: self._want_subscription())
+
+    async def _declare_owned(self) -> None:
+        """Declare the model queue and the dead-letter queue (again after a reconnect or a failover)."""
+        assert self._connection is not None and self._connection.transport is not None
+        connection = self._connection.transport.connection
+        fixed = self.settings.queue_type != "auto"
+        max_priority = self.settings.max_priority
+        self.queue_type = await queues.declare(
+            connection,
             contract.model_queue(self.settings.model),
-            durable=True,
-            arguments=contract.model_queue_arguments(self.settings.max_priority),
+            {kind: queues.model_queue_arguments(kind, max_priority) for kind in queues.QueueType},
+            self.queue_type,
+            fixed=fixed,
         )
+        await queues.declare(
+            connection,
+            self.settings.dead_letter_queue,
+            {kind: queues.dead_letter_queue_arguments(kind) for kind in queues.QueueType},
+            self.queue_type,
+            fixed=False,
+        )
+
+    async def _attach(self, channel: aiormq.abc.AbstractChannel) -> None:
+        """Consume on ``channel`` from now on; when it closes, what it delivered is given back."""
+        channel.closing.add_done_callback(lambda _: self._on_delivery_lost())
+        await self._slots.attach(channel)
 
     async def _declare_liveness(self) -> None:
         """A server-named exclusive queue: it lives exactly as long as this connection.
@@ -214,10 +260,43 @@ class Worker:
         self._liveness_queue = await liveness.declare(await self._reply_channel.get_underlay_channel())
 
     def _on_connection_lost(self, *_: object) -> None:
+        self._on_delivery_lost()
+
+    def _on_delivery_lost(self) -> None:
         """The broker hands the unacked requests to another consumer: stop serving them here."""
         given_back = self._cancellations.delivery_lost()
         if given_back:
-            log.warning("broker connection lost; %d requests in flight given back", given_back)
+            log.warning("broker channel lost; %d requests in flight given back", given_back)
+
+    def _want_subscription(self) -> None:
+        self._subscribe.set()
+
+    async def _subscription_loop(self) -> None:
+        """The one owner of re-subscribing: redeclare what this consumer owns, then make its slots again."""
+        while True:
+            await self._subscribe.wait()
+            self._subscribe.clear()
+            try:
+                await self._resubscribe()
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling() > 0:
+                    raise
+                log.warning("subscribing again interrupted: the broker connection dropped")
+            except Exception as exc:
+                log.warning("could not subscribe again (%s); trying again", exc)
+            else:
+                continue
+            await asyncio.sleep(self.settings.reconnect_interval)
+            self._subscribe.set()
+
+    async def _resubscribe(self) -> None:
+        assert self._consume_channel is not None
+        channel = await self._consume_channel.get_underlay_channel()
+        await self._declare_owned()
+        if channel is not self._slots.channel:
+            await self._attach(channel)
+        await self._slots.resize(self._applied_prefetch if self._consuming else 0)
 
     async def _on_reconnected(self, *_: object) -> None:
         try:
@@ -238,21 +317,26 @@ class Worker:
         return True
 
     async def _apply_prefetch(self, size: int) -> None:
-        # Channel-wide (global) prefetch changes take effect at once, unlike per-consumer ones.
-        if size != self._applied_prefetch and self._consume_channel is not None:
-            await self._consume_channel.set_qos(prefetch_count=size, global_=True)
+        """Make the flow window ``size``: that many slots while consuming (see :mod:`consumer.slots`)."""
+        if size != self._applied_prefetch:
             self._applied_prefetch = size
+            if self._consuming:
+                await self._slots.resize(size)
 
     async def _start_consuming(self) -> None:
-        if self._consumer_tag is None and self._queue is not None and not self._stopping:
-            self._consumer_tag = await self._queue.consume(self._on_message)
+        if not self._consuming and not self._stopping:
+            self._consuming = True
+            try:
+                await self._slots.resize(self._applied_prefetch)
+            except BROKER_GONE:
+                self._want_subscription()  # made once the channel is back
             await self._announce(Announcement.READY)
 
     async def _stop_consuming(self) -> None:
-        tag, self._consumer_tag = self._consumer_tag, None
-        if tag is not None and self._queue is not None:
+        if self._consuming:
+            self._consuming = False
             with contextlib.suppress(*BROKER_GONE):
-                await self._queue.cancel(tag)
+                await self._slots.resize(0)
             await self._announce(Announcement.PAUSED)
 
     async def _health_loop(self) -> None:
@@ -331,10 +415,18 @@ class Worker:
                 mandatory=False,
             )
 
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+    def _on_delivery(self, delivered: aiormq.abc.DeliveredMessage) -> None:
+        """Serve each delivery in a task of its own: only the worker stops it (client gone, delivery lost)."""
+        task = asyncio.create_task(self._on_message(delivered))
+        self._serving_tasks.add(task)
+        task.add_done_callback(self._serving_tasks.discard)
+
+    async def _on_message(self, delivered: aiormq.abc.DeliveredMessage) -> None:
+        message = aio_pika.IncomingMessage(delivered, no_ack=False)
         correlation_id = message.correlation_id or ""
         assert self._serving is not None
         if self._cancellations.skip(correlation_id):
+            await _survive(self._slots.release(delivered), "releasing a slot")
             await self._serving.skip(message)
             return
         self.inflight += 1
@@ -346,7 +438,11 @@ class Worker:
             self._cancellations.track(correlation_id, task)
         try:
             async with self._serving.serve(message, liveness_queue=self._liveness_queue) as served:
-                await self._act_on(served)
+                try:
+                    await self._act_on(served)
+                finally:
+                    # Before the message is settled: a window that shrank must not get it refilled.
+                    await _survive(self._slots.release(delivered), "releasing a slot")
         finally:
             self._cancellations.untrack(correlation_id)
             self.inflight -= 1

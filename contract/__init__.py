@@ -6,6 +6,7 @@ cannot drift apart; ``docs/protocol.md`` describes the same contract in prose.
 - :mod:`contract.names`: queues, exchange, routing keys, the priority scale.
 - :mod:`contract.messages`: request, reply pieces, cancellation, announcement
   and roll call, each with its AMQP properties built and parsed.
+- :mod:`contract.queues`: quorum or classic, and the arguments each of our durable queues takes.
 - :mod:`contract.liveness`: the queue that lives exactly as long as a consumer connection.
 - :mod:`contract.errors`: the error catalogue both services answer from.
 
@@ -44,9 +45,9 @@ from contract.names import (
     ROLLCALL_KEY,
     VERSION,
     model_queue,
-    model_queue_arguments,
     servable_model_name,
 )
+from contract.queues import QueueType, model_queue_arguments
 
 __all__ = [
     "ANNOUNCE_KEY",
@@ -67,6 +68,7 @@ __all__ = [
     "Announcement",
     "Cancel",
     "ContractError",
+    "QueueType",
     "Reply",
     "Request",
     "model_queue",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from typing import Any
 
 VERSION = 1
 """Header ``v`` of every request; a consumer refuses other versions."""
@@ -42,8 +41,3 @@ def servable_model_name(model: str) -> bool:
     the broker.
     """
     return len(QUEUE_PREFIX) + len(model) <= 255 and _QUEUE_NAME.fullmatch(model) is not None
-
-
-def model_queue_arguments(max_priority: int = DEFAULT_MAX_PRIORITY) -> dict[str, Any]:
-    """Arguments every declaration of a model queue must use (they must match)."""
-    return {"x-max-priority": max_priority}

@@ -1,4 +1,4 @@
-"""Settings both services read the same way: TLS to the broker and the extra relayed routes.
+"""Settings both services read the same way: TLS to the broker, the queue type and the extra relayed routes.
 
 Each service's settings class inherits these and gives them its own prefix
 (``SENDER_``, ``CONSUMER_``), so both sides accept the same values the same way.
@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings
 from contract import routes
 from contract.broker_tls import broker_ssl_context
 from contract.names import DEFAULT_RABBITMQ_URL
+from contract.queues import QueueTypeSetting
 
 
 class SharedSettings(BaseSettings):
@@ -25,6 +26,9 @@ class SharedSettings(BaseSettings):
     rabbitmq_cert_file: Path | None = None
     """Client certificate (PEM) presented to the broker, with ``rabbitmq_key_file``; unset: none."""
     rabbitmq_key_file: Path | None = None
+    queue_type: QueueTypeSetting = "auto"
+    """Type of the durable queues this process declares (:mod:`contract.queues`): ``auto`` picks
+    quorum queues on RabbitMQ 4.3 and later (strict priorities, replicated), classic before."""
     extra_routes: str = ""
     """Routes relayed besides :data:`contract.routes.RELAYED_ROUTES`: comma-separated exact paths
     (``/v1/foo,/bar``), each a POST of a JSON body naming a ``model``. Senders and consumers must list

@@ -11,12 +11,23 @@ does (reconnection, channel kinds, queue types).
 The reply queue is durable and not exclusive: an exclusive queue dies with its
 connection, and with it every reply in flight during a reconnect; a durable one
 keeps the replies sent while the broker restarted and this sender had not yet
-reconnected. ``x-expires`` removes it once this sender is gone for good.
+reconnected. ``x-expires`` removes it once this sender is gone for good. On
+RabbitMQ 4.3 and later it is a quorum queue (:mod:`contract.queues`), so a node
+lost does not strand it or the replies it holds.
+
+This class alone subscribes to the reply queue, straight on the aiormq channel
+(outside aio-pika's robust bookkeeping): after the channel reopens (a
+reconnect) and when the broker cancels the subscription (the queue failed
+over, or was deleted), one task redeclares the queue on whichever node this
+sender is connected to and subscribes again. Without that, a cancelled
+subscription would leave the sender deaf to every answer until restarted.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import ssl
 import uuid
 from collections.abc import Callable, Coroutine
@@ -34,8 +45,10 @@ from aio_pika.abc import (
 )
 
 import contract
-from contract import liveness
+from contract import liveness, queues
 from contract.errors import BROKER_GONE
+
+log = logging.getLogger(__name__)
 
 ReplyHandler = Callable[[aiormq.abc.DeliveredMessage], Coroutine[Any, Any, None]]
 
@@ -48,9 +61,17 @@ class Broker:
     """Connection to RabbitMQ for one sender process."""
 
     def __init__(
-        self, url: str, *, reconnect_interval: float = 1.0, ssl_context: ssl.SSLContext | None = None
+        self,
+        url: str,
+        *,
+        reconnect_interval: float = 1.0,
+        ssl_context: ssl.SSLContext | None = None,
+        queue_type: queues.QueueTypeSetting = "auto",
     ) -> None:
         self._url = url
+        self._queue_type_setting: queues.QueueTypeSetting = queue_type
+        self.queue_type = queues.QueueType.CLASSIC
+        """Type of the reply queue, chosen when connecting (:mod:`contract.queues`)."""
         self._ssl_context = ssl_context
         self._reconnect_interval = reconnect_interval
         self.instance_id = uuid.uuid4().hex[:12]
@@ -59,6 +80,14 @@ class Broker:
         self._publish_channel: AbstractChannel | None = None
         self._reply_channel: AbstractRobustChannel | None = None
         self._control: AbstractExchange | None = None
+        self._on_reply: ReplyHandler | None = None
+        self._reply_channel_used: aiormq.abc.AbstractChannel | None = None
+        """The aiormq channel the reply subscription was made on."""
+        self._reply_tag: str | None = None
+        self._subscribe = asyncio.Event()
+        self._subscriber: asyncio.Task[None] | None = None
+        self.reply_resubscriptions = 0
+        """Times the reply subscription was made again (reconnects, broker cancels)."""
 
     @property
     def connected(self) -> bool:
@@ -88,16 +117,18 @@ class Broker:
         self._connection.reconnect_callbacks.add(lambda *_: on_reconnect())
         self._publish_channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
 
+        transport = self._connection.transport
+        assert transport is not None
+        self.queue_type = queues.choose(self._queue_type_setting, queues.server_version(transport.connection))
         reply_channel = await self._connection.channel(publisher_confirms=False)
         await reply_channel.set_qos(prefetch_count=0)
-        await reply_channel.declare_queue(
-            self.reply_queue_name, durable=True, arguments={"x-expires": contract.REPLY_QUEUE_EXPIRES_MS}
-        )
         # Replies are consumed straight through aiormq (no aio-pika message object
-        # and one task less per piece); re-subscribed whenever the channel reopens.
+        # and one task less per piece); subscribed again by one task only.
         self._reply_channel = reply_channel
-        await self._consume_replies(on_reply)
-        reply_channel.reopen_callbacks.add(lambda _: self._consume_replies(on_reply))
+        self._on_reply = on_reply
+        await self._consume_replies()
+        reply_channel.reopen_callbacks.add(lambda *_: self._subscribe.set())
+        self._subscriber = asyncio.create_task(self._subscription_loop())
 
         control = await reply_channel.declare_exchange(
             contract.CONTROL_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
@@ -112,12 +143,58 @@ class Broker:
         await announcements.consume(announcement, no_ack=True)
         await control.publish(contract.rollcall_message(), routing_key=contract.ROLLCALL_KEY, mandatory=False)
 
-    async def _consume_replies(self, on_reply: ReplyHandler) -> None:
-        assert self._reply_channel is not None
+    async def _consume_replies(self) -> None:
+        """Declare the reply queue (again) and subscribe to it, unless already subscribed on this channel."""
+        assert self._reply_channel is not None and self._on_reply is not None
+        assert self._connection is not None and self._connection.transport is not None
         channel = await self._reply_channel.get_underlay_channel()
-        await channel.basic_consume(self.reply_queue_name, on_reply, no_ack=True)
+        if channel is self._reply_channel_used and self._reply_tag is not None:
+            return  # still subscribed on this channel
+        await queues.declare(
+            self._connection.transport.connection,
+            self.reply_queue_name,
+            {
+                kind: queues.reply_queue_arguments(kind, contract.REPLY_QUEUE_EXPIRES_MS)
+                for kind in queues.QueueType
+            },
+            self.queue_type,
+            fixed=True,
+        )
+        if channel is not self._reply_channel_used:
+            channel.on_consumer_cancel_callbacks.add(self._on_cancel)
+            self._reply_channel_used = channel
+        consume = await channel.basic_consume(self.reply_queue_name, self._on_reply, no_ack=True)
+        self._reply_tag = consume.consumer_tag
+
+    def _on_cancel(self, frame: aiormq.spec.Basic.Cancel) -> None:
+        if frame.consumer_tag == self._reply_tag:
+            log.warning("the broker cancelled the reply subscription; subscribing again")
+            self._reply_tag = None
+            self._subscribe.set()
+
+    async def _subscription_loop(self) -> None:
+        """The one owner of re-subscribing to the reply queue; retried until it works."""
+        while True:
+            await self._subscribe.wait()
+            self._subscribe.clear()
+            try:
+                await self._consume_replies()
+            except asyncio.CancelledError:
+                if really_cancelled():
+                    raise
+            except Exception as exc:
+                log.warning("could not subscribe to the reply queue again (%s); trying again", exc)
+            else:
+                self.reply_resubscriptions += 1
+                continue
+            await asyncio.sleep(self._reconnect_interval)
+            self._subscribe.set()
 
     async def close(self) -> None:
+        if self._subscriber is not None:
+            self._subscriber.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._subscriber
         if self._connection is not None:
             await self._connection.close()
 

@@ -77,6 +77,7 @@ class Services:
             settings.rabbitmq_url,
             reconnect_interval=settings.broker_reconnect_seconds,
             ssl_context=settings.rabbitmq_ssl_context(),
+            queue_type=settings.queue_type,
         )
         self.queue_stats = QueueStatsCache(
             self.broker, ttl=settings.queue_stats_seconds, on_read=self.metrics.queue_read

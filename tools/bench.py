@@ -253,7 +253,9 @@ class Bench:
         async with sender, receiver:
             out = await sender.channel()
             inbox = await receiver.channel()
-            queue = await inbox.declare_queue(queue_name, arguments=contract.model_queue_arguments())
+            queue = await inbox.declare_queue(
+                queue_name, arguments=contract.model_queue_arguments(contract.QueueType.CLASSIC)
+            )
             arrived: asyncio.Future[float] | None = None
 
             async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:

@@ -78,7 +78,7 @@ async def test_model_queue_gets_the_policy_and_dead_letters(vhost: str) -> None:
                     channel = await connection.channel()
                     await asyncio.sleep(0.2)
         queue = await channel.declare_queue(
-            model_queue, durable=True, arguments=contract.model_queue_arguments()
+            model_queue, durable=True, arguments=contract.model_queue_arguments(contract.QueueType.CLASSIC)
         )
         await channel.default_exchange.publish(
             aio_pika.Message(b'{"prompt": "too late"}', priority=5, expiration=0.001), routing_key=queue.name

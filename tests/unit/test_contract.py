@@ -59,7 +59,7 @@ def test_announcement_round_trip() -> None:
 
 def test_queue_names_and_arguments() -> None:
     assert contract.model_queue("org/model") == "dispatch.model.org/model"
-    assert contract.model_queue_arguments(9) == {"x-max-priority": 9}
+    assert contract.model_queue_arguments(contract.QueueType.CLASSIC, 9) == {"x-max-priority": 9}
 
 
 def test_reply_names_its_consumer() -> None:
