@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections.abc import Callable
 
 import aiormq
@@ -133,9 +134,16 @@ class Slots:
                 await self._cancel(tag)
             return  # busy consumers are cancelled when their message is done
         for _ in range(-excess):
-            consume = await channel.basic_consume(self.queue, self._on_delivery, no_ack=False, timeout=10)
-            assert consume.consumer_tag is not None
-            self._busy[consume.consumer_tag] = None
+            # Known before the broker confirms it: its first message may arrive right behind the confirm.
+            tag = f"slot-{uuid.uuid4().hex}"
+            self._busy[tag] = None
+            try:
+                await channel.basic_consume(
+                    self.queue, self._on_delivery, no_ack=False, consumer_tag=tag, timeout=10
+                )
+            except BaseException:
+                self._busy.pop(tag, None)
+                raise
 
     async def _cancel(self, tag: str) -> None:
         channel = self._channel

@@ -207,7 +207,8 @@ class Worker:
         await self._declare_liveness()
         transport = self._connection.transport
         assert transport is not None
-        self.queue_type = queues.choose(self.settings.queue_type, queues.server_version(transport.connection))
+        version = queues.server_version(transport.connection)
+        self.queue_type = queues.choose(self.settings.queue_type, version, self.settings.max_priority)
         model_queue = contract.model_queue(self.settings.model)
         log.info("model queue %s is a %s queue", model_queue, self.queue_type.value)
         await self._declare_owned()
@@ -232,7 +233,7 @@ class Worker:
         self.queue_type = await queues.declare(
             connection,
             contract.model_queue(self.settings.model),
-            {kind: queues.model_queue_arguments(kind, max_priority) for kind in queues.QueueType},
+            queues.model_queue_choices(max_priority),
             self.queue_type,
             fixed=fixed,
         )

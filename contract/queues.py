@@ -74,11 +74,13 @@ def server_version(connection: aiormq.abc.AbstractConnection) -> tuple[int, int]
     return parse_version(properties.get("version", ""))
 
 
-def choose(setting: QueueTypeSetting, version: tuple[int, int] | None) -> QueueType:
-    """The queue type to use: the setting's, or, with ``auto``, quorum from 4.3 on."""
+def choose(
+    setting: QueueTypeSetting, version: tuple[int, int] | None, max_priority: int = DEFAULT_MAX_PRIORITY
+) -> QueueType:
+    """The queue type to use: the setting's, or, with ``auto``, quorum from 4.3 on (if the scale fits)."""
     if setting != "auto":
         return QueueType(setting)
-    if version is not None and version >= QUORUM_PRIORITIES_SINCE:
+    if version is not None and version >= QUORUM_PRIORITIES_SINCE and max_priority <= QUORUM_MAX_PRIORITY:
         return QueueType.QUORUM
     return QueueType.CLASSIC
 
@@ -93,6 +95,13 @@ def model_queue_arguments(queue_type: QueueType, max_priority: int = DEFAULT_MAX
             )
         return {"x-queue-type": "quorum"}
     return {"x-max-priority": max_priority}
+
+
+def model_queue_choices(max_priority: int = DEFAULT_MAX_PRIORITY) -> dict[QueueType, dict[str, Any]]:
+    """The arguments of a model queue for each type that can hold the priority scale."""
+    if max_priority > QUORUM_MAX_PRIORITY:
+        return {QueueType.CLASSIC: model_queue_arguments(QueueType.CLASSIC, max_priority)}
+    return {kind: model_queue_arguments(kind, max_priority) for kind in QueueType}
 
 
 def dead_letter_queue_arguments(queue_type: QueueType) -> dict[str, Any]:
@@ -127,6 +136,8 @@ async def declare(
     remember the queue). Unless ``fixed``, a queue that exists with the other
     type is declared as it is.
     """
+    if preferred not in arguments:
+        raise QueueTypeMismatch(f"queue {name} cannot be a {preferred.value} queue (see contract/queues.py)")
     order = [preferred] if fixed else [preferred, *[kind for kind in arguments if kind is not preferred]]
     refusal: Exception | None = None
     for queue_type in order:
