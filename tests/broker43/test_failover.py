@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -127,15 +129,18 @@ def restore(stack: ClusterStack) -> None:
         node.wait_cluster(names)
 
 
-def wait_all_members_online(stack: ClusterStack, timeout: float = 90) -> None:
+def wait_all_members_online(stack: ClusterStack, timeout: float = 180) -> None:
     """Wait until every quorum queue has all three members online (what a rolling upgrade waits for
     before the next node: stopping one then leaves each queue a majority)."""
     deadline = time.monotonic() + timeout
     lagging: list[str] = []
-    while time.monotonic() < deadline:
-        node = next(node for node in stack.nodes if node.running())
-        with contextlib.suppress(RuntimeError, ValueError):
-            rows = node.json("list_queues", "name", "type", "online", timeout=20)
+    for attempt in itertools.count():
+        if time.monotonic() > deadline:
+            break
+        running = [node for node in stack.nodes if node.running()]
+        node = running[attempt % len(running)]  # a node still booting may not answer yet: ask another
+        with contextlib.suppress(RuntimeError, ValueError, subprocess.TimeoutExpired):
+            rows = node.json("list_queues", "name", "type", "online", timeout=60)
             lagging = [
                 row["name"]
                 for row in rows
@@ -278,18 +283,24 @@ async def test_sender_hears_again_after_the_broker_cancels_its_reply_subscriptio
     assert [row[0] for row in node.list_queues("name", "type") if row[0] == replies[0]] == [replies[0]]
 
 
+@pytest.mark.timeout(600, func_only=True)
 async def test_rolling_restart_of_all_three_nodes_under_load(cluster_stack: ClusterStack) -> None:
     """Each node in turn, once no quorum queue depends on it: stopped cleanly, started, rejoined."""
     stack = cluster_stack
 
     def rolling_restart() -> None:
         names = [node.name for node in stack.nodes]
+        started = time.monotonic()
         for node in stack.nodes:
             wait_all_members_online(stack)
+            print(f"{time.monotonic() - started:5.1f} s: stopping {node.name}")
             node.stop()
+            print(f"{time.monotonic() - started:5.1f} s: starting {node.name}")
             node.start()
             for member in stack.nodes:
                 member.wait_cluster(names)
+        wait_all_members_online(stack)
+        print(f"{time.monotonic() - started:5.1f} s: all three restarted, every quorum queue whole")
 
     try:
         during, after = await traffic_through(stack, "rolling restart", rolling_restart)
