@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,11 +25,15 @@ from contract.errors import clip
 from sender.broker import BrokerUnavailable
 from sender.errors import ApiError
 from sender.limits import RateLimiter
-from sender.queue_stats import QueueStatsCache
+from sender.queue_stats import QueueStats, QueueStatsCache
 from sender.settings import SenderSettings
 from sender.tokens import Token, TokenStore
 
 log = logging.getLogger(__name__)
+
+_ELECTION_WAIT = 3.0
+"""Seconds a model queue may report no consumer while one is announced, before the sender refuses:
+a quorum queue elects a new leader in about a second."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,8 +70,12 @@ class Admission:
         queue_stats: QueueStatsCache,
         limiter: RateLimiter,
         settings: SenderSettings,
+        announced: Callable[[str], bool] = lambda _: False,
     ) -> None:
+        """``announced`` says whether a consumer of the model announced itself ready and is not
+        known to be gone (the registry)."""
         self._tokens = tokens
+        self._announced = announced
         self._queue_stats = queue_stats
         self._limiter = limiter
         self._settings = settings
@@ -124,6 +134,16 @@ class Admission:
             raise ApiError(errors.TOKEN_EXPIRED)
         return token
 
+    async def _consumers_back(self, model: str, stats: QueueStats) -> QueueStats:
+        """A quorum queue electing a new leader (its node lost) reports no consumer for a moment,
+        while its consumers stay subscribed: with a consumer still announced, look again for a
+        short while before refusing."""
+        deadline = time.monotonic() + _ELECTION_WAIT
+        while stats.exists and stats.consumers == 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            stats = await self._queue_stats.get(model, fresh=True)
+        return stats
+
     async def _check_queue(self, model: str, token: Token) -> None:
         """Raise the error the client should get if ``model``'s queue cannot take this request now."""
         settings = self._settings
@@ -134,6 +154,8 @@ class Admission:
             if not stats.exists or stats.consumers == 0:
                 # Refusing is rare: make sure with numbers newer than, say, a consumer's announcement.
                 stats = await self._queue_stats.get(model, fresh=True)
+            if stats.exists and stats.consumers == 0 and self._announced(model):
+                stats = await self._consumers_back(model, stats)
         except (BrokerUnavailable, TimeoutError, ConnectionError) as exc:
             raise self._unavailable(errors.BROKER_UNAVAILABLE) from exc
         if not stats.exists:

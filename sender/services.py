@@ -88,7 +88,13 @@ class Services:
             on_taken=self.queue_stats.taken,
             liveness_interval=settings.liveness_seconds,
         )
-        self.admission = Admission(self.tokens, self.queue_stats, self.limiter, settings)
+        self.admission = Admission(
+            self.tokens,
+            self.queue_stats,
+            self.limiter,
+            settings,
+            announced=lambda model: self.registry.card(model) is not None,
+        )
         self.relay = Relay(self.calls, retry_after=settings.retry_after_seconds)
         self.accounting = Accounting(
             self.metrics, self.limiter, self.usage, usage_rows=settings.usage_accounting
