@@ -112,6 +112,7 @@ class Slots:
             if self.holding() > self._target:
                 del self._busy[tag]
                 await self._cancel(tag)
+                self._say("one cancelled on release")
             else:
                 self._busy[tag] = None
 
@@ -122,6 +123,17 @@ class Slots:
             self._busy[tag] = delivery_tag
         else:
             self._held_elsewhere.add(tag)  # cancelled by us while this delivery was on its way
+            self._say(f"delivery for a consumer not ours: {tag}")
+
+    def _say(self, what: str) -> None:
+        log.info(
+            "slots: %s; %d consumers, target %d, holding %d (%d elsewhere)",
+            what,
+            len(self._busy),
+            self._target,
+            self.holding(),
+            len(self._held_elsewhere),
+        )
 
     async def _fit(self) -> None:
         channel = self._channel
@@ -132,6 +144,7 @@ class Slots:
             for tag in [tag for tag, held in self._busy.items() if held is None][:excess]:
                 del self._busy[tag]
                 await self._cancel(tag)
+            self._say("idle ones cancelled")
             return  # busy consumers are cancelled when their message is done
         for _ in range(-excess):
             # Known before the broker confirms it: its first message may arrive right behind the confirm.
@@ -144,6 +157,8 @@ class Slots:
             except BaseException:
                 self._busy.pop(tag, None)
                 raise
+        if excess < 0:
+            self._say("opened")
 
     async def _cancel(self, tag: str) -> None:
         channel = self._channel
