@@ -215,10 +215,7 @@ class Worker:
         self._control = await self._reply_channel.declare_exchange(
             contract.CONTROL_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
         )
-        rollcall = await self._reply_channel.declare_queue(exclusive=True, auto_delete=True)
-        await rollcall.bind(self._control, contract.ROLLCALL_KEY)
-        await rollcall.bind(self._control, contract.CANCEL_KEY)
-        await rollcall.consume(self._on_control, no_ack=True)
+        await self._listen_control()
 
         self._consume_channel = await self._connection.channel(publisher_confirms=False)
         await self._attach(await self._consume_channel.get_underlay_channel())
@@ -299,11 +296,25 @@ class Worker:
             await self._attach(channel)
         await self._slots.resize(self._applied_prefetch if self._consuming else 0)
 
+    async def _listen_control(self) -> None:
+        """Roll calls and cancellations, through a queue of this connection (see ``liveness.listen``)."""
+        assert self._reply_channel is not None
+        await liveness.listen(
+            await self._reply_channel.get_underlay_channel(),
+            contract.CONTROL_EXCHANGE,
+            (contract.ROLLCALL_KEY, contract.CANCEL_KEY),
+            self._on_control_delivery,
+        )
+
+    async def _on_control_delivery(self, delivered: aiormq.abc.DeliveredMessage) -> None:
+        await self._on_control(aio_pika.IncomingMessage(delivered, no_ack=True))
+
     async def _on_reconnected(self, *_: object) -> None:
         try:
             await self._declare_liveness()
+            await self._listen_control()
         except BROKER_GONE as exc:
-            log.warning("could not declare the liveness queue after reconnecting: %s", exc)
+            log.warning("could not declare the liveness and control queues after reconnecting: %s", exc)
 
     async def _choose_flow(self) -> bool:
         if self.settings.flow == "fixed":

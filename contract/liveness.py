@@ -1,4 +1,4 @@
-"""Liveness queues: how a sender knows that the consumer serving an answer is still connected.
+"""Queues that live exactly as long as one connection: liveness, and listening to the control exchange.
 
 Each consumer connection declares a server-named exclusive queue; it exists
 exactly as long as that connection. Every reply piece names it
@@ -44,3 +44,25 @@ async def vanished(connection: aiormq.abc.AbstractConnection, queues: set[str]) 
             with contextlib.suppress(Exception):
                 await channel.close()
     return gone
+
+
+async def listen(
+    channel: aiormq.abc.AbstractChannel,
+    exchange: str,
+    keys: tuple[str, ...],
+    callback: aiormq.abc.ConsumerCallback,
+) -> str:
+    """Subscribe ``callback`` (no acks) to ``keys`` of ``exchange`` through a new server-named
+    exclusive queue of this connection; return its name.
+
+    Made again after each reconnect, outside aio-pika's robust bookkeeping: a
+    robust queue is redeclared under its old name, and when its node was killed
+    the cluster still holds that name for the dead connection (RESOURCE_LOCKED),
+    which kept the whole reconnect failing until the node was back.
+    """
+    declared = await channel.queue_declare("", exclusive=True, auto_delete=True)
+    assert declared is not None and declared.queue is not None
+    for key in keys:
+        await channel.queue_bind(declared.queue, exchange, routing_key=key)
+    await channel.basic_consume(declared.queue, callback, no_ack=True)
+    return declared.queue

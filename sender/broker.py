@@ -39,7 +39,6 @@ import aiormq.abc
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
-    AbstractIncomingMessage,
     AbstractRobustChannel,
     AbstractRobustConnection,
 )
@@ -81,6 +80,8 @@ class Broker:
         self._reply_channel: AbstractRobustChannel | None = None
         self._control: AbstractExchange | None = None
         self._on_reply: ReplyHandler | None = None
+        self._on_announcement: ReplyHandler | None = None
+        self._announcements_channel: aiormq.abc.AbstractChannel | None = None
         self._reply_channel_used: aiormq.abc.AbstractChannel | None = None
         """The aiormq channel the reply subscription was made on."""
         self._reply_tag: str | None = None
@@ -134,13 +135,12 @@ class Broker:
             contract.CONTROL_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
         )
         self._control = control
-        announcements = await reply_channel.declare_queue(exclusive=True, auto_delete=True)
-        await announcements.bind(control, contract.ANNOUNCE_KEY)
 
-        async def announcement(message: AbstractIncomingMessage) -> None:
+        async def announcement(message: aiormq.abc.DeliveredMessage) -> None:
             on_announcement(message.body)
 
-        await announcements.consume(announcement, no_ack=True)
+        self._on_announcement = announcement
+        await self._listen_announcements()
         await control.publish(contract.rollcall_message(), routing_key=contract.ROLLCALL_KEY, mandatory=False)
 
     async def _consume_replies(self) -> None:
@@ -166,6 +166,18 @@ class Broker:
         consume = await channel.basic_consume(self.reply_queue_name, self._on_reply, no_ack=True)
         self._reply_tag = consume.consumer_tag
 
+    async def _listen_announcements(self) -> None:
+        """Listen to the consumers' announcements through a queue of this connection, made again on
+        each new channel (see ``liveness.listen``)."""
+        assert self._reply_channel is not None and self._on_announcement is not None
+        channel = await self._reply_channel.get_underlay_channel()
+        if channel is self._announcements_channel:
+            return
+        await liveness.listen(
+            channel, contract.CONTROL_EXCHANGE, (contract.ANNOUNCE_KEY,), self._on_announcement
+        )
+        self._announcements_channel = channel
+
     def _on_cancel(self, frame: aiormq.spec.Basic.Cancel) -> None:
         if frame.consumer_tag == self._reply_tag:
             log.warning("the broker cancelled the reply subscription; subscribing again")
@@ -179,6 +191,7 @@ class Broker:
             self._subscribe.clear()
             try:
                 await self._consume_replies()
+                await self._listen_announcements()
             except asyncio.CancelledError:
                 if really_cancelled():
                     raise
