@@ -54,6 +54,11 @@ QUORUM_PRIORITIES_SINCE = (4, 3)
 """First RabbitMQ release whose quorum queues deliver in strict priority order over many levels."""
 QUORUM_MAX_PRIORITY = 31
 """Highest distinct quorum priority level; higher priorities count as this one."""
+CONSUMER_DISCONNECTED_TIMEOUT_MS = 5_000
+"""How long a quorum model queue keeps the requests held by a consumer whose node it cannot reach
+before handing them to another consumer. RabbitMQ's default (60 s) is meant for a short network
+partition; a consumer on a killed node does not come back, and its requests would sit out their
+deadline. After a real partition the first answer wins (the sender ignores a second one)."""
 
 
 class QueueType(enum.Enum):
@@ -93,7 +98,7 @@ def model_queue_arguments(queue_type: QueueType, max_priority: int = DEFAULT_MAX
                 f"a priority scale up to {max_priority} does not fit quorum queues (levels 0-"
                 f"{QUORUM_MAX_PRIORITY}): lower the max priority or use classic queues"
             )
-        return {"x-queue-type": "quorum"}
+        return {"x-queue-type": "quorum", "x-consumer-disconnected-timeout": CONSUMER_DISCONNECTED_TIMEOUT_MS}
     return {"x-max-priority": max_priority}
 
 

@@ -81,6 +81,7 @@ class Broker:
         self._control: AbstractExchange | None = None
         self._on_reply: ReplyHandler | None = None
         self._on_announcement: ReplyHandler | None = None
+        self._on_replies_lost: Callable[[], None] = lambda: None
         self._announcements_channel: aiormq.abc.AbstractChannel | None = None
         self._reply_channel_used: aiormq.abc.AbstractChannel | None = None
         """The aiormq channel the reply subscription was made on."""
@@ -106,6 +107,7 @@ class Broker:
         on_reply: ReplyHandler,
         on_announcement: Callable[[bytes], None],
         on_reconnect: Callable[[], None] = lambda: None,
+        on_replies_lost: Callable[[], None] = lambda: None,
     ) -> None:
         """Connect, subscribe ``on_reply`` to this sender's reply queue, listen to announcements
         and ask the consumers to announce themselves."""
@@ -127,6 +129,7 @@ class Broker:
         # and one task less per piece); subscribed again by one task only.
         self._reply_channel = reply_channel
         self._on_reply = on_reply
+        self._on_replies_lost = on_replies_lost
         await self._consume_replies()
         reply_channel.reopen_callbacks.add(lambda *_: self._subscribe.set())
         self._subscriber = asyncio.create_task(self._subscription_loop())
@@ -182,6 +185,9 @@ class Broker:
         if frame.consumer_tag == self._reply_tag:
             log.warning("the broker cancelled the reply subscription; subscribing again")
             self._reply_tag = None
+            # Cancelled with its queue deleted (a quorum queue failing over keeps its consumers):
+            # the replies it held are gone, and nobody must wait for them until the deadline.
+            self._on_replies_lost()
             self._subscribe.set()
 
     async def _subscription_loop(self) -> None:

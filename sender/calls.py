@@ -106,6 +106,20 @@ class PendingCall:
             )
         )
 
+    def reply_lost(self) -> None:
+        """The reply queue was lost with what it held: the answer will not come (or not whole)."""
+        if self.finished:
+            return
+        self.server_gone = True
+        self.deliver(
+            Reply(
+                seq=self._expected_seq,
+                last=True,
+                error="the answer was lost: this dispatcher's reply queue was removed",
+                liveness_queue=self.liveness_queue,
+            )
+        )
+
     def abandon(self, reason: str = "the client went away") -> None:
         """Nobody will read the answer: end the wait for it now."""
         self.abandoned = True
@@ -201,6 +215,14 @@ class Calls:
         message = Cancel(call.correlation_id, call.deadline).message()
         with contextlib.suppress(*BROKER_GONE):
             await control.publish(message, routing_key=contract.CANCEL_KEY, mandatory=False)
+
+    def replies_lost(self) -> None:
+        """End every answer under way with an error at once: the reply queue was lost."""
+        pending = [call for call in self._pending.values() if not call.finished]
+        if pending:
+            log.warning("reply queue lost: %d answers under way end with an error", len(pending))
+        for call in pending:
+            call.reply_lost()
 
     async def on_reply(self, message: aiormq.abc.DeliveredMessage) -> None:
         """Hand a reply piece to the call that awaits it (subscribed to the reply queue)."""

@@ -115,6 +115,7 @@ class Services:
             on_reply=self.calls.on_reply,
             on_announcement=self.registry.receive,
             on_reconnect=self.metrics.broker_reconnects.inc,
+            on_replies_lost=self.calls.replies_lost,
         )
         self.calls.start()
         await _check_schema(self.engine)

@@ -36,8 +36,9 @@ def test_choose(
 
 def test_model_queue_arguments() -> None:
     assert queues.model_queue_arguments(QueueType.CLASSIC, 9) == {"x-max-priority": 9}
-    assert queues.model_queue_arguments(QueueType.QUORUM, 9) == {"x-queue-type": "quorum"}
-    assert queues.model_queue_arguments(QueueType.QUORUM, 31) == {"x-queue-type": "quorum"}
+    quorum = {"x-queue-type": "quorum", "x-consumer-disconnected-timeout": 5_000}
+    assert queues.model_queue_arguments(QueueType.QUORUM, 9) == quorum
+    assert queues.model_queue_arguments(QueueType.QUORUM, 31) == quorum
     with pytest.raises(ValueError, match="quorum"):
         queues.model_queue_arguments(QueueType.QUORUM, 32)
 
