@@ -126,7 +126,7 @@ class Slots:
             self._say(f"delivery for a consumer not ours: {tag}")
 
     def _say(self, what: str) -> None:
-        log.info(
+        log.debug(
             "slots: %s; %d consumers, target %d, holding %d (%d elsewhere)",
             what,
             len(self._busy),
