@@ -21,11 +21,19 @@ async def declare(channel: aiormq.abc.AbstractChannel) -> str:
     return declared.queue
 
 
-async def vanished(connection: aiormq.abc.AbstractConnection, queues: set[str]) -> list[str]:
+QUEUE_CHECK_TIMEOUT = 1.0
+"""Seconds one liveness queue may take to answer before it counts as unreachable this round."""
+
+
+async def vanished(
+    connection: aiormq.abc.AbstractConnection, queues: set[str], unreachable: list[str] | None = None
+) -> list[str]:
     """Which of these liveness queues no longer exist (their consumer connection is gone).
 
     Checked on a plain channel of its own, opened for the round: the broker
-    closes a channel on every missing queue.
+    closes a channel on every missing queue. A queue whose node was killed does
+    not answer at all (the cluster waits for that node): it is put in
+    ``unreachable``, and the caller decides how long that may last.
     """
     gone = []
     channel = None
@@ -34,9 +42,13 @@ async def vanished(connection: aiormq.abc.AbstractConnection, queues: set[str]) 
             if channel is None or channel.is_closed:
                 channel = await connection.channel()
             try:
-                await channel.queue_declare(queue, passive=True, timeout=2)
+                await channel.queue_declare(queue, passive=True, timeout=QUEUE_CHECK_TIMEOUT)
             except aiormq.exceptions.ChannelNotFoundEntity:
                 gone.append(queue)
+            except TimeoutError:
+                if unreachable is not None:
+                    unreachable.append(queue)
+                channel = None  # aiormq closes a channel whose call timed out
             except aiormq.exceptions.ChannelLockedResource:
                 pass  # RESOURCE_LOCKED: the queue exists, held by its consumer's live connection
     finally:

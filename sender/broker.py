@@ -153,15 +153,13 @@ class Broker:
         channel = await self._reply_channel.get_underlay_channel()
         if channel is self._reply_channel_used and self._reply_tag is not None:
             return  # still subscribed on this channel
-        await queues.declare(
-            self._connection.transport.connection,
+        # On the reply channel itself (the name is this sender's alone, so its type cannot clash):
+        # no extra channel opened while the connection may be recovering.
+        await channel.queue_declare(
             self.reply_queue_name,
-            {
-                kind: queues.reply_queue_arguments(kind, contract.REPLY_QUEUE_EXPIRES_MS)
-                for kind in queues.QueueType
-            },
-            self.queue_type,
-            fixed=True,
+            durable=True,
+            arguments=queues.reply_queue_arguments(self.queue_type, contract.REPLY_QUEUE_EXPIRES_MS),
+            timeout=10,
         )
         if channel is not self._reply_channel_used:
             channel.on_consumer_cancel_callbacks.add(self._on_cancel)
@@ -237,11 +235,12 @@ class Broker:
             raise BrokerUnavailable("not connected to the broker")
         return await self._connection.transport.connection.channel(publisher_confirms=False)
 
-    async def vanished(self, queues: set[str]) -> list[str]:
-        """Which of these liveness queues no longer exist (their consumer connection is gone)."""
+    async def vanished(self, queues: set[str], unreachable: list[str] | None = None) -> list[str]:
+        """Which of these liveness queues no longer exist (their consumer connection is gone); those
+        that did not answer in time go to ``unreachable``."""
         if self._connection is None or self._connection.transport is None or not self.connected:
             raise BrokerUnavailable("not connected to the broker")
-        return await liveness.vanished(self._connection.transport.connection, queues)
+        return await liveness.vanished(self._connection.transport.connection, queues, unreachable)
 
 
 def really_cancelled() -> bool:

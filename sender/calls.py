@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -24,11 +25,15 @@ from typing import Any
 import aiormq.abc
 
 import contract
-from contract import Cancel, Reply, Request
+from contract import Cancel, Reply, Request, liveness
 from contract.errors import BROKER_GONE
 from sender.broker import Broker, BrokerUnavailable, really_cancelled
 
 log = logging.getLogger(__name__)
+
+UNREACHABLE_GONE = 3.0
+"""Seconds a consumer's liveness queue may stay unreachable (its node killed: the cluster waits for
+the node and answers nothing) before its answers end with an error."""
 
 
 class PublishFailed(Exception):
@@ -152,6 +157,8 @@ class Calls:
         self._pending: dict[str, PendingCall] = {}
         self._background: set[asyncio.Future[None]] = set()
         self._watchdog: asyncio.Task[None] | None = None
+        self._unreachable_since: dict[str, float] = {}
+        """Liveness queues that did not answer, since when (monotonic)."""
 
     def start(self) -> None:
         self._watchdog = asyncio.create_task(self._watch_liveness())
@@ -216,6 +223,17 @@ class Calls:
         with contextlib.suppress(*BROKER_GONE):
             await control.publish(message, routing_key=contract.CANCEL_KEY, mandatory=False)
 
+    def _unreachable_too_long(self, watched: set[str], unreachable: list[str]) -> list[str]:
+        """Liveness queues unanswered for ``UNREACHABLE_GONE`` seconds in a row: their node is gone
+        (killed), and the consumer with it; a queue that answers again is forgiven."""
+        now = time.monotonic()
+        for queue in list(self._unreachable_since):
+            if queue not in unreachable or queue not in watched:
+                del self._unreachable_since[queue]
+        for queue in unreachable:
+            self._unreachable_since.setdefault(queue, now)
+        return [queue for queue, since in self._unreachable_since.items() if now - since >= UNREACHABLE_GONE]
+
     def replies_lost(self) -> None:
         """End every answer under way with an error at once: the reply queue was lost."""
         pending = [call for call in self._pending.values() if not call.finished]
@@ -251,9 +269,11 @@ class Calls:
             }
             if not watched:
                 continue
+            unreachable: list[str] = []
             try:
-                async with asyncio.timeout(max(2.0, self._liveness_interval * 2)):
-                    gone = await self._broker.vanished(watched)
+                allowed = max(2.0, self._liveness_interval * 2) + liveness.QUEUE_CHECK_TIMEOUT * len(watched)
+                async with asyncio.timeout(allowed):
+                    gone = await self._broker.vanished(watched, unreachable)
             except asyncio.CancelledError:
                 if really_cancelled():
                     raise
@@ -261,6 +281,7 @@ class Calls:
             except Exception as exc:  # disconnected: check again next round
                 log.info("liveness check skipped: %s", type(exc).__name__)
                 continue
+            gone += self._unreachable_too_long(watched, unreachable)
             for queue in gone:
                 log.warning("a consumer lost its broker connection in the middle of answers")
                 for call in list(self._pending.values()):
