@@ -8,7 +8,10 @@ of an answer checks that the queue still exists.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+from collections.abc import Callable
+from typing import Any
 
 import aiormq
 import aiormq.abc
@@ -41,14 +44,20 @@ async def vanished(
         for queue in queues:
             if channel is None or channel.is_closed:
                 channel = await connection.channel()
-            try:
-                await channel.queue_declare(queue, passive=True, timeout=QUEUE_CHECK_TIMEOUT)
-            except aiormq.exceptions.ChannelNotFoundEntity:
-                gone.append(queue)
-            except TimeoutError:
+            check = asyncio.ensure_future(channel.queue_declare(queue, passive=True))
+            done, _ = await asyncio.wait({check}, timeout=QUEUE_CHECK_TIMEOUT)
+            if not done:
+                # Not cancelled (aiormq would close the channel under the call, and a late frame on a
+                # reused channel number closes the whole connection): left to finish on its channel.
                 if unreachable is not None:
                     unreachable.append(queue)
-                channel = None  # aiormq closes a channel whose call timed out
+                check.add_done_callback(_close_after(channel))
+                channel = None
+                continue
+            try:
+                check.result()
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                gone.append(queue)
             except aiormq.exceptions.ChannelLockedResource:
                 pass  # RESOURCE_LOCKED: the queue exists, held by its consumer's live connection
     finally:
@@ -78,3 +87,21 @@ async def listen(
         await channel.queue_bind(declared.queue, exchange, routing_key=key)
     await channel.basic_consume(declared.queue, callback, no_ack=True)
     return declared.queue
+
+
+_closing: set[asyncio.Future[None]] = set()
+"""Channel closes under way, kept referenced until they finish."""
+
+
+def _close_after(channel: aiormq.abc.AbstractChannel) -> Callable[[asyncio.Future[Any]], None]:
+    """Close ``channel`` once its late check has an answer (and consume that answer)."""
+
+    def done(check: asyncio.Future[Any]) -> None:
+        if not check.cancelled():
+            check.exception()
+        if not channel.is_closed:
+            closing = asyncio.ensure_future(channel.close())
+            _closing.add(closing)
+            closing.add_done_callback(_closing.discard)
+
+    return done
