@@ -181,8 +181,11 @@ class Broker:
 
     def _on_cancel(self, frame: aiormq.spec.Basic.Cancel) -> None:
         if frame.consumer_tag == self._reply_tag:
-            log.warning("the broker cancelled the reply subscription; subscribing again")
+            log.warning("the broker cancelled the reply subscription; subscribing again to a new reply queue")
             self._reply_tag = None
+            # A new name: a quorum queue declared again under the name just deleted can fail to start
+            # (``noproc`` on consume), and replies still addressed to the old name are lost anyway.
+            self.reply_queue_name = f"{contract.REPLY_QUEUE_PREFIX}{self.instance_id}.{uuid.uuid4().hex[:6]}"
             # Cancelled with its queue deleted (a quorum queue failing over keeps its consumers):
             # the replies it held are gone, and nobody must wait for them until the deadline.
             self._on_replies_lost()
