@@ -2,11 +2,22 @@
 
 Life cycle: wait for the backend to be healthy, read its model card, listen
 for cancellations and read those published before it started
-(``consumer/cancel_history.py``), declare the model queue, then consume with
-a channel-wide prefetch equal to the flow window (so only what vLLM can start
-at once leaves the broker). Consumption pauses while the backend is unhealthy.
-The worker owns what concerns all requests at once: the connection, the health, flow and announcement loops,
-and cancellation. Each message is served by ``consumer/serving.py``, which
+(``consumer/cancel_history.py``), declare the model queue (quorum or classic,
+:mod:`contract.queues`), then consume
+through as many prefetch-one consumers as the flow window allows
+(:mod:`consumer.slots`), so only what vLLM can start at once leaves the
+broker. Consumption pauses while the backend is unhealthy.
+
+The worker alone re-subscribes: after the consume channel reopens (a
+reconnect) and when the broker cancels a consumer (its quorum queue failed
+over, or was deleted), one subscription task redeclares the queues this
+process owns on whichever node it is connected to and makes the slots again.
+A consume channel that closes gives back every request it delivered: their
+serving stops at once (the broker hands them to another consumer). The
+worker owns what concerns all requests at once: the two broker connections
+(consuming: the model queue, control messages, the liveness queue; publishing:
+replies, announcements), the health, flow and announcement loops, and
+cancellation. Each message is served by ``consumer/serving.py``, which
 says what became of it; the worker acts on that (an unreachable backend
 pauses consumption).
 """
@@ -31,7 +42,7 @@ from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
     AbstractIncomingMessage,
-    AbstractQueue,
+    AbstractRobustChannel,
     AbstractRobustConnection,
 )
 from aiohttp import web
@@ -44,8 +55,9 @@ from consumer.flow import Window
 from consumer.metrics import ConsumerMetrics
 from consumer.serving import Outcome, Served, Serving
 from consumer.settings import ConsumerSettings
+from consumer.slots import Slots
 from consumer.status_server import serve_status
-from contract import Announcement, Cancel, broker_connection, liveness
+from contract import Announcement, Cancel, broker_connection, liveness, queues
 from contract.errors import BROKER_GONE
 
 log = logging.getLogger(__name__)
@@ -85,11 +97,18 @@ class Worker:
         """The publishing connection (replies, announcements, dead letters)."""
         self._control_channel: AbstractChannel | None = None
         self._background: set[asyncio.Future[None]] = set()
-        self._consume_channel: AbstractChannel | None = None
+        self._consume_channel: AbstractRobustChannel | None = None
         self._reply_channel: AbstractChannel | None = None
         self._control: AbstractExchange | None = None
-        self._queue: AbstractQueue | None = None
-        self._consumer_tag: str | None = None
+        self.queue_type = queues.QueueType.CLASSIC
+        """Type of the queues this consumer declares, chosen when it connects."""
+        self._slots = Slots(contract.model_queue(settings.model), self._on_delivery)
+        self._slots.on_broker_cancel = self._want_subscription
+        self._consuming = False
+        """Whether the model queue should be consumed now (the backend is healthy, not stopping)."""
+        self._subscribe = asyncio.Event()
+        """Set when the slots must be made again: the channel reopened, or the broker cancelled one."""
+        self._serving_tasks: set[asyncio.Task[None]] = set()
         self._applied_prefetch = 0
         self._healthy = asyncio.Event()
         self._slow_checks = 0
@@ -108,7 +127,7 @@ class Worker:
 
     @property
     def consuming(self) -> bool:
-        return self._consumer_tag is not None
+        return self._consuming
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set, then drain gracefully."""
@@ -136,6 +155,7 @@ class Worker:
         self._tasks = [
             asyncio.create_task(self._health_loop()),
             asyncio.create_task(self._announce_loop()),
+            asyncio.create_task(self._subscription_loop()),
         ]
         if use_metrics:
             self._tasks.append(asyncio.create_task(self._flow_loop()))
@@ -149,10 +169,13 @@ class Worker:
         await self.shutdown()
 
     async def shutdown(self) -> None:
-        """Stop taking requests, let those in flight finish (within the grace period), say goodbye."""
+        """Stop taking requests, let those in flight finish (within the grace period), say goodbye.
+
+        Every step that needs the broker is bounded: with the broker gone, aio-pika would wait for it
+        to come back, and the process would outlive its SIGTERM."""
         self._stopping = True
-        await self._stop_consuming()
-        await self._announce(Announcement.GONE)
+        await _bounded(self._stop_consuming(), "stopping consumption")
+        await _bounded(self._announce(Announcement.GONE), "saying goodbye")
         try:
             await asyncio.wait_for(self._idle.wait(), self.settings.shutdown_grace)
         except TimeoutError:
@@ -166,7 +189,7 @@ class Worker:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for connection in (self._connection, self._publishing):
             if connection is not None:
-                await connection.close()
+                await _bounded(connection.close(), "closing a broker connection")
         await self.backend.close()
         if self._status is not None:
             await self._status.cleanup()
@@ -191,8 +214,8 @@ class Worker:
 
     async def _connect(self) -> None:
         """Two connections: one consumes (the model queue, control messages; the liveness queue lives
-        with it), one publishes (replies, announcements, dead letters). A memory or disk alarm blocks
-        the publishing one; the consuming one still acks, so the queue drains as requests finish."""
+        with it), one publishes (replies, announcements). A memory or disk alarm blocks the
+        publishing one; the consuming one still acks, so the queue drains as requests finish."""
         self._connection = await self._open_connection("consume")
         self._publishing = await self._open_connection("publish")
         self._connection.close_callbacks.add(self._on_connection_lost)
@@ -204,19 +227,19 @@ class Worker:
         self._serving = Serving(
             self.settings, self.backend, self.metrics, self._cancellations, self._reply_channel
         )
-        await self._reply_channel.declare_queue(self.settings.dead_letter_queue, durable=True)
+        self._control_channel = await self._connection.channel(publisher_confirms=False)
+        await self._declare_liveness()
+        transport = self._connection.transport
+        assert transport is not None
+        version = queues.server_version(transport.connection)
+        self.queue_type = queues.choose(self.settings.queue_type, version, self.settings.max_priority)
+        model_queue = contract.model_queue(self.settings.model)
+        log.info("model queue %s is a %s queue", model_queue, self.queue_type.value)
+        await self._declare_owned()
         self._control = await self._reply_channel.declare_exchange(
             contract.CONTROL_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
         )
-        self._control_channel = await self._connection.channel(publisher_confirms=False)
-        await self._declare_liveness()
-        control = await self._control_channel.declare_exchange(
-            contract.CONTROL_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
-        )
-        rollcall = await self._control_channel.declare_queue(exclusive=True, auto_delete=True)
-        await rollcall.bind(control, contract.ROLLCALL_KEY)
-        await rollcall.bind(control, contract.CANCEL_KEY)
-        await rollcall.consume(self._on_control, no_ack=True)
+        await self._listen_control()
         # Cancellations published before this start (a model woken from zero): read before serving.
         started = time.monotonic()
         caught = await cancel_history.catch_up(
@@ -230,20 +253,8 @@ class Worker:
             )
 
         self._consume_channel = await self._connection.channel(publisher_confirms=False)
-        arguments = contract.model_queue_arguments(self.settings.max_priority)
-        try:
-            self._queue = await self._consume_channel.declare_queue(
-                contract.model_queue(self.settings.model), durable=True, arguments=arguments
-            )
-        except aiormq.exceptions.ChannelPreconditionFailed as exc:
-            # A queue keeps the arguments it was first declared with (e.g. x-max-priority 9, from
-            # before the fair-share sub-levels): say what to do rather than fail unexplained.
-            raise RuntimeError(
-                f"the broker refused to declare {contract.model_queue(self.settings.model)} with "
-                f"{arguments}: it exists with other arguments (an older version, or another "
-                "CONSUMER_MAX_PRIORITY). Recreate it as rabbitmq/README.md says (Upgrading): "
-                f"{exc}"
-            ) from exc
+        await self._attach(await self._consume_channel.get_underlay_channel())
+        self._consume_channel.reopen_callbacks.add(lambda *_: self._want_subscription())
 
     async def _open_connection(self, role: str) -> AbstractRobustConnection:
         return await broker_connection.connect(
@@ -252,6 +263,40 @@ class Worker:
             reconnect_interval=self.settings.reconnect_interval,
             ssl_context=self.settings.rabbitmq_ssl_context(),
         )
+
+    async def _declare_owned(self) -> None:
+        """Declare the model queue and the dead-letter queue (again after a reconnect or a failover)."""
+        assert self._connection is not None and self._connection.transport is not None
+        connection = self._connection.transport.connection
+        fixed = self.settings.queue_type != "auto"
+        max_priority = self.settings.max_priority
+        try:
+            self.queue_type = await queues.declare(
+                connection,
+                contract.model_queue(self.settings.model),
+                queues.model_queue_choices(max_priority),
+                self.queue_type,
+                fixed=fixed,
+            )
+        except queues.QueueTypeMismatch as exc:
+            # A queue keeps the arguments it was first declared with (e.g. x-max-priority 9, from
+            # before the fair-share sub-levels): say what to do rather than fail unexplained.
+            raise RuntimeError(
+                f"{exc}. It exists with other arguments (an older version, another type or another "
+                "CONSUMER_MAX_PRIORITY): recreate it as rabbitmq/README.md says (Upgrading)"
+            ) from exc
+        await queues.declare(
+            connection,
+            self.settings.dead_letter_queue,
+            {kind: queues.dead_letter_queue_arguments(kind) for kind in queues.QueueType},
+            self.queue_type,
+            fixed=False,
+        )
+
+    async def _attach(self, channel: aiormq.abc.AbstractChannel) -> None:
+        """Consume on ``channel`` from now on; when it closes, what it delivered is given back."""
+        channel.closing.add_done_callback(lambda _: self._on_delivery_lost())
+        await self._slots.attach(channel)
 
     async def _declare_liveness(self) -> None:
         """A server-named exclusive queue: it lives exactly as long as the consuming connection,
@@ -274,15 +319,15 @@ class Worker:
 
     async def _pause_for_replies(self) -> None:
         """Stop taking requests, and give those in flight back by dropping the consuming connection
-        too (the robust connection makes a new one at once, without the subscription): their replies
-        may have been lost, and the liveness queue going with it lets the senders end those answers
-        now rather than at the deadline. Consuming resumes once the publishing connection is back."""
+        too (the robust connection makes a new one at once): their replies may have been lost, and
+        the liveness queue going with it lets the senders end those answers now rather than at the
+        deadline. Consuming resumes once the publishing connection is back."""
         log.warning("broker connection for replies lost; pausing and giving the requests in flight back")
         consuming = self._connection
         if consuming is not None and consuming.transport is not None:
             # First: a piece waiting for the reply channel to reopen must never go out after one lost.
             await _drop(consuming.transport.connection)
-        await self._stop_consuming()  # the subscription is not restored with the new connection
+        await self._stop_consuming()
 
     async def _on_publishing_back(self, *_: object) -> None:
         if self._healthy.is_set():
@@ -294,16 +339,64 @@ class Worker:
         return publishing is not None and publishing.connected.is_set() and not publishing.is_closed
 
     def _on_connection_lost(self, *_: object) -> None:
+        self._on_delivery_lost()
+
+    def _on_delivery_lost(self) -> None:
         """The broker hands the unacked requests to another consumer: stop serving them here."""
         given_back = self._cancellations.delivery_lost()
         if given_back:
-            log.warning("broker connection lost; %d requests in flight given back", given_back)
+            log.warning("broker channel lost; %d requests in flight given back", given_back)
+
+    def _want_subscription(self) -> None:
+        self._subscribe.set()
+
+    async def _subscription_loop(self) -> None:
+        """The one owner of re-subscribing: redeclare what this consumer owns, then make its slots again."""
+        while True:
+            await self._subscribe.wait()
+            self._subscribe.clear()
+            try:
+                await self._resubscribe()
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling() > 0:
+                    raise
+                log.warning("subscribing again interrupted: the broker connection dropped")
+            except Exception as exc:
+                log.warning("could not subscribe again (%s); trying again", exc)
+            else:
+                continue
+            await asyncio.sleep(self.settings.reconnect_interval)
+            self._subscribe.set()
+
+    async def _resubscribe(self) -> None:
+        assert self._consume_channel is not None
+        channel = await self._consume_channel.get_underlay_channel()
+        await self._declare_owned()
+        if channel is not self._slots.channel:
+            await self._attach(channel)
+        await self._slots.resize(self._applied_prefetch if self._consuming else 0)
+
+    async def _listen_control(self) -> None:
+        """Roll calls and cancellations, through a queue of the consuming connection (see
+        ``liveness.listen``)."""
+        assert self._control_channel is not None
+        await liveness.listen(
+            await self._control_channel.get_underlay_channel(),
+            contract.CONTROL_EXCHANGE,
+            (contract.ROLLCALL_KEY, contract.CANCEL_KEY),
+            self._on_control_delivery,
+        )
+
+    async def _on_control_delivery(self, delivered: aiormq.abc.DeliveredMessage) -> None:
+        await self._on_control(aio_pika.IncomingMessage(delivered, no_ack=True))
 
     async def _on_reconnected(self, *_: object) -> None:
         try:
             await self._declare_liveness()
+            await self._listen_control()
         except BROKER_GONE as exc:
-            log.warning("could not declare the liveness queue after reconnecting: %s", exc)
+            log.warning("could not declare the liveness and control queues after reconnecting: %s", exc)
 
     async def _choose_flow(self) -> bool:
         if self.settings.flow == "fixed":
@@ -318,21 +411,26 @@ class Worker:
         return True
 
     async def _apply_prefetch(self, size: int) -> None:
-        # Channel-wide (global) prefetch changes take effect at once, unlike per-consumer ones.
-        if size != self._applied_prefetch and self._consume_channel is not None:
-            await self._consume_channel.set_qos(prefetch_count=size, global_=True)
+        """Make the flow window ``size``: that many slots while consuming (see :mod:`consumer.slots`)."""
+        if size != self._applied_prefetch:
             self._applied_prefetch = size
+            if self._consuming:
+                await self._slots.resize(size)
 
     async def _start_consuming(self) -> None:
-        if self._consumer_tag is None and self._queue is not None and not self._stopping:
-            self._consumer_tag = await self._queue.consume(self._on_message)
+        if not self._consuming and not self._stopping:
+            self._consuming = True
+            try:
+                await self._slots.resize(self._applied_prefetch)
+            except BROKER_GONE:
+                self._want_subscription()  # made once the channel is back
             await self._announce(Announcement.READY)
 
     async def _stop_consuming(self) -> None:
-        tag, self._consumer_tag = self._consumer_tag, None
-        if tag is not None and self._queue is not None:
+        if self._consuming:
+            self._consuming = False
             with contextlib.suppress(*BROKER_GONE):
-                await self._queue.cancel(tag)
+                await self._slots.resize(0)
             await self._announce(Announcement.PAUSED)
 
     async def _health_loop(self) -> None:
@@ -414,12 +512,20 @@ class Worker:
                 mandatory=False,
             )
 
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+    def _on_delivery(self, delivered: aiormq.abc.DeliveredMessage) -> None:
+        """Serve each delivery in a task of its own: only the worker stops it (client gone, delivery lost)."""
+        task = asyncio.create_task(self._on_message(delivered))
+        self._serving_tasks.add(task)
+        task.add_done_callback(self._serving_tasks.discard)
+
+    async def _on_message(self, delivered: aiormq.abc.DeliveredMessage) -> None:
+        message = aio_pika.IncomingMessage(delivered, no_ack=False)
         correlation_id = message.correlation_id or ""
         assert self._serving is not None
         if not self._can_reply:
             return  # left unacked: dropping the consuming connection gives it back (_pause_for_replies)
         if self._cancellations.skip(correlation_id):
+            await _survive(self._slots.release(delivered), "releasing a slot")
             await self._serving.skip(message, liveness_queue=self._liveness_queue)
             return
         self.inflight += 1
@@ -431,7 +537,11 @@ class Worker:
             self._cancellations.track(correlation_id, task)
         try:
             async with self._serving.serve(message, liveness_queue=self._liveness_queue) as served:
-                await self._act_on(served)
+                try:
+                    await self._act_on(served)
+                finally:
+                    # Before the message is settled: a window that shrank must not get it refilled.
+                    await _survive(self._slots.release(delivered), "releasing a slot")
         finally:
             self._cancellations.untrack(correlation_id)
             self.inflight -= 1
@@ -449,12 +559,6 @@ class Worker:
             await self._stop_consuming()
 
 
-async def _drop(connection: aiormq.abc.AbstractConnection) -> None:
-    """Close an AMQP connection under its robust owner, which then reconnects."""
-    with contextlib.suppress(*BROKER_GONE):
-        await connection.close(ConnectionError("the reply connection was lost"))
-
-
 async def _survive(step: Coroutine[Any, Any, None], what: str) -> None:
     """Run one step of a background loop so that no failure ends the loop.
 
@@ -470,3 +574,19 @@ async def _survive(step: Coroutine[Any, Any, None], what: str) -> None:
         log.warning("%s interrupted: the broker connection dropped", what)
     except Exception:
         log.exception("%s failed; trying again later", what)
+
+
+async def _bounded(step: Coroutine[Any, Any, None], what: str, seconds: float = 5.0) -> None:
+    """A broker step of the shutdown, given up after ``seconds`` (the broker may be gone)."""
+    try:
+        await asyncio.wait_for(step, seconds)
+    except TimeoutError:
+        log.warning("%s: the broker did not answer within %g s; going on", what, seconds)
+    except BROKER_GONE:
+        pass
+
+
+async def _drop(connection: aiormq.abc.AbstractConnection) -> None:
+    """Close an AMQP connection under its robust owner, which then reconnects."""
+    with contextlib.suppress(*BROKER_GONE):
+        await connection.close(ConnectionError("the reply connection was lost"))

@@ -214,12 +214,15 @@ class Reply:
         return headers
 
     def properties(self, correlation_id: str) -> Basic.Properties:
-        """Not persistent: a reply is useful only to a sender waiting right now."""
+        """Persistent: a reply published while its sender reconnects waits in the durable reply queue,
+        through a restart of the broker too (a transient one would be dropped, and the sender would wait
+        for it until the request's deadline). Quorum queues keep every message anyway."""
         return Basic.Properties(
             headers=self.headers(),
             content_type=self.content_type,
             correlation_id=correlation_id,
             message_type=REPLY_TYPE,
+            delivery_mode=2,
         )
 
     @classmethod

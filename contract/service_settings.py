@@ -1,4 +1,5 @@
-"""Settings both services read the same way: TLS to the broker, its message size, the extra relayed routes.
+"""Settings both services read the same way: the broker nodes, TLS to them, their message size, the
+queue type, the extra relayed routes.
 
 Each service's settings class inherits these and gives them its own prefix
 (``SENDER_``, ``CONSUMER_``), so both sides accept the same values the same way.
@@ -15,6 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from contract import broker_connection, routes
 from contract.broker_tls import broker_ssl_context
 from contract.names import DEFAULT_BROKER_MAX_MESSAGE_SIZE, DEFAULT_RABBITMQ_URL, MESSAGE_ENVELOPE_BYTES
+from contract.queues import QueueTypeSetting
 
 
 class SharedSettings(BaseSettings):
@@ -33,6 +35,9 @@ class SharedSettings(BaseSettings):
     """The broker's ``max_message_size`` (``rabbitmq/rabbitmq.conf``). AMQP does not tell a client,
     and a larger message makes the broker close the channel it came on (every publish in flight on
     it fails), so each service is told, and refuses to start if what it publishes could exceed it."""
+    queue_type: QueueTypeSetting = "auto"
+    """Type of the durable queues this process declares (:mod:`contract.queues`): ``auto`` picks
+    quorum queues on RabbitMQ 4.3 and later (strict priorities, replicated), classic before."""
     extra_routes: str = ""
     """Routes relayed besides :data:`contract.routes.RELAYED_ROUTES`: comma-separated exact paths
     (``/v1/foo,/bar``), each a POST of a JSON body naming a ``model``. Senders and consumers must list

@@ -25,6 +25,7 @@ from starlette.requests import ClientDisconnect, Request
 
 from contract import errors, servable_model_name
 from contract.errors import clip
+from contract.queues import QueueTypeMismatch
 from sender.backlog import Backlog, expected_wait
 from sender.broker import BrokerUnavailable
 from sender.broker_hold import BrokerHold, Retry
@@ -35,6 +36,10 @@ from sender.settings import SenderSettings
 from sender.tokens import Token, TokenStore
 
 log = logging.getLogger(__name__)
+
+_ELECTION_WAIT = 3.0
+"""Seconds a model queue may report no consumer while one is announced, before the sender refuses:
+a quorum queue elects a new leader in about a second."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,9 +87,13 @@ class Admission:
         *,
         declare: Callable[[str], Awaitable[None]],
         backlog: Backlog | None = None,
+        announced: Callable[[str], bool] = lambda _: False,
     ) -> None:
-        """``declare``: :meth:`sender.broker.Broker.declare_model_queue`, for configured models."""
+        """``declare``: :meth:`sender.broker.Broker.declare_model_queue`, for configured models;
+        ``announced`` says whether a consumer of the model announced itself ready and is not known
+        to be gone (the registry)."""
         self._tokens = tokens
+        self._announced = announced
         self._queue_stats = queue_stats
         self._limiter = limiter
         self._settings = settings
@@ -157,6 +166,16 @@ class Admission:
             raise ApiError(errors.TOKEN_EXPIRED)
         return token
 
+    async def _consumers_back(self, model: str, stats: QueueStats) -> QueueStats:
+        """A quorum queue electing a new leader (its node lost) reports no consumer for a moment,
+        while its consumers stay subscribed: with a consumer still announced, look again for a
+        short while before refusing."""
+        deadline = time.monotonic() + _ELECTION_WAIT
+        while stats.exists and stats.consumers == 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            stats = await self._queue_stats.get(model, fresh=True)
+        return stats
+
     async def _check_queue(
         self, model: str, token: Token, request: Request, timeout: float, asked_at: float
     ) -> bool:
@@ -210,7 +229,7 @@ class Admission:
     async def _redeclare(self, model: str) -> None:
         try:
             await self._declare(model)
-        except aiormq.exceptions.ChannelClosed as exc:  # refused: other arguments, no permission
+        except (aiormq.exceptions.ChannelClosed, QueueTypeMismatch) as exc:  # refused: type, permission
             log.error("could not declare the queue of model %s: %s", model, exc)
             raise self._unavailable(
                 errors.MODEL_UNAVAILABLE, f"no server is available for model `{clip(model)}` right now"
@@ -236,6 +255,8 @@ class Admission:
                 # Lost by the broker since this sender declared it (or refused then): declare it again.
                 await self._redeclare(model)
                 stats = await self._queue_stats.get(model, fresh=True)
+            if stats.exists and stats.consumers == 0 and self._announced(model):
+                stats = await self._consumers_back(model, stats)
         except (BrokerUnavailable, TimeoutError, ConnectionError) as exc:
             raise Retry(self._unavailable(errors.BROKER_UNAVAILABLE)) from exc
         if self._hold.recently_reconnected():

@@ -15,7 +15,16 @@ broker does (reconnection, channel kinds, queue types).
 The reply queue is durable and not exclusive: an exclusive queue dies with its
 connection, and with it every reply in flight during a reconnect; a durable one
 keeps the replies sent while the broker restarted and this sender had not yet
-reconnected. ``x-expires`` removes it once this sender is gone for good.
+reconnected. ``x-expires`` removes it once this sender is gone for good. On
+RabbitMQ 4.3 and later it is a quorum queue (:mod:`contract.queues`), so a node
+lost does not strand it or the replies it holds.
+
+This class alone subscribes to the reply queue, straight on the aiormq channel
+(outside aio-pika's robust bookkeeping): after the channel reopens (a
+reconnect) and when the broker cancels the subscription (the queue failed
+over, or was deleted), one task redeclares the queue on whichever node this
+sender is connected to and subscribes again. Without that, a cancelled
+subscription would leave the sender deaf to every answer until restarted.
 """
 
 from __future__ import annotations
@@ -35,13 +44,12 @@ import aiormq.abc
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
-    AbstractIncomingMessage,
     AbstractRobustChannel,
     AbstractRobustConnection,
 )
 
 import contract
-from contract import broker_connection, liveness
+from contract import broker_connection, liveness, queues
 from contract.errors import BROKER_GONE
 
 log = logging.getLogger(__name__)
@@ -64,12 +72,16 @@ class Broker:
         ssl_context: ssl.SSLContext | None = None,
         models: tuple[str, ...] = (),
         max_priority: int = contract.DEFAULT_MAX_PRIORITY,
+        queue_type: queues.QueueTypeSetting = "auto",
     ) -> None:
         self._urls = urls
         self.models = models
         """The configured models, whose queues this sender declares (``SENDER_MODELS``)."""
         self._max_priority = max_priority
         self._background: set[asyncio.Task[None]] = set()
+        self._queue_type_setting: queues.QueueTypeSetting = queue_type
+        self.queue_type = queues.QueueType.CLASSIC
+        """Type of the reply queue, chosen when connecting (:mod:`contract.queues`)."""
         self._ssl_context = ssl_context
         self._reconnect_interval = reconnect_interval
         self.instance_id = uuid.uuid4().hex[:12]
@@ -81,6 +93,17 @@ class Broker:
         self._control: AbstractExchange | None = None
         self.disturbed_at = float("-inf")
         """When (monotonic) a connection was last lost or restored: consumers may not be back yet."""
+        self._on_reply: ReplyHandler | None = None
+        self._on_announcement: ReplyHandler | None = None
+        self._on_replies_lost: Callable[[], None] = lambda: None
+        self._announcements_channel: aiormq.abc.AbstractChannel | None = None
+        self._reply_channel_used: aiormq.abc.AbstractChannel | None = None
+        """The aiormq channel the reply subscription was made on."""
+        self._reply_tag: str | None = None
+        self._subscribe = asyncio.Event()
+        self._subscriber: asyncio.Task[None] | None = None
+        self.reply_resubscriptions = 0
+        """Times the reply subscription was made again (reconnects, broker cancels)."""
 
     @property
     def connected(self) -> bool:
@@ -104,6 +127,7 @@ class Broker:
         on_reply: ReplyHandler,
         on_announcement: Callable[[bytes], None],
         on_reconnect: Callable[[], None] = lambda: None,
+        on_replies_lost: Callable[[], None] = lambda: None,
     ) -> None:
         """Connect, subscribe ``on_reply`` to this sender's reply queue, listen to announcements
         and ask the consumers to announce themselves."""
@@ -127,32 +151,28 @@ class Broker:
         self._control = await control_channel.declare_exchange(
             contract.CONTROL_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
         )
-
+        transport = self._consuming.transport
+        assert transport is not None
+        self.queue_type = queues.choose(self._queue_type_setting, queues.server_version(transport.connection))
         reply_channel = await self._consuming.channel(publisher_confirms=False)
         await reply_channel.set_qos(prefetch_count=0)
-        await reply_channel.declare_queue(
-            self.reply_queue_name, durable=True, arguments={"x-expires": contract.REPLY_QUEUE_EXPIRES_MS}
-        )
         # Replies are consumed straight through aiormq (no aio-pika message object
-        # and one task less per piece); re-subscribed whenever the channel reopens.
+        # and one task less per piece); subscribed again by one task only.
         self._reply_channel = reply_channel
-        await self._consume_replies(on_reply)
-        reply_channel.reopen_callbacks.add(lambda _: self._consume_replies(on_reply))
+        self._on_reply = on_reply
+        self._on_replies_lost = on_replies_lost
+        await self._consume_replies()
+        reply_channel.reopen_callbacks.add(lambda *_: self._subscribe.set())
+        self._subscriber = asyncio.create_task(self._subscription_loop())
 
-        control = await reply_channel.declare_exchange(
-            contract.CONTROL_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
-        )
-        announcements = await reply_channel.declare_queue(exclusive=True, auto_delete=True)
-        await announcements.bind(control, contract.ANNOUNCE_KEY)
-
-        async def announcement(message: AbstractIncomingMessage) -> None:
+        async def announcement(message: aiormq.abc.DeliveredMessage) -> None:
             on_announcement(message.body)
 
-        await announcements.consume(announcement, no_ack=True)
+        self._on_announcement = announcement
+        await self._listen_announcements()
         await self._control.publish(
             contract.rollcall_message(), routing_key=contract.ROLLCALL_KEY, mandatory=False
         )
-
         await self.declare_queues()
 
     async def declare_queues(self) -> None:
@@ -166,7 +186,7 @@ class Broker:
             for model in self.models:
                 try:
                     await self.declare_model_queue(model)
-                except aiormq.exceptions.ChannelClosed as exc:
+                except (aiormq.exceptions.ChannelClosed, queues.QueueTypeMismatch) as exc:
                     log.error("could not declare the queue of model %s: %s", model, exc)
         except BrokerUnavailable:
             pass  # the connection dropped: declared again once it is back
@@ -192,30 +212,31 @@ class Broker:
                     await channel.close()
 
     async def declare_model_queue(self, model: str) -> None:
-        """Declare ``model``'s queue exactly as its consumers do (:func:`contract.model_queue_arguments`).
+        """Declare ``model``'s queue exactly as its consumers do (:mod:`contract.queues`: its type from
+        the broker's version or the setting, a queue that exists with the other type used as it is).
 
-        On a plain channel of its own: the broker closes a channel whose declare it refuses (a queue
-        that exists with other arguments), and a robust one would redeclare the queue on reconnect."""
-        channel = await self.open_channel()
+        On plain channels of their own: the broker closes a channel whose declare it refuses, and a
+        robust one would redeclare the queue on reconnect."""
+        transport = self._consuming_transport()
+        preferred = queues.choose(
+            self._queue_type_setting, queues.server_version(transport), self._max_priority
+        )
         try:
-            await channel.queue_declare(
+            await queues.declare(
+                transport,
                 contract.model_queue(model),
-                durable=True,
-                arguments=contract.model_queue_arguments(self._max_priority),
-                timeout=10,
+                queues.model_queue_choices(self._max_priority),
+                preferred,
+                fixed=self._queue_type_setting != "auto",
             )
         except aiormq.exceptions.ChannelClosed:
-            raise  # refused by the broker (other arguments, no permission): not a lost connection
+            raise  # refused by the broker (no permission): not a lost connection
         except BROKER_GONE as exc:
             raise BrokerUnavailable(type(exc).__name__) from exc
         except asyncio.CancelledError:
             if really_cancelled():
                 raise
             raise BrokerUnavailable("connection lost") from None
-        finally:
-            if not channel.is_closed:
-                with contextlib.suppress(Exception):
-                    await channel.close()
 
     def _in_background(self, step: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(step)
@@ -230,12 +251,74 @@ class Broker:
             ssl_context=self._ssl_context,
         )
 
-    async def _consume_replies(self, on_reply: ReplyHandler) -> None:
-        assert self._reply_channel is not None
+    async def _consume_replies(self) -> None:
+        """Declare the reply queue (again) and subscribe to it, unless already subscribed on this channel."""
+        assert self._reply_channel is not None and self._on_reply is not None
         channel = await self._reply_channel.get_underlay_channel()
-        await channel.basic_consume(self.reply_queue_name, on_reply, no_ack=True)
+        if channel is self._reply_channel_used and self._reply_tag is not None:
+            return  # still subscribed on this channel
+        # On the reply channel itself (the name is this sender's alone, so its type cannot clash):
+        # no extra channel opened while the connection may be recovering.
+        await channel.queue_declare(
+            self.reply_queue_name,
+            durable=True,
+            arguments=queues.reply_queue_arguments(self.queue_type, contract.REPLY_QUEUE_EXPIRES_MS),
+            timeout=10,
+        )
+        if channel is not self._reply_channel_used:
+            channel.on_consumer_cancel_callbacks.add(self._on_cancel)
+            self._reply_channel_used = channel
+        consume = await channel.basic_consume(self.reply_queue_name, self._on_reply, no_ack=True)
+        self._reply_tag = consume.consumer_tag
+
+    async def _listen_announcements(self) -> None:
+        """Listen to the consumers' announcements through a queue of this connection, made again on
+        each new channel (see ``liveness.listen``)."""
+        assert self._reply_channel is not None and self._on_announcement is not None
+        channel = await self._reply_channel.get_underlay_channel()
+        if channel is self._announcements_channel:
+            return
+        await liveness.listen(
+            channel, contract.CONTROL_EXCHANGE, (contract.ANNOUNCE_KEY,), self._on_announcement
+        )
+        self._announcements_channel = channel
+
+    def _on_cancel(self, frame: aiormq.spec.Basic.Cancel) -> None:
+        if frame.consumer_tag == self._reply_tag:
+            log.warning("the broker cancelled the reply subscription; subscribing again to a new reply queue")
+            self._reply_tag = None
+            # A new name: a quorum queue declared again under the name just deleted can fail to start
+            # (``noproc`` on consume), and replies still addressed to the old name are lost anyway.
+            self.reply_queue_name = f"{contract.REPLY_QUEUE_PREFIX}{self.instance_id}.{uuid.uuid4().hex[:6]}"
+            # Cancelled with its queue deleted (a quorum queue failing over keeps its consumers):
+            # the replies it held are gone, and nobody must wait for them until the deadline.
+            self._on_replies_lost()
+            self._subscribe.set()
+
+    async def _subscription_loop(self) -> None:
+        """The one owner of re-subscribing to the reply queue; retried until it works."""
+        while True:
+            await self._subscribe.wait()
+            self._subscribe.clear()
+            try:
+                await self._consume_replies()
+                await self._listen_announcements()
+            except asyncio.CancelledError:
+                if really_cancelled():
+                    raise
+            except Exception as exc:
+                log.warning("could not subscribe to the reply queue again (%s); trying again", exc)
+            else:
+                self.reply_resubscriptions += 1
+                continue
+            await asyncio.sleep(self._reconnect_interval)
+            self._subscribe.set()
 
     async def close(self) -> None:
+        if self._subscriber is not None:
+            self._subscriber.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._subscriber
         for connection in (self._publishing, self._consuming):
             if connection is not None:
                 await connection.close()
@@ -258,9 +341,10 @@ class Broker:
         ``channel_max`` and the broker closes it: about 2,000 made-up model names did that."""
         return await self._consuming_transport().channel(publisher_confirms=False)
 
-    async def vanished(self, queues: set[str]) -> list[str]:
-        """Which of these liveness queues no longer exist (their consumer connection is gone)."""
-        return await liveness.vanished(self._consuming_transport(), queues)
+    async def vanished(self, queues: set[str], unreachable: list[str] | None = None) -> list[str]:
+        """Which of these liveness queues no longer exist (their consumer connection is gone); those
+        that did not answer in time go to ``unreachable``."""
+        return await liveness.vanished(self._consuming_transport(), queues, unreachable)
 
     def _consuming_transport(self) -> aiormq.abc.AbstractConnection:
         """The consuming connection's own AMQP connection: it never publishes, so no alarm blocks it."""

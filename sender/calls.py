@@ -39,11 +39,16 @@ import aiormq.abc
 from aio_pika.abc import AbstractExchange
 
 import contract
-from contract import Cancel, Reply, Request
+from contract import Cancel, Reply, Request, liveness
 from contract.errors import BROKER_GONE, clip
 from sender.broker import Broker, BrokerUnavailable, really_cancelled
 
 log = logging.getLogger(__name__)
+
+UNREACHABLE_GONE = 3.0
+"""Seconds a consumer's liveness queue may stay unreachable (its node killed: the cluster waits for
+the node and answers nothing) before its answers end with an error."""
+
 
 DEFAULT_MAX_BUFFERED = 64 * 1024 * 1024
 
@@ -265,6 +270,20 @@ class PendingCall:
             )
         )
 
+    def reply_lost(self) -> None:
+        """The reply queue was lost with what it held: the answer will not come (or not whole)."""
+        if self.finished:
+            return
+        self.server_gone = True
+        self.deliver(
+            Reply(
+                seq=self._expected_seq,
+                last=True,
+                error="the answer was lost: this dispatcher's reply queue was removed",
+                liveness_queue=self.liveness_queue,
+            )
+        )
+
     def abandon(self, reason: str = "the client went away") -> None:
         """Nobody will read the answer: end the wait for it now."""
         self.abandoned = True
@@ -328,6 +347,8 @@ class Calls:
         """correlation id -> when published (monotonic), oldest first, until its confirm (or failure)."""
         self._background: set[asyncio.Future[None]] = set()
         self._watchdog: asyncio.Task[None] | None = None
+        self._unreachable_since: dict[str, float] = {}
+        """Liveness queues that did not answer, since when (monotonic)."""
 
     def start(self) -> None:
         self._watchdog = asyncio.create_task(self._watch_liveness())
@@ -486,6 +507,25 @@ class Calls:
         with contextlib.suppress(*BROKER_GONE):
             await control.publish(message, routing_key=contract.CANCEL_KEY, mandatory=False)
 
+    def _unreachable_too_long(self, watched: set[str], unreachable: list[str]) -> list[str]:
+        """Liveness queues unanswered for ``UNREACHABLE_GONE`` seconds in a row: their node is gone
+        (killed), and the consumer with it; a queue that answers again is forgiven."""
+        now = time.monotonic()
+        for queue in list(self._unreachable_since):
+            if queue not in unreachable or queue not in watched:
+                del self._unreachable_since[queue]
+        for queue in unreachable:
+            self._unreachable_since.setdefault(queue, now)
+        return [queue for queue, since in self._unreachable_since.items() if now - since >= UNREACHABLE_GONE]
+
+    def replies_lost(self) -> None:
+        """End every answer under way with an error at once: the reply queue was lost."""
+        pending = [call for call in self._pending.values() if not call.finished]
+        if pending:
+            log.warning("reply queue lost: %d answers under way end with an error", len(pending))
+        for call in pending:
+            call.reply_lost()
+
     async def on_reply(self, message: aiormq.abc.DeliveredMessage) -> None:
         """Hand a reply piece to the call that awaits it (subscribed to the reply queue)."""
         properties = message.header.properties
@@ -554,9 +594,11 @@ class Calls:
             }
             if not watched:
                 continue
+            unreachable: list[str] = []
             try:
-                async with asyncio.timeout(max(2.0, self._liveness_interval * 2)):
-                    gone = await self._broker.vanished(watched)
+                allowed = max(2.0, self._liveness_interval * 2) + liveness.QUEUE_CHECK_TIMEOUT * len(watched)
+                async with asyncio.timeout(allowed):
+                    gone = await self._broker.vanished(watched, unreachable)
             except asyncio.CancelledError:
                 if really_cancelled():
                     raise
@@ -564,6 +606,7 @@ class Calls:
             except Exception as exc:  # disconnected: check again next round
                 log.info("liveness check skipped: %s", type(exc).__name__)
                 continue
+            gone += self._unreachable_too_long(watched, unreachable)
             for queue in gone:
                 log.warning("a consumer lost its broker connection in the middle of answers")
                 for call in list(self._pending.values()):

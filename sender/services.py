@@ -84,6 +84,7 @@ class Services:
             ssl_context=settings.rabbitmq_ssl_context(),
             models=settings.configured_models(),
             max_priority=settings.max_priority,
+            queue_type=settings.queue_type,
         )
         self.queue_stats = QueueStatsCache(
             self.broker, ttl=settings.queue_stats_seconds, on_read=self.metrics.queue_read
@@ -109,6 +110,7 @@ class Services:
             self.hold,
             declare=self.broker.declare_model_queue,
             backlog=self.backlog,
+            announced=lambda model: self.registry.card(model) is not None,
         )
         self.relay = Relay(self.calls, self.backlog, self.hold, settings, has_consumer=self._has_consumer)
         self.accounting = Accounting(
@@ -143,6 +145,7 @@ class Services:
             on_reply=self.calls.on_reply,
             on_announcement=self.registry.receive,
             on_reconnect=self.metrics.broker_reconnects.inc,
+            on_replies_lost=self.calls.replies_lost,
         )
         self.calls.start()
         await _check_schema(self.engine)
