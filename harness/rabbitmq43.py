@@ -671,6 +671,8 @@ def main() -> None:
     commands.add_parser("setup", help=f"install RabbitMQ {SERIES} into its cached root (once per machine)")
     commands.add_parser("node", help="set up, then run one node until Ctrl-C")
     commands.add_parser("cleanup", help="kill every process inside the root and unmount its /proc")
+    run = commands.add_parser("run", help="run a command with RABBITMQ_URL set to a fresh node, then stop it")
+    run.add_argument("argv", nargs=argparse.REMAINDER, help="the command (after --)")
     args = parser.parse_args()
     if args.command == "cleanup":
         with _locked(120.0):
@@ -691,6 +693,16 @@ def main() -> None:
         print(f"RabbitMQ {installed_version()} ready in {root_dir()} ({time.monotonic() - started:.0f} s)")
         return
     bed = Testbed()
+    if args.command == "run":
+        argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+        if not argv:
+            sys.exit("run: no command given (python -m harness.rabbitmq43 run -- CMD ...)")
+        try:
+            node = bed.node()
+            print(f"RabbitMQ {installed_version()} node {node.name} for: {' '.join(argv)}", flush=True)
+            sys.exit(subprocess.call(argv, env={**os.environ, "RABBITMQ_URL": node.url}))
+        finally:
+            bed.close()
     try:
         node = bed.node()
         print(f"RABBITMQ_URL={node.url}  (node {node.name}; Ctrl-C stops it)", flush=True)
