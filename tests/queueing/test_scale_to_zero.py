@@ -108,8 +108,20 @@ async def test_the_list_shows_sleeping_models_to_the_tokens_that_may_use_them(
             http.post("/v1/completions", json={"model": asleep, "prompt": "hi", "max_tokens": 2})
         )
         await wait_depth(asleep, 1)
-        starting = [entry for entry in (await client.models.list()).data if entry.id == asleep]
-        assert getattr(starting[0], "status", None) == "starting"  # a request waits: being woken
+
+        async def status() -> object:
+            (entry,) = [entry for entry in (await client.models.list()).data if entry.id == asleep]
+            return getattr(entry, "status", None)
+
+        # A request waits: being woken. The list reads queue depths at most a moment old (a read
+        # begun just before the publish may land just after it), so it is asked again a few times.
+        seen = [await status()]
+        for _ in range(50):
+            if seen[-1] == "starting":
+                break
+            await asyncio.sleep(0.2)
+            seen.append(await status())
+        assert seen[-1] == "starting", seen
         backend = processes.simulator(asleep)
         processes.consumer(asleep, backend)
         async with asyncio.timeout(30):
