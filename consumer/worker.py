@@ -1,10 +1,11 @@
 """One consumer process: a model queue on one side, one vLLM server on the other.
 
-Life cycle: wait for the backend to be healthy, read its model card, listen
-for cancellations and read those published before it started
-(``consumer/cancel_history.py``), declare the model queue, then consume with
-a channel-wide prefetch equal to the flow window (so only what vLLM can start
-at once leaves the broker). Consumption pauses while the backend is unhealthy.
+Life cycle: wait for the backend to be healthy, read the names it serves
+(``consumer/served_names.py``), listen for cancellations and read those
+published before it started (``consumer/cancel_history.py``), declare a model
+queue per name, then consume them all on one channel whose channel-wide
+prefetch is the flow window (so only what vLLM can start at once leaves the
+broker, whatever the name). Consumption pauses while the backend is unhealthy.
 The worker owns what concerns all requests at once: the connection, the health, flow and announcement loops,
 and cancellation. Each message is served by ``consumer/serving.py``, which
 says what became of it; the worker acts on that (an unreachable backend
@@ -29,7 +30,6 @@ from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
     AbstractIncomingMessage,
-    AbstractQueue,
     AbstractRobustConnection,
 )
 from aiohttp import web
@@ -40,6 +40,7 @@ from consumer.backend import Backend, Health
 from consumer.cancellation import Cancellations
 from consumer.flow import Window
 from consumer.metrics import ConsumerMetrics
+from consumer.served_names import ServedNames, cards_from
 from consumer.serving import Outcome, Served, Serving
 from consumer.settings import ConsumerSettings
 from consumer.status_server import serve_status
@@ -65,7 +66,7 @@ class Worker:
             waiting_tolerance=settings.waiting_tolerance,
             kv_cache_max=settings.kv_cache_max,
         )
-        self.card: dict[str, object] = {"id": settings.model}
+        self.names = ServedNames(settings.model, settings.max_priority)
         self.metrics = ConsumerMetrics(settings.model)
         self.metrics.watch(
             in_flight=lambda: self.inflight,
@@ -79,8 +80,6 @@ class Worker:
         self._consume_channel: AbstractChannel | None = None
         self._reply_channel: AbstractChannel | None = None
         self._control: AbstractExchange | None = None
-        self._queue: AbstractQueue | None = None
-        self._consumer_tag: str | None = None
         self._applied_prefetch = 0
         self._healthy = asyncio.Event()
         self._slow_checks = 0
@@ -99,7 +98,7 @@ class Worker:
 
     @property
     def consuming(self) -> bool:
-        return self._consumer_tag is not None
+        return self.names.consuming
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set, then drain gracefully."""
@@ -127,6 +126,7 @@ class Worker:
         self._tasks = [
             asyncio.create_task(self._health_loop()),
             asyncio.create_task(self._announce_loop()),
+            asyncio.create_task(self._names_loop()),
         ]
         if use_metrics:
             self._tasks.append(asyncio.create_task(self._flow_loop()))
@@ -162,7 +162,7 @@ class Worker:
         while not stop.is_set():
             if await self.backend.health(self.settings.health_timeout) is Health.UP:
                 try:
-                    self.card = await self.backend.model_card(self.settings.model)
+                    await self.names.follow(await self._backend_cards())
                 except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
                     log.warning("backend healthy but /v1/models failed: %s", exc)
                 else:
@@ -210,11 +210,7 @@ class Worker:
             )
 
         self._consume_channel = await self._connection.channel(publisher_confirms=False)
-        self._queue = await self._consume_channel.declare_queue(
-            contract.model_queue(self.settings.model),
-            durable=True,
-            arguments=contract.model_queue_arguments(self.settings.max_priority),
-        )
+        await self.names.declare(self._connection, self._consume_channel)
 
     async def _declare_liveness(self) -> None:
         """A server-named exclusive queue: it lives exactly as long as this connection.
@@ -257,15 +253,13 @@ class Worker:
             self._applied_prefetch = size
 
     async def _start_consuming(self) -> None:
-        if self._consumer_tag is None and self._queue is not None and not self._stopping:
-            self._consumer_tag = await self._queue.consume(self._on_message)
+        if not self.names.consuming and self._consume_channel is not None and not self._stopping:
+            await self.names.start(self._on_message)
             await self._announce(Announcement.READY)
 
     async def _stop_consuming(self) -> None:
-        tag, self._consumer_tag = self._consumer_tag, None
-        if tag is not None and self._queue is not None:
-            with contextlib.suppress(*BROKER_GONE):
-                await self._queue.cancel(tag)
+        if self.names.consuming:
+            await self.names.stop()
             await self._announce(Announcement.PAUSED)
 
     async def _health_loop(self) -> None:
@@ -318,6 +312,32 @@ class Worker:
                 self._announce(Announcement.READY if self.consuming else Announcement.PAUSED), "announcement"
             )
 
+    async def _backend_cards(self) -> dict[str, dict[str, Any]]:
+        return cards_from(
+            await self.backend.models(), self.settings.model, discover=self.settings.discover_names
+        )
+
+    async def _names_loop(self) -> None:
+        """Follow the adapters loaded and unloaded at run time (and aliases of a restarted backend)."""
+        while True:
+            await asyncio.sleep(self.settings.names_interval)
+            await _survive(self._names_step(), "served names")
+
+    async def _names_step(self) -> None:
+        try:
+            cards = await self._backend_cards()
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            log.info("could not read the backend's served names: %s", exc)
+            return
+        state = Announcement.READY if self.consuming else Announcement.PAUSED
+        added, removed = await self.names.follow(cards)
+        for name in removed:
+            log.info("backend no longer serves %s: stopped taking its requests", name)
+            await self._announce(Announcement.GONE, only=name)
+        for name in added:
+            log.info("backend now serves %s too: taking its requests", name)
+            await self._announce(state, only=name)
+
     async def _on_control(self, message: AbstractIncomingMessage) -> None:
         if message.routing_key == contract.CANCEL_KEY:
             self._remember_cancel(Cancel.from_message(message))
@@ -328,23 +348,25 @@ class Worker:
         forget_in = _CANCEL_MEMORY if cancel.deadline is None else cancel.deadline - time.time()
         self._cancellations.client_gone(cancel.correlation_id, max(1.0, forget_in))
 
-    async def _announce(self, state: str) -> None:
+    async def _announce(self, state: str, only: str | None = None) -> None:
+        """Tell the senders ``state`` for every served name (one announcement each), or ``only`` one."""
         if self._control is None:
             return
-        announcement = Announcement(
-            consumer_id=self.consumer_id,
-            model=self.settings.model,
-            state=state,
-            ttl=self.settings.announce_interval * 3,
-            card=dict(self.card),
-            max_priority=self.settings.max_priority,
-        )
-        with contextlib.suppress(*BROKER_GONE):
-            await self._control.publish(
-                announcement.message(),
-                routing_key=contract.ANNOUNCE_KEY,
-                mandatory=False,
+        for name in [only] if only is not None else list(self.names.cards):
+            announcement = Announcement(
+                consumer_id=self.consumer_id,
+                model=name,
+                state=state,
+                ttl=self.settings.announce_interval * 3,
+                card=dict(self.names.cards.get(name, {"id": name})),
+                max_priority=self.settings.max_priority,
             )
+            with contextlib.suppress(*BROKER_GONE):
+                await self._control.publish(
+                    announcement.message(),
+                    routing_key=contract.ANNOUNCE_KEY,
+                    mandatory=False,
+                )
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         correlation_id = message.correlation_id or ""
