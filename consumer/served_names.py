@@ -106,6 +106,7 @@ class ServedNames:
             self.cards.pop(name, None)
             await self._cancel(name)
             self._queues.pop(name, None)
+            self._forget(name)
             await self._delete_if_idle(name)
         return added, removed
 
@@ -128,6 +129,13 @@ class ServedNames:
         if tag is not None and queue is not None:
             with contextlib.suppress(*BROKER_GONE):
                 await queue.cancel(tag)
+
+    def _forget(self, name: str) -> None:
+        """aio-pika's robust channel declares again, after a reconnect, every queue it ever declared:
+        a name no longer served must not come back (its queue would turn the 404 into a 503)."""
+        registry = getattr(self._channel, "_queues", None)
+        if isinstance(registry, dict):
+            registry.pop(contract.model_queue(name), None)
 
     async def _delete_if_idle(self, name: str) -> None:
         """Delete the queue of a name the backend no longer serves, unless requests wait in it or

@@ -61,8 +61,7 @@ def _optional(data: dict[str, Any], name: str, kind: type | tuple[type, ...], wh
 
 
 def check_model(data: dict[str, Any], served: ServedModels) -> str:
-    """The served name the request used (an alias or an adapter); a missing ``model`` means the
-    primary one, as in vLLM."""
+    """The name the answer carries (see ``ServedModels.check``); 404 for a name not served."""
     return served.check(_optional(data, "model", str, "a valid string"))
 
 

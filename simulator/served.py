@@ -46,10 +46,11 @@ class ServedModels:
         return self.names[0]
 
     def check(self, model: str | None) -> str:
-        """The name a request used (a missing one means the primary, as in vLLM); 404 if not served."""
-        if model is None:
+        """The name an answer to a request for ``model`` carries, as vLLM's: an adapter's own, the
+        primary name for an alias or no name at all; 404 if the name is not served."""
+        if model is None or model in self.names:
             return self.primary
-        if model in self.names or model in self.adapters:
+        if model in self.adapters:
             return model
         raise model_not_found(model, ", ".join([*self.names, *self.adapters]))
 
