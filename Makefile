@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test check chart-test run run-vllm-cpu vllm-cpu rabbitmq43 bench soak lint format services clean
+.PHONY: install test check chart-test webui-test run run-vllm-cpu vllm-cpu rabbitmq43 bench soak lint format services clean
 
 install: $(VENV)/.installed
 
@@ -23,7 +23,7 @@ test: services
 	$(BIN)/python -m pytest tests/unit
 	-$(BIN)/python -m harness.vllm_cpu setup
 	-$(BIN)/python -m harness.rabbitmq43 setup
-	$(BIN)/python -m pytest --ignore=tests/unit
+	$(BIN)/python -m pytest --ignore=tests/unit --ignore=tests/webui
 
 # Before a commit: lint and the unit tests; needs no running service.
 check: lint
@@ -32,6 +32,12 @@ check: lint
 # The deployment files only (chart, compose, Dockerfile): seconds, for editing them.
 chart-test: services
 	$(BIN)/python -m pytest tests/deploy
+
+# Open WebUI (PyPI, its own virtualenv cached in ~/.cache) in Debian's headless Chromium against a local
+# stack: the model list, a streamed chat, the stop button. Minutes the first time, a few more after.
+webui-test: services
+	$(BIN)/python -m harness.open_webui setup
+	$(BIN)/python -m pytest tests/webui
 
 run: install
 	$(BIN)/python -m tools.run

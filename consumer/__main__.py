@@ -7,11 +7,11 @@ import signal
 
 from consumer.settings import ConsumerSettings
 from consumer.worker import Worker
-from runtime import configure_logging, tune_gc
+from runtime import configure_logging, load_settings, tune_gc
 
 
 async def _main() -> None:
-    settings = ConsumerSettings()
+    settings = load_settings(ConsumerSettings, "consumer")
     configure_logging(settings.log_level)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
+import contract
 from contract import Request
 
 USAGE_PATHS = ("/v1/chat/completions", "/v1/completions")
@@ -37,8 +38,8 @@ def rewrite(request: Request, *, forward_priority: bool, max_priority: int) -> B
         return BackendBody(request.body, False)
     strip = ask_for_usage(payload) if wants_usage else False
     if forward_priority:
-        # vLLM serves lower values first; our scale serves higher first.
-        payload["priority"] = max_priority - request.priority
+        # vLLM serves lower values first; our wire serves higher first (fair-share sub-levels included).
+        payload["priority"] = contract.wire_max_priority(max_priority) - request.priority
     return BackendBody(orjson.dumps(payload), strip)
 
 

@@ -1,10 +1,14 @@
 """Which requests this consumer must stop, and why: the state cancellation shares between worker and serving.
 
-A request is stopped for one of two reasons that end differently: its client
-went away (the message is acked, nothing more is sent), or the broker
-connection dropped (the broker hands the message to another consumer, so it
-is not settled at all). The worker records the reason when it cancels the
-task serving the request; serving reads it when the cancellation reaches it.
+A request is stopped for one of three reasons that end differently: its client
+went away (the message is acked; only a last piece with the tokens generated
+so far is sent, for accounting), a piece of its answer was lost on the way to
+the sender (acked, nothing more is sent), the broker connection dropped (the
+broker hands the message to another consumer, so it is not settled at all), or
+the consumer is shutting down past its grace period (an answer under way ends
+with an error and its token counts; one not started yet is given back like a
+lost delivery). The worker records the reason when it cancels the task serving
+the request; serving reads it when the cancellation reaches it.
 A cancellation for a request not delivered yet is remembered until its
 deadline, so the request is skipped when it comes up.
 """
@@ -23,6 +27,10 @@ class Why(enum.Enum):
     CLIENT_GONE = "client gone"
     DELIVERY_LOST = "delivery lost"
     """The broker connection dropped: the broker gives the request to another consumer."""
+    SHUTDOWN = "shutdown"
+    """The consumer is stopping and its grace period ran out: the answer ends with an error."""
+    REPLY_LOST = "reply lost"
+    """A reply piece did not reach the sender's reply queue (gone, or refused): nobody gets the rest."""
 
 
 class Cancellations:
@@ -51,12 +59,25 @@ class Cancellations:
         if len(self._early) > _MEMORY_SIZE:
             self._early = {cid: until for cid, until in self._early.items() if until > now}
 
+    def reply_lost(self, correlation_id: str) -> None:
+        """Stop serving this request: a piece of its answer was lost on the way to the sender."""
+        task = self._serving.get(correlation_id)
+        if task is not None:
+            self._why.setdefault(correlation_id, Why.REPLY_LOST)
+            task.cancel()
+
     def delivery_lost(self) -> int:
         """The broker connection dropped: stop every request in flight; how many there were."""
         for correlation_id, task in list(self._serving.items()):
             self._why[correlation_id] = Why.DELIVERY_LOST
             task.cancel()
         return len(self._serving)
+
+    def shutting_down(self) -> None:
+        """The grace period ran out: stop every request in flight, each ending its answer with an error."""
+        for correlation_id, task in list(self._serving.items()):
+            self._why.setdefault(correlation_id, Why.SHUTDOWN)
+            task.cancel()
 
     def skip(self, correlation_id: str) -> bool:
         """Whether this request was cancelled before it arrived (then it is forgotten)."""

@@ -53,6 +53,13 @@ class ConsumerMetrics:
             ["model"],
             registry=self.registry,
         )
+        self.lost_replies = Counter(
+            "consumer_lost_replies",
+            "Answers stopped because a reply piece did not reach the sender, by reason: "
+            "no_reply_queue (returned: the sender is gone), nacked, broker_gone.",
+            ["model", "reason"],
+            registry=self.registry,
+        )
         self.in_flight = Gauge(
             "consumer_requests_in_flight",
             "Requests taken and not yet answered.",

@@ -112,11 +112,17 @@ class ServedNames:
 
     async def _declare(self, name: str) -> None:
         assert self._channel is not None
-        self._queues[name] = await self._channel.declare_queue(
-            contract.model_queue(name),
-            durable=True,
-            arguments=contract.model_queue_arguments(self._max_priority),
-        )
+        queue, arguments = contract.model_queue(name), contract.model_queue_arguments(self._max_priority)
+        try:
+            self._queues[name] = await self._channel.declare_queue(queue, durable=True, arguments=arguments)
+        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            # A queue keeps the arguments it was first declared with (e.g. x-max-priority 9, from
+            # before the fair-share sub-levels): say what to do rather than fail unexplained.
+            raise RuntimeError(
+                f"the broker refused to declare {queue} with {arguments}: it exists with other "
+                "arguments (an older version, or another CONSUMER_MAX_PRIORITY). Recreate it as "
+                f"rabbitmq/README.md says (Upgrading): {exc}"
+            ) from exc
 
     async def _consume(self, name: str) -> None:
         queue = self._queues.get(name)

@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 from types import TracebackType
 
+import orjson
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 import contract
@@ -39,6 +40,8 @@ from contract.errors import BROKER_GONE, clip
 log = logging.getLogger(__name__)
 
 _JSON = "application/json"
+_TOKENIZE_SECONDS = 2.0
+"""How long a cut answer waits for the backend to count its prompt."""
 
 
 class Outcome(enum.Enum):
@@ -58,6 +61,10 @@ class Outcome(enum.Enum):
     """Malformed: kept in the dead-letter queue."""
     REFUSED = "refused"
     """Its path is not a served route: answered 404 without calling the backend."""
+    INTERRUPTED = "interrupted"
+    """The consumer shut down before the answer was complete (after its grace period)."""
+    REPLY_LOST = "reply lost"
+    """A piece of its answer did not reach the sender (its reply queue is gone): stopped at once."""
 
 
 class Trouble(enum.Enum):
@@ -97,9 +104,24 @@ class Serving:
         """``async with serving.serve(message) as served``: answer it; settle it when the block ends."""
         return Delivery(self, message, liveness_queue)
 
-    async def skip(self, message: AbstractIncomingMessage) -> Served:
-        """Settle a request whose client is already gone, without spending GPU time on it."""
+    async def skip(self, message: AbstractIncomingMessage, *, liveness_queue: str) -> Served:
+        """Settle a request whose client is already gone, without spending GPU time on it.
+
+        The sender may still wait to charge it: it hears that nothing was generated.
+        """
         await _settle(message.ack())
+        if message.reply_to and message.correlation_id:
+            publish = ReplyPublisher(self.channel, message.reply_to, message.correlation_id)
+            await publish(
+                contract.Reply(
+                    seq=0,
+                    last=True,
+                    error="skipped: the client went away",
+                    prompt_tokens=0,
+                    completion_tokens=0,
+                    liveness_queue=liveness_queue,
+                )
+            )
         self.metrics.requests.labels(self.settings.model, "", Outcome.SKIPPED.value).inc()
         request_id = contract.request_id_of(message)
         fields = {"request_id": clip(request_id or ""), "outcome": Outcome.SKIPPED.value}
@@ -129,8 +151,10 @@ class Serving:
                 await self._call_backend(request, body, writer, strip_usage)
         except TimeoutError:
             if writer.started:
+                await self.count_prompt(request, writer)
                 await writer.finish(error="the request ran past its deadline")
             else:
+                await self.count_prompt(request, writer)
                 await _fail(writer, errors.DEADLINE_EXCEEDED, "the request ran past its deadline")
         except BackendUnreachable as exc:
             if not redelivered:
@@ -141,6 +165,7 @@ class Serving:
         except BackendFailed as exc:
             message = f"the connection to the model server failed: {exc}"
             if writer.started:
+                await self.count_prompt(request, writer)
                 await writer.finish(error=message)
             else:
                 await _fail(writer, errors.BACKEND_ERROR, message)
@@ -150,16 +175,23 @@ class Serving:
     async def _call_backend(
         self, request: Request, body: bytes, writer: ReplyWriter, strip_usage: bool
     ) -> None:
+        writer.count = _nothing_counted  # a plain answer cut off: what it generated is not knowable
         async with self.backend.post(request.path, body) as response:
             content_type = response.headers.get("Content-Type")
             if not request.stream or response.status != 200:
                 answer = await response.read()
                 if response.status == 200:
-                    self._count_tokens(writer, token_counts.from_body(answer))
+                    writer.usage = token_counts.from_body(answer)
+                elif _no_such_route(response.status, answer):
+                    await _fail(
+                        writer, errors.UNKNOWN_URL, f"the model's server has no route POST {request.path}"
+                    )
+                    return
                 await writer.whole(response.status, content_type, answer)
                 return
             writer.begin(response.status, content_type)
             watcher = token_counts.StreamUsage(strip=strip_usage)
+            writer.count = watcher.so_far  # a cut stream still reports what it generated
             async for chunk in response.content.iter_any():
                 relayed = watcher.feed(chunk)
                 if relayed:
@@ -167,14 +199,28 @@ class Serving:
             rest = watcher.end()
             if rest:
                 await writer.feed(rest)
-        self._count_tokens(writer, watcher.counts)
+        writer.usage = watcher.so_far()
         await writer.finish()
 
-    def _count_tokens(self, writer: ReplyWriter, counts: tuple[int, int] | None) -> None:
-        if counts is not None:
-            writer.usage = counts
-            self.metrics.prompt_tokens.labels(self.settings.model).inc(counts[0])
-            self.metrics.completion_tokens.labels(self.settings.model).inc(counts[1])
+    async def count_prompt(self, request: Request, writer: ReplyWriter) -> None:
+        """An answer cut before the backend reported its usage: ask the backend how long the prompt was
+        (it was processed all the same), so that the last piece charges it too."""
+        if writer.count is None:
+            return  # the backend never saw it
+        counted = writer.usage or writer.count()
+        if counted[0] is not None:
+            return
+        body = token_counts.tokenize_body(request.path, request.body)
+        if body is None:
+            return
+        try:
+            async with asyncio.timeout(_TOKENIZE_SECONDS), self.backend.post("/tokenize", body) as response:
+                answer = await response.read() if response.status == 200 else b""
+        except (TimeoutError, BackendFailed, BackendUnreachable):
+            return
+        prompt = token_counts.count_of(answer)
+        if prompt is not None:
+            writer.usage = (prompt, counted[1])
 
     async def dead_letter(self, message: AbstractIncomingMessage, reason: str) -> None:
         """Keep an unreadable message for inspection, then settle it: never a crash, never a loop."""
@@ -197,12 +243,35 @@ class Serving:
             await _settle(message.ack())
         self.metrics.requests.labels(self.settings.model, "", Outcome.REJECTED.value).inc()
 
-    def log_request(self, request: Request, status: int | None, outcome: Outcome, started: float) -> None:
-        """The request's metrics and its log line."""
+    def reply_lost(self, request: Request, reason: str) -> None:
+        """A piece of the answer to ``request`` did not reach its sender: count it, and stop the
+        generation now rather than computing an answer nobody can receive."""
+        self.metrics.lost_replies.labels(self.settings.model, reason).inc()
+        log.warning(
+            "a reply to request %s was lost (%s); its generation is stopped", clip(request.request_id), reason
+        )
+        self.cancellations.reply_lost(request.correlation_id)
+
+    def _level(self, request: Request) -> int:
+        """The user level of ``request`` (its message priority also holds its fair-share sub-level)."""
+        return contract.user_level(request.priority, self.settings.max_priority)
+
+    def log_request(
+        self,
+        request: Request,
+        status: int | None,
+        outcome: Outcome,
+        started: float,
+        tokens: token_counts.Counts | None = None,
+    ) -> None:
+        """The request's metrics (tokens generated included, cut short or not) and its log line."""
         model = self.settings.model
         self.metrics.requests.labels(model, str(status or ""), outcome.value).inc()
+        if tokens is not None:
+            self.metrics.prompt_tokens.labels(model).inc(tokens[0] or 0)
+            self.metrics.completion_tokens.labels(model).inc(tokens[1])
         if request.sent:
-            self.metrics.queue_wait.labels(model, str(request.priority)).observe(
+            self.metrics.queue_wait.labels(model, str(self._level(request))).observe(
                 max(0.0, started - request.sent)
             )
         self.metrics.serve_time.labels(model).observe(time.time() - started)
@@ -213,11 +282,14 @@ class Serving:
             "model": model,
             "path": clip(request.path),
             "stream": request.stream,
-            "priority": request.priority,
+            "priority": self._level(request),
+            "wire_priority": request.priority,
             "status": status,
             "outcome": outcome.value,
             "queue_ms": round((started - request.sent) * 1000, 1) if request.sent else None,
             "serve_ms": round((time.time() - started) * 1000, 1),
+            "prompt_tokens": tokens[0] if tokens else None,
+            "completion_tokens": tokens[1] if tokens else None,
         }
         log.info("request", extra={"fields": fields})
 
@@ -250,10 +322,16 @@ class Delivery:
             return self._served
         settings = serving.settings
         writer = ReplyWriter(
-            ReplyPublisher(serving.channel, request.reply_to, request.correlation_id),
+            ReplyPublisher(
+                serving.channel,
+                request.reply_to,
+                request.correlation_id,
+                on_lost=lambda reason: serving.reply_lost(request, reason),
+            ),
             liveness_queue=self._liveness_queue,
             interval=settings.flush_interval,
             max_bytes=settings.flush_bytes,
+            max_interval=settings.flush_interval_max,
         )
         self._request, self._writer = request, writer
         self._started = time.time()
@@ -275,7 +353,10 @@ class Delivery:
         handled = exc is not None and await self._interrupted(exc)
         await self._settle_message()
         if exc is None or handled:
-            self._serving.log_request(self._request, self._writer.status, self._served.outcome, self._started)
+            writer = self._writer
+            self._serving.log_request(
+                self._request, writer.status, self._served.outcome, self._started, writer.reported
+            )
         return handled
 
     async def _interrupted(self, exc: BaseException) -> bool:
@@ -286,11 +367,24 @@ class Delivery:
             why = self._serving.cancellations.why(self._request.correlation_id)
             if why is None:
                 return False
-            outcome = Outcome.GIVEN_BACK if why is Why.DELIVERY_LOST else Outcome.CANCELLED
-            writer.abandon()
             task = asyncio.current_task()
             if task is not None:
                 task.uncancel()
+            if why is Why.CLIENT_GONE:
+                outcome = Outcome.CANCELLED
+                await self._serving.count_prompt(self._request, writer)
+                await writer.cut("cancelled: the client went away")
+            elif why is Why.REPLY_LOST:
+                outcome = Outcome.REPLY_LOST  # nobody can receive the rest, nor a report
+                writer.abandon()
+            elif why is Why.SHUTDOWN and writer.started:
+                # Past the grace period: the answer ends here with an error, its tokens counted.
+                outcome = Outcome.INTERRUPTED
+                await self._serving.count_prompt(self._request, writer)
+                await writer.finish(error="the model server shut down in the middle of the answer")
+            else:  # connection lost, or shutting down before anything was sent: another consumer serves it
+                outcome = Outcome.GIVEN_BACK
+                writer.abandon()
         elif isinstance(exc, Exception):
             log.error("request %s failed in the consumer", clip(self._request.request_id), exc_info=exc)
             outcome = Outcome.FAILED
@@ -309,6 +403,22 @@ class Delivery:
             await _settle(self._message.nack(requeue=True))
         else:
             await _settle(self._message.ack())
+
+
+def _nothing_counted() -> token_counts.Counts:
+    return (None, 0)
+
+
+def _no_such_route(status: int, body: bytes) -> bool:
+    """The backend has no such route: FastAPI's own ``{"detail": ...}`` 404 or 405 (vLLM answers its
+    errors in OpenAI's shape, but not these), which the client gets as our ``unknown_url`` instead."""
+    if status not in (404, 405):
+        return False
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(payload, dict) and "detail" in payload and "error" not in payload
 
 
 async def _fail(writer: ReplyWriter, kind: errors.ErrorKind, message: str | None = None) -> None:

@@ -73,9 +73,16 @@ class ConsumerSettings(SharedSettings):
     forward_priority: bool = False
     """Set the body's ``priority`` for vLLM's ``--scheduling-policy priority`` (lower = sooner)."""
     max_priority: int = DEFAULT_MAX_PRIORITY
+    """Top of the user priority scale, as the senders' ``SENDER_MAX_PRIORITY``; the queue's
+    ``x-max-priority`` is the wire top derived from it (``contract.wire_max_priority``)."""
     flush_interval: float = 0.05
-    """Streamed answers are sent at most this often (the first piece at once), to spare the broker."""
-    flush_bytes: int = 64 * 1024
+    """Streamed answers are sent at most this often (the first token at once), to spare the broker."""
+    flush_interval_max: float = 0.2
+    """The interval doubles after each timed piece of a stream, up to this: a long answer costs
+    a few pieces a second (each piece costs CPU in both processes), a short one stays smooth."""
+    flush_bytes: int = Field(64 * 1024, ge=1)
+    """... or when this much piled up; also the largest body of one reply piece: a larger answer,
+    streamed or not, travels as several pieces. Must fit ``CONSUMER_BROKER_MAX_MESSAGE_SIZE``."""
     dead_letter_queue: str = DEAD_LETTER_QUEUE
     """Durable queue where unreadable request messages are kept for inspection."""
     cancel_catch_up_seconds: float = Field(10.0, gt=0)
@@ -83,6 +90,11 @@ class ConsumerSettings(SharedSettings):
     stream); past it the consumer serves anyway, and a request cancelled meanwhile may be served."""
     reconnect_interval: float = 1.0
     """Seconds between attempts to reconnect to the broker after losing it."""
+
+    @model_validator(mode="after")
+    def _pieces_fit_the_broker(self) -> Self:
+        self.check_fits_broker(self.flush_bytes, "flush_bytes", "CONSUMER_")
+        return self
 
     @model_validator(mode="after")
     def _one_api_key(self) -> Self:

@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 
 _CANCEL_MEMORY = 900.0
 """Seconds a cancellation without a deadline is remembered for a request not seen yet."""
+_CUT_SECONDS = 5.0
+"""Seconds the answers cut at shutdown get to send their last piece."""
 
 
 class Worker:
@@ -148,6 +150,10 @@ class Worker:
             await asyncio.wait_for(self._idle.wait(), self.settings.shutdown_grace)
         except TimeoutError:
             log.warning("%d requests still in flight after the grace period", self.inflight)
+            # Each answer cut here ends with an error and the tokens it generated, then is acked.
+            self._cancellations.shutting_down()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), _CUT_SECONDS)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -184,7 +190,8 @@ class Worker:
         )
         self._connection.close_callbacks.add(self._on_connection_lost)
         self._connection.reconnect_callbacks.add(self._on_reconnected)
-        self._reply_channel = await self._connection.channel(publisher_confirms=False)
+        # Confirms, so that a reply piece that no queue took is known at once (consumer/replies.py).
+        self._reply_channel = await self._connection.channel(publisher_confirms=True)
         self._serving = Serving(
             self.settings, self.backend, self.metrics, self._cancellations, self._reply_channel
         )
@@ -359,7 +366,7 @@ class Worker:
                 state=state,
                 ttl=self.settings.announce_interval * 3,
                 card=dict(self.names.cards.get(name, {"id": name})),
-                max_priority=self.settings.max_priority,
+                max_priority=contract.wire_max_priority(self.settings.max_priority),
             )
             with contextlib.suppress(*BROKER_GONE):
                 await self._control.publish(
@@ -372,7 +379,7 @@ class Worker:
         correlation_id = message.correlation_id or ""
         assert self._serving is not None
         if self._cancellations.skip(correlation_id):
-            await self._serving.skip(message)
+            await self._serving.skip(message, liveness_queue=self._liveness_queue)
             return
         self.inflight += 1
         self._idle.clear()

@@ -144,6 +144,13 @@ OVERLOADED = _kind(
 QUEUE_FULL = _kind(
     "queue_full", 429, RATE_LIMIT, "threshold", "too many requests are waiting for this model; retry later"
 )
+TOO_MANY_PARALLEL = _kind(
+    "too_many_parallel_requests",
+    429,
+    RATE_LIMIT,
+    "parallel",
+    "too many requests of this token are queued or running at once (its max_parallel); retry later",
+)
 RATE_LIMIT_EXCEEDED = _kind(
     "rate_limit_exceeded",
     429,
@@ -163,6 +170,23 @@ DEADLINE_EXCEEDED = _kind(
 BAD_GATEWAY = _kind("bad_gateway", 502, SERVER, "other", "the model server gave no answer")
 BACKEND_UNAVAILABLE = _kind("backend_unavailable", 502, SERVER, "backend", "the model server is unreachable")
 BACKEND_ERROR = _kind("backend_error", 502, SERVER, "backend", "the connection to the model server failed")
+ANSWER_TOO_LARGE = _kind(
+    "answer_too_large",
+    502,
+    SERVER,
+    "too_large",
+    "the answer is larger than the dispatcher holds for one request (SENDER_MAX_BUFFERED_REPLY_BYTES); "
+    "ask for it streamed, or for less",
+)
+CLIENT_TOO_SLOW = _kind(
+    "client_too_slow",
+    200,
+    SERVER,
+    "slow_client",
+    "the answer was stopped: the client read it more slowly than it was generated, and more than "
+    "the dispatcher holds for one request (SENDER_MAX_BUFFERED_REPLY_BYTES) waited for it",
+)
+"""Only ever an event inside a stream that started with 200."""
 STREAM_INTERRUPTED = _kind("stream_interrupted", 200, SERVER, "interrupted", "the answer was cut short")
 """Only ever an event inside a stream that started with 200."""
 SHUTTING_DOWN = _kind("shutting_down", 200, SERVER, "shutting_down", "the dispatcher is shutting down; retry")

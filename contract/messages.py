@@ -177,7 +177,10 @@ class Reply:
     pieces of raw server-sent-event bytes, each holding one or more events; a
     stream that broke off ends with a last piece whose ``error`` says why.
     The last piece also carries, for usage accounting, the token counts the
-    backend reported (when it did) and how long the request waited in the queue.
+    backend reported (when it did; for a stream cut short, the completion
+    tokens counted up to the cut) and how long the request waited in the queue.
+    When the client went away, the consumer still sends a last piece, a
+    *report* with only the counts, which the sender charges to the request.
     """
 
     seq: int
@@ -303,7 +306,10 @@ class Announcement:
     """Seconds this announcement stays true unless renewed."""
     card: dict[str, Any] = field(default_factory=dict)
     max_priority: int = DEFAULT_MAX_PRIORITY
-    """Top of the priority scale the consumer declared its queue with: senders check it is theirs."""
+    """Top of the wire priority scale the consumer declared its queue with
+    (``contract.wire_max_priority`` of its user scale): senders check it is theirs. A consumer from
+    before the fair-share sub-levels announces its user scale (9), which a current sender (29)
+    reports as a mismatch."""
 
     READY = "ready"
     PAUSED = "paused"

@@ -1,4 +1,4 @@
-"""Settings both services read the same way: TLS to the broker and the extra relayed routes.
+"""Settings both services read the same way: TLS to the broker, its message size, the extra relayed routes.
 
 Each service's settings class inherits these and gives them its own prefix
 (``SENDER_``, ``CONSUMER_``), so both sides accept the same values the same way.
@@ -9,12 +9,12 @@ from __future__ import annotations
 import ssl
 from pathlib import Path
 
-from pydantic import field_validator
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings
 
 from contract import routes
 from contract.broker_tls import broker_ssl_context
-from contract.names import DEFAULT_RABBITMQ_URL
+from contract.names import DEFAULT_BROKER_MAX_MESSAGE_SIZE, DEFAULT_RABBITMQ_URL, MESSAGE_ENVELOPE_BYTES
 
 
 class SharedSettings(BaseSettings):
@@ -25,6 +25,10 @@ class SharedSettings(BaseSettings):
     rabbitmq_cert_file: Path | None = None
     """Client certificate (PEM) presented to the broker, with ``rabbitmq_key_file``; unset: none."""
     rabbitmq_key_file: Path | None = None
+    broker_max_message_size: int = Field(DEFAULT_BROKER_MAX_MESSAGE_SIZE, gt=MESSAGE_ENVELOPE_BYTES)
+    """The broker's ``max_message_size`` (``rabbitmq/rabbitmq.conf``). AMQP does not tell a client,
+    and a larger message makes the broker close the channel it came on (every publish in flight on
+    it fails), so each service is told, and refuses to start if what it publishes could exceed it."""
     extra_routes: str = ""
     """Routes relayed besides :data:`contract.routes.RELAYED_ROUTES`: comma-separated exact paths
     (``/v1/foo,/bar``), each a POST of a JSON body naming a ``model``. Senders and consumers must list
@@ -40,6 +44,19 @@ class SharedSettings(BaseSettings):
     def relayed_routes(self) -> frozenset[str]:
         """Every route relayed (sender) or called on the backend (consumer), exact paths."""
         return routes.relayed_routes(routes.parse_extra_routes(self.extra_routes))
+
+    def check_fits_broker(self, body_bytes: int, body_setting: str, prefix: str) -> None:
+        """Raise ``ValueError`` (a clear start-up error) if a message of ``body_bytes``, plus its
+        headers, could exceed the broker's ``max_message_size``."""
+        if body_bytes + MESSAGE_ENVELOPE_BYTES > self.broker_max_message_size:
+            raise ValueError(
+                f"{prefix}{body_setting.upper()} ({body_bytes} bytes) plus {MESSAGE_ENVELOPE_BYTES} bytes "
+                f"kept for message headers exceeds {prefix}BROKER_MAX_MESSAGE_SIZE "
+                f"({self.broker_max_message_size} bytes), the broker's max_message_size: the broker "
+                f"would refuse such a message and close the channel it came on. Lower {prefix}"
+                f"{body_setting.upper()}, or raise max_message_size on the broker and "
+                f"{prefix}BROKER_MAX_MESSAGE_SIZE together."
+            )
 
     def rabbitmq_ssl_context(self) -> ssl.SSLContext | None:
         return broker_ssl_context(

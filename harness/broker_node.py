@@ -9,12 +9,14 @@ certificate from a CA made on the spot (:func:`make_test_certificates`); the
 security tests add users with the dispatcher's roles (:meth:`BrokerNode.add_user`).
 With ``management=True`` it runs the management plugin (the HTTP API KEDA's
 ``protocol: http`` scaler reads) on 127.0.0.1 at :attr:`BrokerNode.management_url`.
+``config`` adds lines to its ``rabbitmq.conf`` (e.g. a small ``max_message_size``).
 """
 
 from __future__ import annotations
 
 import os
 import pwd
+import re
 import shutil
 import subprocess
 import tempfile
@@ -30,7 +32,7 @@ from harness.stack import free_port
 class BrokerNode:
     """One RabbitMQ node listening on 127.0.0.1 on a free port."""
 
-    def __init__(self, *, tls: bool = False, management: bool = False) -> None:
+    def __init__(self, *, tls: bool = False, management: bool = False, config: str = "") -> None:
         self.name = f"dispatch-fault-{uuid.uuid4().hex[:8]}@localhost"
         self.port = free_port()
         self.dist_port = free_port()
@@ -40,6 +42,7 @@ class BrokerNode:
         self.certificates: dict[str, Path] = {}
         self.management_port = free_port() if management else 0
         self.management_url = f"http://127.0.0.1:{self.management_port}" if management else ""
+        self._extra_config = config
         self._process: subprocess.Popen[bytes] | None = None
 
     def url_for(self, user: str, password: str, *, tls: bool = False) -> str:
@@ -74,6 +77,8 @@ class BrokerNode:
                 "ssl_options.verify = verify_peer\n"
                 "ssl_options.fail_if_no_peer_cert = false\n"
             )
+        if self._extra_config:
+            config += self._extra_config.rstrip("\n") + "\n"
         (self.directory / "rabbitmq.conf").write_text(config)
         (self.directory / "rabbitmq-env.conf").write_text("")
         if os.geteuid() == 0:
@@ -125,6 +130,17 @@ class BrokerNode:
         if result.returncode != 0:
             raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed: {result.stdout}{result.stderr}")
         return result.stdout
+
+    def channels_of(self, name_prefix: str) -> int:
+        """Channels the broker counts on the connections whose ``connection_name`` client property
+        starts with ``name_prefix`` (a service may hold several connections), read from the node."""
+        output = self.ctl("list_connections", "-q", "--no-table-headers", "client_properties", "channels")
+        total = 0
+        for line in output.splitlines():
+            named = re.search(r'\{"connection_name",(?:"longstr",)?"([^"]*)"\}', line)
+            if named and named.group(1).startswith(name_prefix):
+                total += int(line.rsplit(maxsplit=1)[-1])
+        return total
 
     def close_all_connections(self) -> None:
         self.ctl("close_all_connections", "fault injection")

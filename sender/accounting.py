@@ -1,8 +1,13 @@
 """Accounting: what a forwarded call leaves behind once its answer is sent, in one place.
 
 Every call gets its metrics and one ``request`` log line. A call that reached
-a model queue also counts its tokens against the token's tokens-per-minute
-limit and leaves a usage row (buffered, written off the request path).
+a model queue also settles its tokens-per-minute reservation with the tokens
+it really used and leaves a usage row (buffered, written off the request
+path), once its usage is known: at once for a complete answer; for one cut
+short (client gone, deadline, interruption) when the consumer's report of the
+tokens generated up to the cut arrives, or after a bounded wait
+(``sender/calls.py``). A request admitted but never queued gives its
+reservation back.
 """
 
 from __future__ import annotations
@@ -71,14 +76,20 @@ class Accounting:
                 request_id=request_id, path=clip(path), status=status, code=code, ms=round(seconds * 1000, 1)
             )
             log.info("request", extra={"fields": fields})
-        if call is not None and request is not None:
-            self._usage_row(request, call, status, started)
+        if request is not None and call is None:
+            self._limiter.settle(request.token, request.reservation, 0, 0)
+        elif call is not None and request is not None:
+            total_ms = round(seconds * 1000)
+            call.when_settled(lambda: self._usage_row(request, call, status, total_ms))
 
-    def _usage_row(self, request: AdmittedRequest, call: PendingCall, status: int, started: float) -> None:
+    def _usage_row(self, request: AdmittedRequest, call: PendingCall, status: int, total_ms: int) -> None:
         final = call.final
-        prompt = (final.prompt_tokens or 0) if final is not None else 0
-        completion = (final.completion_tokens or 0) if final is not None else 0
-        self._limiter.spent(request.token, prompt + completion)
+        prompt = final.prompt_tokens if final is not None else None
+        completion = final.completion_tokens if final is not None else None
+        if completion is None:
+            completion = call.events  # no report (the consumer died, or is too old to report a cut)
+        prompt = prompt or 0
+        self._limiter.settle(request.token, request.reservation, prompt, completion)
         if not self._usage_rows:
             return
         self._usage.record(
@@ -92,7 +103,7 @@ class Accounting:
                 "prompt_tokens": prompt,
                 "completion_tokens": completion,
                 "queue_ms": final.queue_ms if final is not None else None,
-                "total_ms": round((time.perf_counter() - started) * 1000),
+                "total_ms": total_ms,
                 "priority": request.priority,
                 "streamed": request.stream,
             }

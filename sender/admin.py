@@ -82,6 +82,17 @@ def _optional_int(text: str) -> int | None:
     return value
 
 
+def _parallel(text: str) -> int | None:
+    """A positive number of requests at once, or none (no limit); 0 would refuse everything."""
+    if text.strip().lower() == "none":
+        return None
+    what = "max-parallel must be a positive integer (requests queued or running at once), or none"
+    value = _integer(text, what)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{what}, got {text!r}")
+    return value
+
+
 def _optional_seconds(text: str) -> float | None:
     """A positive number of seconds, or none; the database refuses the rest too, less clearly."""
     if text.strip().lower() == "none":
@@ -198,6 +209,7 @@ async def _command(engine: AsyncEngine, args: argparse.Namespace) -> int:
             rpm=args.rpm,
             tpm=args.tpm,
             max_seconds=args.max_seconds,
+            max_parallel=args.max_parallel,
         )
         given = _read_secret(args.secret_file) if args.secret_file else None
         pepper = SenderSettings().pepper()
@@ -222,6 +234,7 @@ async def _command(engine: AsyncEngine, args: argparse.Namespace) -> int:
             "rpm": args.rpm,
             "tpm": args.tpm,
             "max_seconds": args.max_seconds,
+            "max_parallel": args.max_parallel,
             "expires_at": UNSET if args.expires is UNSET else await _resolve_when(engine, args.expires),
         }
         if not await token_records.set_token(engine, args.name, **changes):
@@ -289,6 +302,11 @@ def parser() -> argparse.ArgumentParser:
         type=_optional_seconds,
         help="seconds a request may take at most, below SENDER_DEADLINE_SECONDS (default: that)",
     )
+    add.add_argument(
+        "--max-parallel",
+        type=_parallel,
+        help="requests queued or running at once, > 0, per sender replica (default: no limit)",
+    )
     add.add_argument("--secret-file", help="read the secret from this file ('-': standard input)")
     add.add_argument("--json", action="store_true", help="print {name, secret} as JSON")
 
@@ -296,7 +314,7 @@ def parser() -> argparse.ArgumentParser:
         "set-token",
         help="change some fields of a token",
         description="Change the fields given; the others stay. "
-        "'none' clears --expires, --models, --rpm, --tpm, --max-seconds.",
+        "'none' clears --expires, --models, --rpm, --tpm, --max-seconds, --max-parallel.",
     )
     change.add_argument("--name", required=True)
     change.add_argument("--priority", type=_priority, default=UNSET, help="0 to SENDER_MAX_PRIORITY")
@@ -309,6 +327,7 @@ def parser() -> argparse.ArgumentParser:
     change.add_argument(
         "--max-seconds", type=_optional_seconds, default=UNSET, help="seconds (> 0), or none for the server's"
     )
+    change.add_argument("--max-parallel", type=_parallel, default=UNSET, help="a number, or none")
     enabled = change.add_mutually_exclusive_group()
     enabled.add_argument("--enable", dest="enabled", action="store_true", default=UNSET)
     enabled.add_argument("--disable", dest="enabled", action="store_false")

@@ -2,9 +2,10 @@
 
 Everything that can refuse a forwarded call before it is queued happens
 here, in this order: the bearer token, the body (size, time, JSON, ``model``),
-the priority and deadline headers, then the two admission steps: the model
-queue's numbers (unknown model, no live consumer, queue deeper than the
-token's threshold) and the token's rate limit. The first refusal wins, so
+the priority and deadline headers, then the admission steps: the model
+queue's numbers (unknown model, no live consumer, the token's own backlog
+over its threshold, or the whole queue with ``SENDER_THRESHOLD_SCOPE=queue``),
+the token's parallel limit, and its rate limit. The first refusal wins, so
 clients see the same code for the same mistake whatever else is wrong.
 """
 
@@ -23,9 +24,10 @@ from starlette.requests import ClientDisconnect, Request
 
 from contract import errors, servable_model_name
 from contract.errors import clip
+from sender.backlog import Backlog, expected_wait
 from sender.broker import BrokerUnavailable
 from sender.errors import ApiError
-from sender.limits import RateLimiter
+from sender.limits import Ask, RateLimiter, Reservation
 from sender.queue_stats import QueueStatsCache
 from sender.settings import SenderSettings
 from sender.tokens import Token, TokenStore
@@ -50,6 +52,8 @@ class AdmittedRequest:
     request_id: str
     asleep: bool = False
     """Admitted while its model had no live consumer (a configured model being woken up)."""
+    reservation: Reservation | None = None
+    """Tokens reserved under the token's tokens-per-minute limit, settled when the answer ends."""
 
 
 class Refused(ApiError):
@@ -70,6 +74,7 @@ class Admission:
         limiter: RateLimiter,
         settings: SenderSettings,
         declare: Callable[[str], Awaitable[None]],
+        backlog: Backlog | None = None,
     ) -> None:
         """``declare``: :meth:`sender.broker.Broker.declare_model_queue`, for configured models."""
         self._tokens = tokens
@@ -78,6 +83,7 @@ class Admission:
         self._settings = settings
         self._declare = declare
         self.configured = frozenset(settings.configured_models())
+        self._backlog = backlog or Backlog()
 
     async def admit(self, request: Request, path: str, request_id: str) -> AdmittedRequest:
         """The request, read and admitted; :class:`ApiError` (:class:`Refused` once it was read) if not."""
@@ -106,12 +112,16 @@ class Admission:
             asleep = await self._check_queue(model, token)
             if asleep:
                 admitted = dataclasses.replace(admitted, asleep=True)
-            retry_after = await self._limiter.admit(token)
+            refusal = parallel_refusal(self._backlog, token, settings)
+            if refusal is not None:
+                raise refusal
+            # The limiter comes last: it reserves tokens, which a later refusal would have to give back.
+            decision = await self._limiter.admit(token, Ask.of(model, payload, len(body)))
         except ApiError as exc:
             raise Refused(exc, admitted) from exc
-        if retry_after is not None:
-            raise Refused(ApiError(errors.RATE_LIMIT_EXCEEDED, retry_after=retry_after), admitted)
-        return admitted
+        if decision.retry_after is not None:
+            raise Refused(ApiError(errors.RATE_LIMIT_EXCEEDED, retry_after=decision.retry_after), admitted)
+        return dataclasses.replace(admitted, reservation=decision.reservation)
 
     async def authenticate(self, request: Request) -> Token:
         """The caller's token, usable now; the 401 (or 503) it gets otherwise."""
@@ -164,11 +174,25 @@ class Admission:
                 errors.OVERLOADED,
                 f"the dispatcher is overloaded: too many requests are waiting for model `{clip(model)}`",
             )
-        if stats.messages >= token.threshold:
+        backlog = self._backlog
+        if settings.threshold_scope == "queue":
+            if stats.messages >= token.threshold:
+                ahead = stats.messages - token.threshold + 1
+                raise ApiError(
+                    errors.QUEUE_FULL,
+                    f"too many requests are waiting for model `{clip(model)}`; retry later",
+                    retry_after=self._expected_wait(ahead, backlog.start_rate(model)),
+                )
+            return stats.consumers == 0
+        waiting = backlog.waiting(model, token.name)
+        if waiting >= token.threshold:
+            # The token's own backlog only: another token's burst is not charged to this one.
+            rate = backlog.start_rate(model, token.name) or backlog.start_rate(model)
             raise ApiError(
                 errors.QUEUE_FULL,
-                f"too many requests are waiting for model `{clip(model)}`; retry later",
-                retry_after=settings.retry_after_seconds,
+                f"too many of this token's requests are waiting for model `{clip(model)}` "
+                f"({waiting}; its threshold is {token.threshold}); retry later",
+                retry_after=self._expected_wait(waiting - token.threshold + 1, rate),
             )
         return stats.consumers == 0
 
@@ -181,8 +205,33 @@ class Admission:
                 errors.MODEL_UNAVAILABLE, f"no server is available for model `{clip(model)}` right now"
             ) from exc
 
+    def _expected_wait(self, ahead: int, rate: float) -> int:
+        settings = self._settings
+        return expected_wait(
+            ahead, rate, floor=settings.retry_after_seconds, ceiling=settings.retry_after_max_seconds
+        )
+
     def _unavailable(self, kind: errors.ErrorKind, message: str | None = None) -> ApiError:
         return ApiError(kind, message, retry_after=self._settings.retry_after_seconds)
+
+
+def parallel_refusal(backlog: Backlog, token: Token, settings: SenderSettings) -> ApiError | None:
+    """The 429 a request of ``token`` gets when its ``max_parallel`` requests are already queued or
+    running (in this sender); ``Retry-After`` is the expected time until one of them ends."""
+    if token.max_parallel is None or backlog.in_flight(token.name) < token.max_parallel:
+        return None
+    wait = expected_wait(
+        1,
+        backlog.end_rate(token.name),
+        floor=settings.retry_after_seconds,
+        ceiling=settings.retry_after_max_seconds,
+    )
+    return ApiError(
+        errors.TOO_MANY_PARALLEL,
+        f"this token already has {token.max_parallel} requests queued or running (its max_parallel); "
+        "retry when one ends",
+        retry_after=wait,
+    )
 
 
 def effective_priority(token: Token, requested: str | None, max_priority: int) -> int:

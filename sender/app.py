@@ -22,11 +22,11 @@ from starlette.types import ASGIApp
 
 from contract import errors
 from contract.errors import clip
+from sender import openapi
 from sender.admission import model_not_found
 from sender.auth_throttle import AuthThrottle, FailureTable, parse_networks
 from sender.errors import ApiError, error_response
 from sender.front import ForwardingFront
-from sender.openapi import AUTHENTICATED, add_security_scheme, forwarded
 from sender.services import Services
 from sender.settings import SenderSettings
 
@@ -63,15 +63,14 @@ def create_app(settings: SenderSettings | None = None) -> ASGIApp:
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _internal_error)
-    forwarded_call = forwarded(settings.max_priority)
 
-    @app.get("/health/live")
+    @app.get("/health/live", openapi_extra=openapi.liveness())
     async def live() -> Response:
         """Liveness: the process answers."""
         return Response(b'{"status":"ok"}', media_type=JSON)
 
-    @app.get("/health")
-    @app.get("/health/ready")
+    @app.get("/health", openapi_extra=openapi.readiness())
+    @app.get("/health/ready", openapi_extra=openapi.readiness())
     async def ready(request: Request) -> Response:
         """Readiness: the broker is connected and tokens can be checked: the token database
         answers, or (during an outage) recently seen tokens are cached and keep working.
@@ -83,7 +82,7 @@ def create_app(settings: SenderSettings | None = None) -> ASGIApp:
         body = orjson.dumps({"status": "ok" if ok else "unavailable", "broker": broker_ok, "database": db_ok})
         return Response(body, status_code=200 if ok else 503, media_type=JSON)
 
-    @app.get("/v1/models", openapi_extra=AUTHENTICATED)
+    @app.get("/v1/models", openapi_extra=openapi.model_list())
     async def list_models(request: Request) -> Response:
         services = _services(request)
         token = await services.admission.authenticate(request)
@@ -93,7 +92,7 @@ def create_app(settings: SenderSettings | None = None) -> ASGIApp:
         cards = [card for card in registry.cards(waiting) if token.may_use(str(card.get("id")))]
         return Response(orjson.dumps({"object": "list", "data": cards}), media_type=JSON)
 
-    @app.get("/v1/models/{model:path}", openapi_extra=AUTHENTICATED)
+    @app.get("/v1/models/{model:path}", openapi_extra=openapi.model_card())
     async def get_model(model: str, request: Request) -> Response:
         services = _services(request)
         token = await services.admission.authenticate(request)
@@ -114,15 +113,19 @@ def create_app(settings: SenderSettings | None = None) -> ASGIApp:
     for route in sorted(routes):
         # Declared for the OpenAPI description and for the 405 (with ``Allow``) of other methods.
         app.add_api_route(
-            route, relayed_call, methods=["POST"], openapi_extra=forwarded_call, name=f"relay {route}"
+            route,
+            relayed_call,
+            methods=["POST"],
+            openapi_extra=openapi.forwarded(route, settings.max_priority),
+            name=f"relay {route}",
         )
 
-    def openapi() -> dict[str, Any]:
+    def description() -> dict[str, Any]:
         if app.openapi_schema is None:
-            app.openapi_schema = add_security_scheme(FastAPI.openapi(app))
+            app.openapi_schema = openapi.finish(FastAPI.openapi(app))
         return app.openapi_schema
 
-    app.openapi = openapi  # type: ignore[method-assign]
+    app.openapi = description  # type: ignore[method-assign]
     throttle = AuthThrottle(
         ForwardingFront(app, settings.max_header_bytes, routes),
         failures,

@@ -9,6 +9,18 @@ connection's liveness queue, so a consumer that dies mid-answer ends the
 answer with an error at once rather than at the deadline. A call closed before
 its answer was complete is cancelled on the control exchange, so no consumer
 spends GPU time on it.
+
+Such a call is still charged what it generated: it waits (at most
+``settle_seconds``, and at most ``settle_calls`` of them at once, the oldest
+settled first) for the consumer's last piece, which carries the tokens
+generated up to the cut, before it is *settled* (its usage row written, its
+tokens-per-minute reservation replaced by the real count). A call that
+ended normally settles at once.
+
+Memory per request is bounded: the pieces waiting for a slow client (or the
+pieces of a non-streamed answer being put back together) may not exceed
+``max_buffered`` bytes. Past it the request is stopped: the pieces held are
+dropped, the generation is cancelled, and the client reads an error instead.
 """
 
 from __future__ import annotations
@@ -17,6 +29,8 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -25,10 +39,21 @@ import aiormq.abc
 
 import contract
 from contract import Cancel, Reply, Request
-from contract.errors import BROKER_GONE
+from contract.errors import BROKER_GONE, clip
 from sender.broker import Broker, BrokerUnavailable, really_cancelled
 
 log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BUFFERED = 64 * 1024 * 1024
+
+
+class Buffered:
+    """Reply bytes this sender holds for its clients, all requests together (a metric)."""
+
+    __slots__ = ("bytes",)
+
+    def __init__(self) -> None:
+        self.bytes = 0
 
 
 class PublishFailed(Exception):
@@ -39,13 +64,38 @@ class PendingCall:
     """The replies to one published request, in order, as they arrive."""
 
     def __init__(
-        self, correlation_id: str, model: str, deadline: float, on_done: Callable[[PendingCall], None]
+        self,
+        correlation_id: str,
+        model: str,
+        deadline: float,
+        on_done: Callable[[PendingCall], None],
+        owner: str = "",
+        *,
+        stream: bool = True,
+        request_id: str = "",
+        max_buffered: int = DEFAULT_MAX_BUFFERED,
+        buffered: Buffered | None = None,
+        on_overflow: Callable[[], None] = lambda: None,
     ) -> None:
         self.correlation_id = correlation_id
         self.model = model
+        self.owner = owner
+        """Name of the token that sent it (its backlog and parallel count, ``sender/backlog.py``)."""
         self.deadline = deadline
+        self.stream = stream
+        self.request_id = request_id
         self._replies: asyncio.Queue[Reply] = asyncio.Queue()
         self._on_done = on_done
+        self._closed = False
+        self._max_buffered = max_buffered
+        self._buffered = 0
+        """Bytes of the pieces in the queue, plus those held while a whole answer is put together."""
+        self._queued = 0
+        """Of which in the queue."""
+        self._total = buffered if buffered is not None else Buffered()
+        self._on_overflow = on_overflow
+        self.overflowed = False
+        """The answer outgrew ``max_buffered``: it was stopped, and the client gets an error."""
         self._expected_seq = 0
         self.liveness_queue: str | None = None
         """Liveness queue of the consumer serving the answer, from its first piece."""
@@ -59,9 +109,92 @@ class PendingCall:
         """The last piece of the answer, once it arrived (it carries the usage)."""
         self.answered = False
         """Whether any piece arrived: a consumer took the request off the queue."""
+        self.events = 0
+        """Server-sent events relayed (``data: {`` lines): the tokens of a stream whose consumer
+        could not report them (it died), roughly."""
+        self._settled = False
+        self._on_settled: list[Callable[[], None]] = []
+
+    def when_settled(self, action: Callable[[], None]) -> None:
+        """Run ``action`` once the call's usage is known (at once if it is)."""
+        if self._settled:
+            action()
+        else:
+            self._on_settled.append(action)
+
+    @property
+    def settled(self) -> bool:
+        return self._settled
+
+    def settle(self) -> None:
+        """The usage is as known as it will be: run what waited for it, once."""
+        if self._settled:
+            return
+        self._settled = True
+        actions, self._on_settled = self._on_settled, []
+        for action in actions:
+            try:
+                action()
+            except Exception:
+                log.exception("accounting of request %s failed", self.correlation_id)
+
+    def report(self, reply: Reply) -> None:
+        """The consumer's last piece, come after the client left: it carries the tokens generated."""
+        if self.liveness_queue is not None and reply.liveness_queue not in (None, self.liveness_queue):
+            return  # a redelivered copy served elsewhere; the owner's report is the one
+        self.final = reply
+        self.settle()
+
+    @property
+    def awaits_report(self) -> bool:
+        """Closed before its answer was complete, on a request the broker took: a consumer may
+        still be generating, and will say how much."""
+        return not self.finished and self.publish_error is None and not self.server_gone
 
     def deliver(self, reply: Reply) -> None:
+        if self.overflowed:
+            return
+        size = len(reply.body)
+        if size and self._buffered + size > self._max_buffered:
+            self._overflow()
+            return
+        self._hold(size, queued=True)
         self._replies.put_nowait(reply)
+
+    def drop_unread(self) -> None:
+        """Forget the pieces that arrived and were not read (the client is gone); a last one among
+        them is the report of what the request used."""
+        while not self._replies.empty():
+            reply = self._replies.get_nowait()
+            if reply.last and reply.liveness_queue is not None:  # the consumer's, not one made here
+                self.report(reply)
+        self._hold(-self._queued, queued=True)
+
+    def _hold(self, size: int, *, queued: bool = False) -> None:
+        self._buffered += size
+        if queued:
+            self._queued += size
+        self._total.bytes += size
+
+    def _drop_queued(self) -> None:
+        while not self._replies.empty():
+            self._replies.get_nowait()
+        self._hold(-self._queued, queued=True)
+
+    def _overflow(self) -> None:
+        """Too much waits for the client: drop it, stop the generation, end the answer with an error."""
+        self.overflowed = True
+        self._on_overflow()
+        log.warning(
+            "request %s for %s stopped: its answer outgrew SENDER_MAX_BUFFERED_REPLY_BYTES (%d bytes) "
+            "waiting for the client%s; the generation is cancelled",
+            clip(self.request_id),
+            clip(self.model),
+            self._max_buffered,
+            " to read it" if self.stream else " (a non-streamed answer is held whole)",
+        )
+        self.close()  # cancelled now, not once the client reads on; what was held is dropped
+        self._replies.put_nowait(Reply(seq=self._expected_seq, last=True, error="answer outgrew the buffer"))
 
     def publish_failed(self, error: str) -> None:
         self.publish_error = error
@@ -76,7 +209,8 @@ class PendingCall:
         async with asyncio.timeout(max(wait, 0.0)):
             while True:
                 reply = await self._replies.get()
-                if self.abandoned or self.publish_error is not None:
+                self._hold(-len(reply.body), queued=True)
+                if self.abandoned or self.overflowed or self.publish_error is not None:
                     return reply
                 if reply.liveness_queue is not None:
                     if self.liveness_queue is None:
@@ -85,10 +219,31 @@ class PendingCall:
                         continue  # a redelivered copy served by another consumer: the first answer stands
                 return self._check(reply)
 
+    async def whole(self, first: Reply) -> Reply:
+        """A non-streamed answer that came in several pieces (larger than one broker message), put
+        back together from ``first`` on: one last piece with the whole body, or the piece that
+        ended it with an error. The pieces held count against ``max_buffered`` meanwhile."""
+        parts = [first.body]
+        self._hold(len(first.body))
+        try:
+            while True:
+                reply = await self.next(self.deadline - time.time())
+                if reply.error is not None or self.overflowed or self.abandoned:
+                    return reply
+                parts.append(reply.body)
+                self._hold(len(reply.body))
+                if reply.last:
+                    return dataclasses.replace(
+                        reply, body=b"".join(parts), status=first.status, content_type=first.content_type
+                    )
+        finally:
+            self._hold(-sum(len(part) for part in parts))
+
     def _check(self, reply: Reply) -> Reply:
         if reply.seq != self._expected_seq:
             return Reply(seq=reply.seq, last=True, error=f"reply piece {self._expected_seq} was lost")
         self._expected_seq += 1
+        self.events += reply.body.count(b"data: {")
         self.finished = reply.last
         if reply.last:
             self.final = reply
@@ -113,7 +268,11 @@ class PendingCall:
 
     def close(self) -> None:
         """Stop listening; an unfinished request is cancelled wherever it is (queued or running)."""
+        if self._closed:
+            return
+        self._closed = True
         self._on_done(self)
+        self._drop_queued()  # pieces nobody will read
 
 
 class Calls:
@@ -123,19 +282,36 @@ class Calls:
         self,
         broker: Broker,
         *,
-        on_published: Callable[[str], None] = lambda _: None,
-        on_taken: Callable[[str], None] = lambda _: None,
+        on_published: Callable[[PendingCall], None] = lambda _: None,
+        on_taken: Callable[[PendingCall], None] = lambda _: None,
+        on_closed: Callable[[PendingCall], None] = lambda _: None,
         liveness_interval: float = 1.0,
         confirm_timeout: float = 10.0,
+        settle_seconds: float = 10.0,
+        settle_calls: int = 10_000,
+        max_buffered: int = DEFAULT_MAX_BUFFERED,
+        on_overflow: Callable[[], None] = lambda: None,
     ) -> None:
-        """``on_published`` and ``on_taken`` hear of a model's request when it is published and when
-        its first reply shows that a consumer took it off the queue."""
+        """``on_published``, ``on_taken`` and ``on_closed`` hear of a call when it is published, when
+        its first reply shows that a consumer took it off the queue, and when it is closed;
+        ``on_overflow`` of one stopped because its answer outgrew ``max_buffered`` bytes."""
         self._broker = broker
         self._on_published = on_published
         self._on_taken = on_taken
+        self._on_closed = on_closed
         self._liveness_interval = liveness_interval
         self._confirm_timeout = confirm_timeout
+        self._max_buffered = max_buffered
+        self._on_overflow = on_overflow
+        self.buffered = Buffered()
+        """Reply bytes held for clients right now, all requests together."""
         self._pending: dict[str, PendingCall] = {}
+        self._settle_seconds = settle_seconds
+        self._settle_calls = settle_calls
+        self._settling: dict[str, tuple[float, PendingCall]] = {}
+        """Calls closed before their answer was complete, awaiting the consumer's report: correlation
+        id -> (settle anyway after, monotonic). Insertion order is expiry order."""
+        self._closing = False
         self._background: set[asyncio.Future[None]] = set()
         self._watchdog: asyncio.Task[None] | None = None
 
@@ -148,8 +324,24 @@ class Calls:
             self._watchdog.cancel()
         for call in list(self._pending.values()):
             call.abandon("the dispatcher is shutting down")
+        self._closing = True
+        self.settle_all()
 
-    def publish(self, model: str, request: Request) -> PendingCall:
+    async def wait_settled(self, timeout: float) -> None:
+        """At shutdown, while the broker connection is still open: give the reports of the calls cut
+        short (by the shutdown itself, often) up to ``timeout`` seconds to arrive."""
+        for _ in range(math.ceil(timeout / 0.05)):  # polled: it happens once, at shutdown
+            if not self._settling:
+                return
+            await asyncio.sleep(0.05)
+
+    def settle_all(self) -> None:
+        """Settle every call still awaiting its report with what is known (at shutdown)."""
+        settling, self._settling = self._settling, {}
+        for _, call in settling.values():
+            call.settle()
+
+    def publish(self, model: str, request: Request, owner: str = "") -> PendingCall:
         """Publish ``request`` to the model's queue and return where its replies will arrive.
 
         The publisher confirm is awaited alongside the answer rather than before it;
@@ -163,7 +355,18 @@ class Calls:
         request = dataclasses.replace(
             request, correlation_id=correlation_id, reply_to=self._broker.reply_queue_name
         )
-        pending = PendingCall(correlation_id, model, request.deadline, self._forget)
+        pending = PendingCall(
+            correlation_id,
+            model,
+            request.deadline,
+            self._forget,
+            owner,
+            stream=request.stream,
+            request_id=request.request_id,
+            max_buffered=self._max_buffered,
+            buffered=self.buffered,
+            on_overflow=self._on_overflow,
+        )
         self._pending[correlation_id] = pending
         confirm = asyncio.ensure_future(
             exchange.publish(request.message(), routing_key=contract.model_queue(model), mandatory=True)
@@ -171,7 +374,7 @@ class Calls:
         # A confirm lost with its connection must not leave the client waiting until the deadline.
         overdue = asyncio.get_running_loop().call_later(self._confirm_timeout, confirm.cancel)
         confirm.add_done_callback(lambda done: self._confirmed(pending, done, overdue))
-        self._on_published(model)
+        self._on_published(pending)
         return pending
 
     def _confirmed(
@@ -187,7 +390,17 @@ class Calls:
             pending.publish_failed(str(exc) or type(exc).__name__)
 
     def _forget(self, call: PendingCall) -> None:
-        self._pending.pop(call.correlation_id, None)
+        if self._pending.pop(call.correlation_id, None) is not None:
+            self._on_closed(call)
+        if call.awaits_report:
+            call.drop_unread()  # nobody reads them; the report may be among them
+        if call.awaits_report and not call.settled and not self._closing and self._settle_seconds > 0:
+            self._settling[call.correlation_id] = (time.monotonic() + self._settle_seconds, call)
+            if len(self._settling) > self._settle_calls:
+                oldest = next(iter(self._settling))
+                self._settling.pop(oldest)[1].settle()
+        else:
+            call.settle()
         # Also after a failed publish (a confirm lost with the connection may hide a request the
         # broker did take) and when the consumer died mid-answer (the broker hands its copy on).
         if (not call.finished or call.server_gone) and self._broker.control is not None:
@@ -207,7 +420,8 @@ class Calls:
         properties = message.header.properties
         pending = self._pending.get(properties.correlation_id or "")
         if pending is None:
-            return  # the client gave up; nobody waits for this any more
+            self._reported(properties.correlation_id or "", properties, message.body)
+            return
         try:
             reply = Reply.from_properties(properties, message.body)
         except contract.ContractError as exc:
@@ -215,13 +429,40 @@ class Calls:
             reply = Reply(seq=-1, last=True, error="malformed reply from consumer")
         if not pending.answered:
             pending.answered = True
-            self._on_taken(pending.model)
+            self._on_taken(pending)
         pending.deliver(reply)
 
+    def _reported(self, correlation_id: str, properties: Any, body: bytes) -> None:
+        """A piece for a call whose client left: the last one says what the request generated."""
+        entry = self._settling.get(correlation_id)
+        if entry is None:
+            return  # nobody waits for this any more
+        try:
+            reply = Reply.from_properties(properties, body)
+        except contract.ContractError:
+            return
+        if reply.last:
+            call = entry[1]
+            call.report(reply)
+            if call.final is reply:
+                self._settling.pop(correlation_id, None)
+
+    def _settle_overdue(self) -> None:
+        """Settle the calls whose report did not come in time, with what is known."""
+        now = time.monotonic()
+        while self._settling:
+            correlation_id, (until, call) = next(iter(self._settling.items()))
+            if until > now:
+                break
+            del self._settling[correlation_id]
+            call.settle()
+
     async def _watch_liveness(self) -> None:
-        """End the answers whose consumer connection is gone (its liveness queue no longer exists)."""
+        """End the answers whose consumer connection is gone (its liveness queue no longer exists);
+        settle the calls that waited long enough for their report."""
         while True:
             await asyncio.sleep(self._liveness_interval)
+            self._settle_overdue()
             watched = {
                 call.liveness_queue
                 for call in self._pending.values()

@@ -2,20 +2,33 @@
 
 The counters live in the token database (``rate_windows``: one row per token
 and minute), which every replica already uses, so no other service is needed.
-To keep the database off the hot path:
+To keep the database off the hot path, both limits are handed out in
+*leases*: a replica atomically adds a batch to the minute's counter, is
+granted what is left under the limit, and spends that locally before asking
+again. A lease never exceeds the limit, so the limits hold exactly across
+replicas.
 
-- **Requests per minute** are handed out in leases: a replica atomically adds
-  a small batch (about 2% of the limit, at least 1) to the minute's counter,
-  is granted what is left under the limit, and admits that many requests
-  locally before asking again. The limit therefore holds exactly across
-  replicas (a lease never exceeds it); what a replica leased and did not use
-  in a minute is lost, at most one lease per replica. A token limited to 60
-  per minute costs one query per request; one limited to 6,000, one per 120.
-- **Tokens per minute** are known only once an answer is complete: they are
-  counted then (added to the minute's row every ``sync_seconds``) and checked
-  on admission against the minute's total as last read (at most
-  ``sync_seconds`` old) plus what this replica counted since. A request
-  admitted under the limit may take the total over it; the next ones wait.
+- **Requests per minute**: a lease is about 2% of the limit (at least 1). What
+  a replica leased and did not use in a minute is lost, at most one lease per
+  replica. A token limited to 60 per minute costs one query per request; one
+  limited to 6,000, one per 120.
+- **Tokens per minute** are known only once an answer ends, so admission
+  *reserves* an estimate (:func:`estimate`: the prompt's size from the body,
+  plus ``max_tokens``, or this token's running average of completion tokens
+  when the request sets none; at most the model's ``max_model_len`` and at
+  most the limit itself, so a single request always fits an empty minute).
+  A request whose reservation does not fit what is left of the minute is
+  refused: a token cannot start more requests in a minute than its limit
+  allows at their estimated size. When the answer ends (complete, cancelled,
+  cut by its deadline or interrupted: ``sender/accounting.py``), the
+  reservation is *settled*: replaced by the tokens really used, in the minute
+  it was made (what it over-reserved goes back to the database within
+  ``sync_seconds``, for every replica; what it under-reserved is added). A
+  lease is the request's reservation, or about 2% of the limit when that is
+  more; what a replica leased and did not reserve is given back when the
+  minute is over. Once everything settled, the minute's ``tokens`` counter is
+  the exact number of tokens its requests used (give or take a lease while
+  the minute lasts).
 
 Windows are calendar minutes; a refused request gets ``Retry-After`` = the
 seconds left in the minute. If the database cannot be reached the limits are
@@ -29,7 +42,9 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql, postgresql
@@ -44,6 +59,58 @@ WINDOW_SECONDS = 60
 LEASE_FRACTION = 0.02
 KEEP_WINDOWS = 60
 """Minutes of counters kept in the database before the senders delete them."""
+BYTES_PER_TOKEN = 4
+"""A prompt's tokens, estimated from the size of the request body (JSON included: on the high side)."""
+FIRST_GUESS = 512
+"""Completion tokens reserved for a request without ``max_tokens`` before the token has a history."""
+AVERAGE_WEIGHT = 0.2
+"""Weight of the newest answer in a token's running average of completion tokens."""
+
+
+@dataclass(frozen=True, slots=True)
+class Ask:
+    """What admission knows of a request's size before it runs, for the tokens-per-minute estimate."""
+
+    model: str
+    body_bytes: int
+    max_tokens: int | None
+    """The request's ``max_tokens`` (or ``max_completion_tokens``), if it sets one."""
+
+    @classmethod
+    def of(cls, model: str, payload: dict[str, Any], body_bytes: int) -> Ask:
+        wanted = payload.get("max_tokens")
+        if wanted is None:
+            wanted = payload.get("max_completion_tokens")
+        valid = isinstance(wanted, int) and not isinstance(wanted, bool) and wanted >= 0
+        return cls(model=model, body_bytes=body_bytes, max_tokens=wanted if valid else None)
+
+
+def estimate(ask: Ask, *, average: float | None, max_model_len: int | None) -> int:
+    """Tokens a request is expected to use: its prompt, estimated from the body's size, plus what it
+    may generate (``max_tokens``, else the token's running average); within the model's context."""
+    completion = ask.max_tokens
+    if completion is None:
+        completion = FIRST_GUESS if average is None else math.ceil(average)
+    tokens = ask.body_bytes // BYTES_PER_TOKEN + completion
+    if max_model_len is not None and max_model_len > 0:
+        tokens = min(tokens, max_model_len)
+    return max(1, tokens)
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """Tokens reserved for one admitted request in one minute, until it is settled."""
+
+    window: int
+    tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    retry_after: int | None
+    """None if the request may go, else the seconds until the limit lets it (``Retry-After``)."""
+    reservation: Reservation | None = None
+    """Tokens reserved under the token's tokens-per-minute limit (None: it has none)."""
 
 
 @dataclass
@@ -52,22 +119,34 @@ class _TokenState:
     leased: int = 0
     exhausted: bool = False
     """No request is left in this window: refuse without asking the database again."""
-    tokens_read: int = 0
-    """The window's token total as last read from the database."""
-    tokens_local: int = 0
-    """Tokens this replica counted in this window since that read."""
-    read_at: float = float("-inf")
+    budget: int = 0
+    """Tokens leased for this window and not reserved yet."""
+    budget_checked_at: float = float("-inf")
+    """When the database last had no tokens left to lease (monotonic): asked again after a sync."""
+    average: float | None = None
+    """Running average of this token's completion tokens per answer (this replica's)."""
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 class RateLimiter:
-    def __init__(self, engine: AsyncEngine, *, sync_seconds: float = 1.0, timeout: float = 2.0) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        sync_seconds: float = 1.0,
+        timeout: float = 2.0,
+        max_model_len: Callable[[str], int | None] = lambda _: None,
+    ) -> None:
+        """``max_model_len`` gives a model's context length (from its card), which bounds estimates."""
         self._engine = engine
         self._sync = sync_seconds
         self._timeout = timeout
+        self._max_model_len = max_model_len
         self._states: dict[int, _TokenState] = {}
         self._unsynced: dict[tuple[int, int], int] = {}
-        """(token id, window) -> tokens counted here and not yet added to the database."""
+        """(token id, window) -> tokens to add to the database's counter (negative: to give back)."""
+        self._holding: set[int] = set()
+        """Tokens whose state holds a leased budget: given back when its minute is over."""
         self._task: asyncio.Task[None] | None = None
         self._warned_at = float("-inf")
 
@@ -79,51 +158,145 @@ class RateLimiter:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        self._give_back(every=True)
         await self._push_tokens()
 
-    async def admit(self, token: Token) -> int | None:
-        """None if the request may go, else the seconds until the limit lets it (``Retry-After``)."""
+    async def admit(self, token: Token, ask: Ask | None = None) -> Decision:
+        """Whether the request may go, and the tokens reserved for it (settle them with :meth:`settle`)."""
         if token.rpm is None and token.tpm is None:
-            return None
+            return Decision(None)
         now = time.time()
         window = int(now // WINDOW_SECONDS)
         retry_after = max(1, math.ceil((window + 1) * WINDOW_SECONDS - now))
         state = self._states.get(token.id)
         if state is None:
             state = self._states[token.id] = _TokenState()
+        reservation = None
         async with state.lock:
             if state.window != window:
+                self._end_window(token.id, state)
                 state.window, state.leased, state.exhausted = window, 0, False
-                state.tokens_read, state.tokens_local, state.read_at = 0, 0, float("-inf")
+                state.budget_checked_at = float("-inf")
             try:
-                if token.tpm is not None and not await self._tokens_allow(token, state, window):
-                    return retry_after
+                if token.tpm is not None:
+                    wanted = min(token.tpm, self.estimate(token, ask))
+                    if not await self._reserve(token, state, window, wanted):
+                        return Decision(retry_after)
+                    reservation = Reservation(window, wanted)
                 if token.rpm is not None and not await self._request_allowed(token, state, window):
-                    return retry_after
+                    if reservation is not None:
+                        self._refund(token, state, reservation.tokens)
+                    return Decision(retry_after)
             except Exception as exc:
                 self._warn(exc)
-        return None
+        return Decision(None, reservation)
 
-    def spent(self, token: Token, tokens: int) -> None:
-        """Count the tokens of an answer against the token's per-minute limit."""
-        if token.tpm is None or tokens <= 0:
-            return
-        window = int(time.time() // WINDOW_SECONDS)
-        key = (token.id, window)
-        self._unsynced[key] = self._unsynced.get(key, 0) + tokens
+    def estimate(self, token: Token, ask: Ask | None) -> int:
+        """The tokens reserved for a request of ``token`` (see :func:`estimate`)."""
+        if ask is None:
+            return 1
         state = self._states.get(token.id)
-        if state is not None and state.window == window:
-            state.tokens_local += tokens
+        return estimate(
+            ask, average=state.average if state else None, max_model_len=self._max_model_len(ask.model)
+        )
 
-    async def _tokens_allow(self, token: Token, state: _TokenState, window: int) -> bool:
+    def settle(self, token: Token, reservation: Reservation | None, prompt: int, completion: int) -> None:
+        """Replace a request's reservation by the tokens it used (0 and 0: it was never queued)."""
+        state = self._states.get(token.id)
+        used = max(0, prompt) + max(0, completion)
+        if state is not None and used > 0:
+            state.average = (
+                completion
+                if state.average is None
+                else (1 - AVERAGE_WEIGHT) * state.average + AVERAGE_WEIGHT * completion
+            )
+        if token.tpm is None:
+            return
+        if reservation is None:  # admitted while the limits were not enforced: count what it used
+            if used:
+                window = int(time.time() // WINDOW_SECONDS)
+                self._add(token.id, window, used)
+            return
+        delta = used - reservation.tokens
+        if state is not None and state.window == reservation.window:
+            if delta < 0:
+                self._refund(token, state, -delta)
+            else:
+                taken = min(state.budget, delta)
+                state.budget -= taken
+                self._add(token.id, reservation.window, delta - taken)
+        else:
+            self._add(token.id, reservation.window, delta)
+
+    def _refund(self, token: Token, state: _TokenState, tokens: int) -> None:
+        """Tokens reserved and not used: back to the database, where every replica can lease them."""
+        self._add(token.id, state.window, -tokens)
+        state.budget_checked_at = float("-inf")
+
+    @staticmethod
+    def _lease_size(limit: int) -> int:
+        return max(1, int(limit * LEASE_FRACTION))
+
+    def _add(self, token_id: int, window: int, tokens: int) -> None:
+        if tokens:
+            key = (token_id, window)
+            self._unsynced[key] = self._unsynced.get(key, 0) + tokens
+
+    def _end_window(self, token_id: int, state: _TokenState) -> None:
+        """The state's minute is over: what it leased and did not reserve goes back to that minute."""
+        if state.budget:
+            self._add(token_id, state.window, -state.budget)
+            state.budget = 0
+        self._holding.discard(token_id)
+
+    def _give_back(self, *, every: bool = False) -> None:
+        """Give back the leases of minutes that are over (all of them at shutdown)."""
+        window = int(time.time() // WINDOW_SECONDS)
+        for token_id in list(self._holding):
+            state = self._states.get(token_id)
+            if state is None:
+                self._holding.discard(token_id)
+            elif every or state.window != window:
+                self._end_window(token_id, state)
+
+    async def _reserve(self, token: Token, state: _TokenState, window: int, wanted: int) -> bool:
+        """Take ``wanted`` tokens from this replica's lease, leasing more from the database if short."""
         assert token.tpm is not None
-        if time.monotonic() - state.read_at >= self._sync:
+        if state.budget < wanted:
+            if time.monotonic() - state.budget_checked_at < self._sync:
+                return False  # the minute was full a moment ago: do not ask the database per request
+            need = wanted - state.budget
             async with asyncio.timeout(self._timeout):
-                total = await self._read_tokens(token.id, window)
-            # What this replica counted and has not pushed yet is not in the total.
-            state.tokens_read, state.tokens_local = total, self._unsynced.get((token.id, window), 0)
-            state.read_at = time.monotonic()
-        return state.tokens_read + state.tokens_local < token.tpm
+                granted = await self._lease_tokens(
+                    token.id, window, need, max(need, self._lease_size(token.tpm)), token.tpm
+                )
+            if granted < need:
+                state.budget_checked_at = time.monotonic()
+                return False
+            state.budget += granted
+            self._holding.add(token.id)
+        state.budget -= wanted
+        return True
+
+    async def _lease_tokens(self, token_id: int, window: int, need: int, wanted: int, limit: int) -> int:
+        """Add up to ``wanted`` (at least ``need``) to the window's token counter, under ``limit``;
+        0 if not even ``need`` fits."""
+        table = rate_windows_table
+        where = (table.c.token_id == token_id, table.c.window_start == window)
+        values = {"token_id": token_id, "window_start": window, "requests": 0, "tokens": 0}
+        async with self._engine.begin() as conn:
+            if self._engine.dialect.name == "postgresql":
+                await conn.execute(postgresql.insert(table).values(**values).on_conflict_do_nothing())
+            else:
+                await conn.execute(mysql.insert(table).values(**values).prefix_with("IGNORE"))
+            used = (
+                await conn.execute(sa.select(table.c.tokens).where(*where).with_for_update())
+            ).scalar_one()
+            granted = min(wanted, limit - int(used))
+            if granted < need:
+                return 0
+            await conn.execute(sa.update(table).where(*where).values(tokens=table.c.tokens + granted))
+        return granted
 
     async def _request_allowed(self, token: Token, state: _TokenState, window: int) -> bool:
         assert token.rpm is not None
@@ -166,20 +339,12 @@ class RateLimiter:
                 ).scalar_one()
         return max(0, min(wanted, limit - (int(after) - wanted)))
 
-    async def _read_tokens(self, token_id: int, window: int) -> int:
-        table = rate_windows_table
-        statement = sa.select(table.c.tokens).where(
-            table.c.token_id == token_id, table.c.window_start == window
-        )
-        async with self._engine.connect() as conn:
-            value = (await conn.execute(statement)).scalar()
-        return int(value or 0)
-
     async def _sync_loop(self) -> None:
         last_cleanup = time.monotonic()
         while True:
             await asyncio.sleep(self._sync)
             try:
+                self._give_back()
                 await self._push_tokens()
                 if time.monotonic() - last_cleanup > 300:
                     last_cleanup = time.monotonic()
@@ -188,7 +353,7 @@ class RateLimiter:
                 self._warn(exc)
 
     async def _push_tokens(self) -> None:
-        """Add the tokens counted here to the database's per-minute rows."""
+        """Add what was settled and given back here to the database's per-minute rows."""
         if not self._unsynced:
             return
         pending, self._unsynced = self._unsynced, {}
@@ -196,6 +361,8 @@ class RateLimiter:
         try:
             async with asyncio.timeout(self._timeout), self._engine.begin() as conn:
                 for (token_id, window), tokens in pending.items():
+                    if not tokens:
+                        continue
                     values = {"token_id": token_id, "window_start": window, "requests": 0, "tokens": tokens}
                     if self._engine.dialect.name == "postgresql":
                         pg = postgresql.insert(table).values(**values)
@@ -212,12 +379,6 @@ class RateLimiter:
             for key, tokens in pending.items():  # try again next time
                 self._unsynced[key] = self._unsynced.get(key, 0) + tokens
             raise
-        for (token_id, window), tokens in pending.items():
-            state = self._states.get(token_id)
-            if state is not None and state.window == window:
-                # Now in the database: counted in the next read rather than locally.
-                state.tokens_local = max(0, state.tokens_local - tokens)
-                state.tokens_read += tokens
 
     async def _cleanup(self) -> None:
         oldest = int(time.time() // WINDOW_SECONDS) - KEEP_WINDOWS
@@ -226,6 +387,7 @@ class RateLimiter:
                 sa.delete(rate_windows_table).where(rate_windows_table.c.window_start < oldest)
             )
         if len(self._states) > 100_000:
+            self._give_back(every=True)
             self._states.clear()
 
     def _warn(self, exc: BaseException) -> None:

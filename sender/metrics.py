@@ -93,6 +93,18 @@ class SenderMetrics:
             "1 while the sender is connected to RabbitMQ.",
             registry=self.registry,
         )
+        self.buffered_reply_bytes = Gauge(
+            "dispatcher_buffered_reply_bytes",
+            "Reply bytes held for clients: stream pieces not yet read, non-streamed answers being put "
+            "back together (each request at most SENDER_MAX_BUFFERED_REPLY_BYTES).",
+            registry=self.registry,
+        )
+        self.stopped_answers = Counter(
+            "dispatcher_stopped_answers",
+            "Requests stopped (and their generation cancelled) because their answer outgrew "
+            "SENDER_MAX_BUFFERED_REPLY_BYTES: a client too slow to read, or a whole answer too large.",
+            registry=self.registry,
+        )
 
     def model_label(self, model: str) -> str:
         """``model`` if its queue exists (or existed), else ``_unknown``: clients choose the name."""

@@ -16,6 +16,7 @@ import logging
 import time
 from typing import Any
 
+import contract
 from contract import Announcement, ContractError
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ class ModelRegistry:
         self.configured = configured
         self._last_cards: dict[str, dict[str, Any]] = {}
         """The last card a consumer announced for each configured model, shown while it sleeps."""
+        self._wire_max = contract.wire_max_priority(max_priority)
         self._mismatched: set[str] = set()
         """Consumers already reported for declaring another priority scale (said once each)."""
 
@@ -54,16 +56,18 @@ class ModelRegistry:
     def _check_scale(self, announcement: Announcement) -> None:
         """Both services clamp priorities to their own scale: a mismatch silently flattens the top
         levels (or makes them refused by the queue), so it is said loudly, once per consumer."""
-        if announcement.max_priority == self._max_priority or announcement.consumer_id in self._mismatched:
+        if announcement.max_priority == self._wire_max or announcement.consumer_id in self._mismatched:
             return
         if len(self._mismatched) < 10_000:
             self._mismatched.add(announcement.consumer_id)
         log.error(
-            "consumer %s of model %s uses priorities 0-%d, this sender 0-%d: "
-            "set CONSUMER_MAX_PRIORITY and SENDER_MAX_PRIORITY alike",
+            "consumer %s of model %s declared its queue with message priorities 0-%d, this sender "
+            "publishes 0-%d (SENDER_MAX_PRIORITY %d with fair-share sub-levels): set "
+            "CONSUMER_MAX_PRIORITY and SENDER_MAX_PRIORITY alike and run the same version on both sides",
             announcement.consumer_id,
             announcement.model,
             announcement.max_priority,
+            self._wire_max,
             self._max_priority,
         )
 
@@ -86,6 +90,12 @@ class ModelRegistry:
         """Whether no live consumer of ``model`` is ready (its card's status is not ``ready``)."""
         card = self.card(model)
         return card is None or card["status"] != READY
+
+    def max_model_len(self, model: str) -> int | None:
+        """The model's context length as its backend reports it, if a live consumer serves it."""
+        card = self.card(model)
+        value = card.get("max_model_len") if card is not None else None
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
 
     def cards(self, waiting: frozenset[str] = frozenset()) -> list[dict[str, Any]]:
         """Every model served or configured, by name; ``waiting``: models whose queue holds requests."""

@@ -17,11 +17,14 @@ from collections.abc import Awaitable, Callable
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+import contract
 from contract import Reply, Request, errors
 from contract.errors import clip
-from sender.admission import AdmittedRequest
+from sender.admission import AdmittedRequest, Refused, parallel_refusal
+from sender.backlog import Backlog
 from sender.calls import Calls, PendingCall, PublishFailed
 from sender.errors import ApiError
+from sender.settings import SenderSettings
 
 _END_OF_STREAM = b"data: [DONE]\n\n"
 
@@ -34,30 +37,50 @@ class Relay:
     def __init__(
         self,
         calls: Calls,
+        backlog: Backlog,
+        settings: SenderSettings,
         *,
-        retry_after: int,
-        cold_start: float = 0.0,
         has_consumer: Callable[[str], Awaitable[bool]] | None = None,
     ) -> None:
-        """``cold_start``: seconds a request for a sleeping model waits for a consumer (0: its
-        deadline); ``has_consumer`` says whether a model has one now."""
+        """``has_consumer`` says whether a model has a live consumer now (for requests that wait
+        for a sleeping model, up to ``settings.cold_start_seconds``, 0: their deadline)."""
         self._calls = calls
-        self._retry_after = retry_after
-        self._cold_start = cold_start
+        self._backlog = backlog
+        self._settings = settings
+        self._retry_after = settings.retry_after_seconds
+        self._cold_start = settings.cold_start_seconds
         self._has_consumer = has_consumer
+        self._max_priority = settings.max_priority
+        self._fair_share = settings.fair_share
+
+    def wire_priority(self, admitted: AdmittedRequest) -> int:
+        """The message priority of ``admitted``: its level, and within the level, a sub-level that
+        sinks with the token's own backlog (fair share: a token with nothing waiting goes ahead of
+        the waiting requests of a token with many, at the same level)."""
+        demotion = 0
+        if self._fair_share:
+            waiting = self._backlog.waiting(admitted.model, admitted.token.name)
+            demotion = contract.demotion_for_backlog(waiting, self._max_priority)
+        return contract.wire_priority(admitted.priority, demotion, self._max_priority)
 
     def publish(self, admitted: AdmittedRequest) -> PendingCall:
-        """Queue the request; 503 ``queue_unavailable`` if the broker cannot take it."""
+        """Queue the request; 503 ``queue_unavailable`` if the broker cannot take it.
+
+        The token's parallel limit is checked again here, with no await between the check and the
+        count: requests admitted together cannot pass it together."""
+        refusal = parallel_refusal(self._backlog, admitted.token, self._settings)
+        if refusal is not None:
+            raise Refused(refusal, admitted)
         request = Request(
             path=admitted.path,
             body=admitted.body,
             stream=admitted.stream,
-            priority=admitted.priority,
+            priority=self.wire_priority(admitted),
             deadline=time.time() + admitted.timeout,
             request_id=admitted.request_id,
         )
         try:
-            return self._calls.publish(admitted.model, request)
+            return self._calls.publish(admitted.model, request, admitted.token.name)
         except PublishFailed as exc:
             raise ApiError(errors.QUEUE_UNAVAILABLE, retry_after=self._retry_after) from exc
 
@@ -68,6 +91,8 @@ class Relay:
         watcher = asyncio.ensure_future(_watch_disconnect(receive, call))
         try:
             first = await self._first_piece(call, asleep)
+            if not first.last and not call.stream and first.status is not None:
+                first = await call.whole(first)  # larger than one broker message
         except TimeoutError:
             call.close()
             raise ApiError(errors.DEADLINE_EXCEEDED) from None
@@ -90,6 +115,9 @@ class Relay:
         if call.publish_error is not None:
             call.close()
             raise ApiError(errors.QUEUE_UNAVAILABLE, retry_after=self._retry_after)
+        if call.overflowed:
+            call.close()
+            raise ApiError(errors.ANSWER_TOO_LARGE)
         if first.status is None:
             call.close()
             raise ApiError(errors.BAD_GATEWAY, first.error)
@@ -151,12 +179,16 @@ class RelayResponse(Response):
                 # Once the backend's own end of stream went out, a late error (the consumer lost
                 # its connection before saying "last") changes nothing for the client.
                 complete = complete or chunk.endswith(_END_OF_STREAM)
-                if reply.error is not None and not complete:
+                if call.overflowed:
+                    chunk = errors.CLIENT_TOO_SLOW.sse_event()
+                elif reply.error is not None and not complete:
                     chunk += errors.STREAM_INTERRUPTED.sse_event(reply.error)
+                if reply.last:
+                    # The answer's last bytes and the end of the body in one write, not two.
+                    await send({"type": "http.response.body", "body": chunk, "more_body": False})
+                    return
                 if chunk:
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                if reply.last:
-                    break
                 try:
                     reply = await call.next(call.deadline - time.time())
                 except TimeoutError:

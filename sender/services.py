@@ -16,8 +16,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from sender.accounting import Accounting
 from sender.admission import Admission
+from sender.backlog import Backlog
 from sender.broker import Broker
-from sender.calls import Calls
+from sender.calls import Calls, PendingCall
 from sender.database import create_engine
 from sender.limits import RateLimiter
 from sender.metrics import SenderMetrics
@@ -64,7 +65,10 @@ class Services:
             on_query=self.metrics.token_queries.inc,
         )
         self.limiter = RateLimiter(
-            self.engine, sync_seconds=settings.rate_sync_seconds, timeout=settings.db_timeout_seconds
+            self.engine,
+            sync_seconds=settings.rate_sync_seconds,
+            timeout=settings.db_timeout_seconds,
+            max_model_len=self.registry.max_model_len,
         )
         self.usage = UsageRecorder(
             self.engine,
@@ -83,28 +87,45 @@ class Services:
         self.queue_stats = QueueStatsCache(
             self.broker, ttl=settings.queue_stats_seconds, on_read=self.metrics.queue_read
         )
+        self.backlog = Backlog()
         self.calls = Calls(
             self.broker,
-            on_published=self.queue_stats.published,
-            on_taken=self.queue_stats.taken,
+            on_published=self._published,
+            on_taken=self._taken,
+            on_closed=self._closed,
             liveness_interval=settings.liveness_seconds,
+            settle_seconds=settings.settle_seconds,
+            max_buffered=settings.max_buffered_reply_bytes,
+            on_overflow=self.metrics.stopped_answers.inc,
         )
         self.admission = Admission(
-            self.tokens, self.queue_stats, self.limiter, settings, declare=self.broker.declare_model_queue
+            self.tokens,
+            self.queue_stats,
+            self.limiter,
+            settings,
+            declare=self.broker.declare_model_queue,
+            backlog=self.backlog,
         )
-        self.relay = Relay(
-            self.calls,
-            retry_after=settings.retry_after_seconds,
-            cold_start=settings.cold_start_seconds,
-            has_consumer=self._has_consumer,
-        )
+        self.relay = Relay(self.calls, self.backlog, settings, has_consumer=self._has_consumer)
         self.accounting = Accounting(
             self.metrics, self.limiter, self.usage, usage_rows=settings.usage_accounting
         )
         self.metrics.broker_connected.set_function(lambda: 1.0 if self.broker.connected else 0.0)
+        self.metrics.buffered_reply_bytes.set_function(lambda: float(self.calls.buffered.bytes))
         self._db_checked_at = 0.0
         self._db_ok = False
         self.metrics_server: MetricsServer | None = None
+
+    def _published(self, call: PendingCall) -> None:
+        self.queue_stats.published(call.model)
+        self.backlog.published(call.model, call.owner)
+
+    def _taken(self, call: PendingCall) -> None:
+        self.queue_stats.taken(call.model)
+        self.backlog.started(call.model, call.owner)
+
+    def _closed(self, call: PendingCall) -> None:
+        self.backlog.ended(call.model, call.owner, started=call.answered)
 
     async def start(self) -> None:
         if self.settings.metrics_port:
@@ -128,6 +149,7 @@ class Services:
         await asyncio.sleep(self.settings.rollcall_wait_seconds)
 
     async def close(self) -> None:
+        await self.calls.wait_settled(min(2.0, self.settings.settle_seconds))
         self.calls.close()
         self.queue_stats.close()
         await self.broker.close()

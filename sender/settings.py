@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal, Self
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from contract import DEFAULT_MAX_PRIORITY, DEFAULT_RABBITMQ_URL, servable_model_name
@@ -33,15 +34,25 @@ class SenderSettings(SharedSettings):
     """The metrics port; 0 turns it off. Metrics carry token names: keep it off the ingress."""
     log_level: str = "info"
 
-    max_body_bytes: int = 16 * 1024 * 1024
-    """Larger request bodies are refused with 413."""
+    max_body_bytes: int = 15 * 1024 * 1024
+    """Larger request bodies are refused with 413. With the request's headers it must fit the broker's
+    ``max_message_size`` (``SENDER_BROKER_MAX_MESSAGE_SIZE``, 16 MiB by default): checked at start."""
+    max_buffered_reply_bytes: int = Field(64 * 1024 * 1024, ge=1)
+    """Most reply bytes held for one request: the pieces of a stream waiting for a client that reads
+    slowly (or not at all), or a non-streamed answer being put back together. Past it the request is
+    stopped and its generation cancelled: a stream ends with a ``client_too_slow`` event, a whole
+    answer is 502 ``answer_too_large``."""
     body_timeout_seconds: float = 30.0
     """Time allowed to receive a request's whole body; a client that trickles or stalls past it
     gets 408, so that it does not hold a connection and a coroutine forever."""
     max_header_bytes: int = 64 * 1024
     """Requests whose headers add up to more get 431."""
     max_priority: int = DEFAULT_MAX_PRIORITY
-    """Top of the priority scale; it must match the consumers' ``x-max-priority``."""
+    """Top of the user priority scale; it must match the consumers' ``CONSUMER_MAX_PRIORITY``
+    (the queue's ``x-max-priority`` is the wire top derived from it, ``contract.wire_max_priority``)."""
+    fair_share: bool = True
+    """Within one priority level, publish a token's request lower the more of its requests already
+    wait (fair-share sub-levels, ``contract.demotion_for_backlog``); off: first come, first served."""
     deadline_seconds: float = 600.0
     """How long a request may wait and run in all before the client gets 504; a request may
     shorten its own with ``X-Request-Timeout`` (seconds), never lengthen it."""
@@ -51,6 +62,9 @@ class SenderSettings(SharedSettings):
     """Pause between attempts to reconnect to RabbitMQ."""
     liveness_seconds: float = 1.0
     """How often the consumers serving streamed answers are checked to be still connected."""
+    settle_seconds: float = Field(10.0, ge=0)
+    """How long a request whose client left (or whose deadline passed) waits for its consumer's report
+    of the tokens it generated before its usage row is written with what is known (0: not at all)."""
     token_cache_seconds: float = 5.0
     """How long a token lookup is trusted; a revoked token works at most this long."""
     unknown_token_cache_seconds: float = 1.0
@@ -86,7 +100,8 @@ class SenderSettings(SharedSettings):
     usage_buffer_rows: int = 100_000
     """Usage rows kept while the database is unreachable; the oldest are dropped beyond this."""
     rate_sync_seconds: float = 1.0
-    """How old the tokens-per-minute total may be, and how often this sender adds its own to it."""
+    """How often this sender adds its settled tokens to the shared per-minute totals, and how long a
+    token whose minute was full waits before asking the database again."""
     queue_stats_seconds: float = 0.25
     """How old the queue depth used for admission may be."""
     queue_without_consumers: bool = False
@@ -102,8 +117,15 @@ class SenderSettings(SharedSettings):
     """How long a request for a configured model with no live consumer waits for one to take it;
     past it, 503 ``model_unavailable`` with ``Retry-After``, and the queued request is cancelled.
     0: up to the request's own deadline (``deadline_seconds``, ``X-Request-Timeout``)."""
+    threshold_scope: Literal["token", "queue"] = "token"
+    """What a token's ``threshold`` is compared with: ``token`` (default, fair) its own requests
+    waiting for the model, as this sender counts them; ``queue`` the whole model queue's depth, so
+    that one heavy token's backlog is charged to every token."""
     retry_after_seconds: int = 1
-    """``Retry-After`` sent with 429 and 503."""
+    """``Retry-After`` sent with 503, and the least sent with 429."""
+    retry_after_max_seconds: int = 60
+    """The most ``Retry-After`` a 429 says: otherwise it is the expected wait (the backlog ahead
+    over its recent service rate)."""
     rollcall_wait_seconds: float = 0.5
     """At start, how long to wait for consumers to answer the roll call before serving."""
     shutdown_grace: int = 30
@@ -131,6 +153,17 @@ class SenderSettings(SharedSettings):
         names = dict.fromkeys(name.strip() for name in self.models.split(","))
         names.pop("", None)
         return tuple(names)
+
+    @model_validator(mode="after")
+    def _body_fits_the_broker(self) -> Self:
+        self.check_fits_broker(self.max_body_bytes, "max_body_bytes", "SENDER_")
+        if self.max_buffered_reply_bytes < self.broker_max_message_size:
+            raise ValueError(
+                f"SENDER_MAX_BUFFERED_REPLY_BYTES ({self.max_buffered_reply_bytes}) is below "
+                f"SENDER_BROKER_MAX_MESSAGE_SIZE ({self.broker_max_message_size}): one reply piece "
+                "could then outgrow it on its own"
+            )
+        return self
 
     def pepper(self) -> bytes | None:
         """The token pepper as bytes (UTF-8), from ``SENDER_TOKEN_PEPPER`` or the file; None if neither."""

@@ -37,6 +37,7 @@ tokens_table = sa.Table(
     sa.Column("tpm_limit", sa.Integer, nullable=True),
     sa.Column("max_seconds", sa.Double, sa.CheckConstraint("max_seconds > 0"), nullable=True),
     sa.Column("hash_kind", sa.String(16), nullable=False, server_default="sha256"),
+    sa.Column("max_parallel", sa.Integer, sa.CheckConstraint("max_parallel >= 1"), nullable=True),
     sa.CheckConstraint("priority BETWEEN 0 AND 255", name="tokens_priority_range"),
     sa.CheckConstraint("threshold >= 1", name="tokens_threshold_positive"),
     sa.CheckConstraint("rpm_limit >= 1", name="tokens_rpm_positive"),

@@ -39,7 +39,7 @@ def check_columns(values: dict[str, Any]) -> None:
     threshold = values.get("threshold")
     if threshold is not None and not (isinstance(threshold, int) and threshold >= 1):
         raise InvalidTokenField(f"threshold must be an integer of at least 1, got {threshold!r}")
-    for column in ("rpm_limit", "tpm_limit"):
+    for column in ("rpm_limit", "tpm_limit", "max_parallel"):
         limit = values.get(column)
         if limit is not None and not (isinstance(limit, int) and limit >= 1):
             name = column.removesuffix("_limit")
@@ -66,6 +66,8 @@ class TokenFields:
     tpm: int | None = None
     max_seconds: float | None = None
     """Seconds a request of this token may take at most; None: the server's deadline."""
+    max_parallel: int | None = None
+    """Requests queued or running at once (per sender replica); None: no limit."""
 
     def columns(self) -> dict[str, Any]:
         return {
@@ -78,6 +80,7 @@ class TokenFields:
             "rpm_limit": self.rpm,
             "tpm_limit": self.tpm,
             "max_seconds": self.max_seconds,
+            "max_parallel": self.max_parallel,
         }
 
 
@@ -163,6 +166,7 @@ async def list_tokens(engine: AsyncEngine) -> list[dict[str, Any]]:
         t.rpm_limit,
         t.tpm_limit,
         t.max_seconds,
+        t.max_parallel,
         t.token_hash,
         t.hash_kind,
     ).order_by(t.name)
@@ -181,6 +185,7 @@ async def list_tokens(engine: AsyncEngine) -> list[dict[str, Any]]:
             "rpm": row["rpm_limit"],
             "tpm": row["tpm_limit"],
             "max_seconds": row["max_seconds"],
+            "max_parallel": row["max_parallel"],
             "hash_prefix": row["token_hash"][:8],
             "hash_kind": row["hash_kind"],
         }

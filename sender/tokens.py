@@ -107,6 +107,8 @@ class Token:
     tpm: int | None = None
     max_seconds: float | None = None
     """The longest a request of this token may take; None: the server's deadline."""
+    max_parallel: int | None = None
+    """Requests of this token queued or running at once (per sender replica); None: no limit."""
 
     def deadline_seconds(self, server_default: float) -> float:
         """How long a request of this token may take: the token can shorten the server's
@@ -343,6 +345,7 @@ class TokenStore:
             t.rpm_limit,
             t.tpm_limit,
             t.max_seconds,
+            t.max_parallel,
             sa.func.localtimestamp().label("db_now"),
         ).where(t.token_hash.in_([*keys, *legacy]))
         self._on_query()
@@ -372,6 +375,7 @@ class TokenStore:
                 rpm=row.rpm_limit,
                 tpm=row.tpm_limit,
                 max_seconds=row.max_seconds,
+                max_parallel=row.max_parallel,
             )
         for key in keys:
             if key in found and not any(upgrade[2] == key for upgrade in upgrades):

@@ -152,6 +152,10 @@ class Sequence:
             delay = self.token_time(index) - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
+            elif index % 64 == 63:
+                # Behind schedule (or no inter-token latency): still let the server breathe, as
+                # vLLM's API server does, so /metrics answers and a client's disconnect is seen.
+                await asyncio.sleep(0)
             self.produced = index + 1
             yield index
 

@@ -18,7 +18,7 @@ import os
 import random
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,13 @@ class Run:
     latencies: dict[str, list[float]] = field(default_factory=dict)
     ttfts: list[float] = field(default_factory=list)
     errors: int = 0
+    finished: int = 0
+    """Answers that arrived within the measured seconds, whenever they were sent: a starved client
+    whose requests all take longer than the warm-up still counts what it got."""
+    generator_cpu: float = 0.0
+    """CPU seconds the load generator (this process) spent on the run, warm-up included."""
+    wall: float = 0.0
+    """Seconds the run took, warm-up included."""
 
     @property
     def requests(self) -> int:
@@ -53,6 +60,10 @@ class Run:
     @property
     def throughput(self) -> float:
         return self.requests / self.seconds if self.seconds else 0.0
+
+    @property
+    def finish_rate(self) -> float:
+        return self.finished / self.seconds if self.seconds else 0.0
 
     def all_latencies(self) -> list[float]:
         return [x for values in self.latencies.values() for x in values]
@@ -107,6 +118,8 @@ async def drive(
             except aiohttp.ClientError:
                 ok = False
             done = clock()
+            if ok and measure_from <= done <= stop_at:
+                run.finished += 1
             if sent < measure_from or done > stop_at:
                 continue
             if not ok:
@@ -119,6 +132,37 @@ async def drive(
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         await asyncio.gather(*(client(session) for _ in range(concurrency)))
     return run
+
+
+FAIR_HEAVY_CLIENTS = 96
+FAIR_LIGHT_TOKENS = 8
+FAIR_LIGHT_CLIENTS = 2
+
+
+def max_min_shares(demand: dict[str, float], capacity: float) -> dict[str, float]:
+    """Max-min fair allocation of ``capacity``: a token asking for less than an equal split gets all
+    it asks for, and what it leaves is split again among the others (water-filling)."""
+    shares: dict[str, float] = {}
+    left = dict(demand)
+    remaining = capacity
+    while left:
+        equal = remaining / len(left)
+        satisfied = {k: v for k, v in left.items() if v <= equal}
+        if not satisfied:
+            shares.update({k: equal for k in left})
+            break
+        for key, value in satisfied.items():
+            shares[key] = value
+            remaining -= value
+            del left[key]
+    return shares
+
+
+def jain(values: dict[str, float]) -> float:
+    """Jain's fairness index: 1 when every value is equal, 1/n when one holds everything."""
+    xs = list(values.values())
+    squares = sum(x * x for x in xs)
+    return (sum(xs) ** 2) / (len(xs) * squares) if squares else float("nan")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -151,7 +195,9 @@ class Bench:
         self.results.append(line)
         print(json.dumps(line), flush=True)
 
-    def start_model(self, model: str, **simulator: object) -> stack.Service:
+    def start_model(
+        self, model: str, *, forward_priority: bool = False, **simulator: object
+    ) -> stack.Service:
         backend = stack.start_simulator(self.log_dir, model=model, name=f"simulator-{model}", **simulator)
         consumer = stack.start_consumer(
             self.log_dir,
@@ -162,6 +208,7 @@ class Bench:
             max_inflight=512,
             log_level="warning",
             dead_letter_queue=self.dead_letter_queue,
+            **({"forward_priority": "true"} if forward_priority else {}),
         )
         self.services += [backend, consumer]
         return backend
@@ -180,6 +227,7 @@ class Bench:
     async def main(self) -> None:
         model = f"bench-{self.tag}"
         prio_model = f"bench-prio-{self.tag}"
+        models = [model, prio_model]
         stack.create_database(self.server_url, self.database)
         try:
             stack.migrate(self.database_url)
@@ -203,6 +251,18 @@ class Bench:
             )
             low = await create_token_at(
                 self.database_url, f"bench-low-{self.tag}", priority=1, threshold=100_000
+            )
+            heavy = await create_token_at(
+                self.database_url, f"bench-heavy-{self.tag}", priority=5, threshold=100_000
+            )
+            heavy_low = await create_token_at(
+                self.database_url, f"bench-heavy-low-{self.tag}", priority=4, threshold=100_000
+            )
+            lights = await create_tokens_at(
+                self.database_url,
+                [f"bench-light{i}-{self.tag}" for i in range(FAIR_LIGHT_TOKENS)],
+                priority=5,
+                threshold=100_000,
             )
             await self.wait_listed(sender, token, model)
             await self.wait_listed(sender, token, prio_model)
@@ -234,22 +294,45 @@ class Bench:
                     await self.broker_hop()
             if not self.args.only or "priority" in self.args.only:
                 await self.priority(prio_direct.url, sender.url, prio_model, high, low)
+            if not self.args.only or "fairness" in self.args.only:
+                fair_model, fair_direct = prio_model, prio_direct
+                if self.args.fair_backend_priority:
+                    # Priority (and the fair-share sub-level) forwarded to a priority-scheduling
+                    # backend, as with vLLM --scheduling-policy priority.
+                    fair_model = f"bench-fair-{self.tag}"
+                    fair_direct = self.start_model(
+                        fair_model,
+                        forward_priority=True,
+                        ttft_ms=20,
+                        itl_ms=10,
+                        max_num_seqs=16,
+                        default_max_tokens=64,
+                        scheduling_policy="priority",
+                    )
+                    models.append(fair_model)
+                    await self.wait_listed(sender, token, fair_model)
+                await self.fairness(fair_direct.url, sender.url, fair_model, heavy, heavy_low, lights)
             if not self.args.only or "tokens" in self.args.only:
                 await self.many_tokens(model, token, sender)
         finally:
             for service in reversed(self.services):
                 service.stop()
-            await self.delete_queues([model, prio_model])
+            await self.delete_queues(models)
             stack.drop_database(self.server_url, self.database)
         self.verdict()
 
-    async def broker_hop(self) -> None:
-        """The floor under the added latency at concurrency 1: a bare publish to a consume, with no
-        dispatcher code around it. A request crosses the broker twice (request, then answer), and
-        on a quiet machine each crossing costs more than on a busy one, so both paces are shown."""
-        queue_name = f"bench-hop-{self.tag}"
+    async def hop_round(self) -> float:
+        """One round of the broker-hop floor (at the pace of concurrency 1), for interleaving with
+        the concurrency-1 runs: its median one-way crossing, in seconds."""
+        hops = await self.hop_samples(pause=0.17, count=30)
+        return percentile(hops, 50)
+
+    async def hop_samples(self, *, pause: float, count: int) -> list[float]:
+        """``count`` bare publish-to-consume crossings of a fresh queue, ``pause`` seconds apart."""
+        queue_name = f"bench-hop-{self.tag}-{uuid.uuid4().hex[:4]}"
         sender = await aio_pika.connect(self.rabbitmq_url)
         receiver = await aio_pika.connect(self.rabbitmq_url)
+        hops: list[float] = []
         async with sender, receiver:
             out = await sender.channel()
             inbox = await receiver.channel()
@@ -262,24 +345,27 @@ class Bench:
                 await message.ack()
 
             consumer_tag = await queue.consume(on_message)
-            line: dict[str, Any] = {"scenario": "broker-hop"}
-            # One request per answer time (as at concurrency 1), then back to back.
-            for label, pause, count in (("quiet_ms", 0.17, 60), ("busy_ms", 0.001, 600)):
-                hops = []
-                for _ in range(count):
-                    arrived = asyncio.get_running_loop().create_future()
-                    sent = time.perf_counter()
-                    await out.default_exchange.publish(
-                        aio_pika.Message(
-                            b"x" * 200, priority=5, delivery_mode=aio_pika.DeliveryMode.PERSISTENT
-                        ),
-                        routing_key=queue_name,
-                    )
-                    hops.append(await arrived - sent)
-                    await asyncio.sleep(pause)
-                line[label] = summary_ms(hops)
+            for _ in range(count):
+                arrived = asyncio.get_running_loop().create_future()
+                sent = time.perf_counter()
+                await out.default_exchange.publish(
+                    aio_pika.Message(b"x" * 200, priority=5, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                    routing_key=queue_name,
+                )
+                hops.append(await arrived - sent)
+                await asyncio.sleep(pause)
             await queue.cancel(consumer_tag)
             await queue.delete(if_unused=False, if_empty=False)
+        return hops
+
+    async def broker_hop(self) -> None:
+        """The floor under the added latency at concurrency 1: a bare publish to a consume, with no
+        dispatcher code around it. A request crosses the broker twice (request, then answer), and
+        on a quiet machine each crossing costs more than on a busy one, so both paces are shown."""
+        line: dict[str, Any] = {"scenario": "broker-hop"}
+        # One request per answer time (as at concurrency 1), then back to back.
+        for label, pause, count in (("quiet_ms", 0.17, 60), ("busy_ms", 0.001, 600)):
+            line[label] = summary_ms(await self.hop_samples(pause=pause, count=count))
         self.emit(line)
 
     async def many_tokens(self, model: str, token: str, sender: stack.Service) -> None:
@@ -400,12 +486,12 @@ class Bench:
                 stream=stream,
             )
 
-        base = await measure(direct_url)
-        cpu_before = sum(cpu_seconds(pid) for pid in pids)
-        through = await measure(sender_url)
-        cpu_after = sum(cpu_seconds(pid) for pid in pids)
-        # CPU is counted over warm-up and measurement, so divide by every request answered meanwhile.
-        answered = through.requests * (seconds + args.warmup) / seconds
+        floor = self.hop_round if concurrency == 1 else None
+        paired = await alternate(
+            lambda: measure(direct_url), lambda: measure(sender_url), args.rounds, pids, floor=floor
+        )
+        base, through = merged(paired.direct), merged(paired.through)
+        answered = paired.answered(seconds + args.warmup, seconds)
         line: dict[str, Any] = {
             "scenario": name,
             "concurrency": concurrency,
@@ -426,9 +512,15 @@ class Bench:
                 (percentile(through.all_latencies(), 99) - percentile(base.all_latencies(), 99)) * 1000, 2
             ),
             "throughput_ratio": round(through.throughput / base.throughput, 3) if base.throughput else None,
-            "cpu_ms_per_request": round((cpu_after - cpu_before) * 1000 / answered, 3) if answered else None,
+            "cpu_ms_per_request": round(paired.cpu * 1000 / answered, 3) if answered else None,
+            "cpu_ms_per_request_by_process": [
+                round(cpu * 1000 / answered, 3) if answered else None for cpu in paired.cpu_each
+            ],
             "rss_mb": round(sum(rss_mb(pid) for pid in pids), 1),
+            **paired.describe(),
         }
+        if paired.hops:
+            line.update(own_code_line(line["added_latency_ms_p50"], paired.hops))
         if stream:
             line["direct"]["ttft_ms"] = summary_ms(base.ttfts)
             line["dispatcher"]["ttft_ms"] = summary_ms(through.ttfts)
@@ -497,11 +589,95 @@ class Bench:
             }
         )
 
+    async def fairness(
+        self, direct_url: str, sender_url: str, model: str, heavy: str, heavy_low: str, lights: list[str]
+    ) -> None:
+        """One heavy token (many clients) and light tokens (two clients each) on a batch-16 model.
+
+        First all at the same priority: each light token should get what it asks for (its median
+        latency close to its latency on an idle system) and the heavy one the rest, which
+        Jain's index over each token's throughput divided by its max-min fair share measures
+        (1.0: every token got exactly its share). Then the heavy token one level lower. The same
+        load sent straight to the simulator (first come, first served) gives the throughput floor
+        and what the light tokens would see without fair share.
+        """
+        args = self.args
+        payload = {"model": model, "messages": [{"role": "user", "content": "Write a long story."}]}
+        url = "/v1/chat/completions"
+        idle = await drive(
+            sender_url + url,
+            lambda: ("light", payload, lights[0]),
+            concurrency=FAIR_LIGHT_CLIENTS,
+            seconds=args.fair_seconds / 2,
+            warmup=1,
+            stream=False,
+        )
+        idle_p50 = percentile(idle.all_latencies(), 50)
+
+        async def mixed(target: str, heavy_token: str) -> dict[str, Run]:
+            groups = {"heavy": (heavy_token, FAIR_HEAVY_CLIENTS)}
+            groups.update({f"light{i}": (secret, FAIR_LIGHT_CLIENTS) for i, secret in enumerate(lights)})
+
+            def one(label: str, secret: str, clients: int) -> Any:
+                return drive(
+                    target + url,
+                    lambda: (label, payload, secret),
+                    concurrency=clients,
+                    seconds=args.fair_seconds,
+                    warmup=args.fair_warmup,
+                    stream=False,
+                )
+
+            runs = await asyncio.gather(*(one(label, *group) for label, group in groups.items()))
+            return dict(zip(groups, runs, strict=True))
+
+        direct = await mixed(direct_url, heavy)
+        direct_rps = sum(run.finish_rate for run in direct.values())
+        clients = {label: FAIR_LIGHT_CLIENTS for label in direct if label != "heavy"}
+        clients["heavy"] = FAIR_HEAVY_CLIENTS
+        # What each token asks for: its clients' requests per second if each were answered at once.
+        demand = {label: count / idle_p50 for label, count in clients.items()}
+        shares = max_min_shares(demand, direct_rps)
+        for scenario, heavy_token in (("fairness-same-priority", heavy), ("fairness-heavy-lower", heavy_low)):
+            runs = await mixed(sender_url, heavy_token)
+            rps = {label: run.finish_rate for label, run in runs.items()}
+            light_p50 = {
+                label: percentile(run.all_latencies(), 50) for label, run in runs.items() if label != "heavy"
+            }
+            direct_light_p50 = [
+                percentile(run.all_latencies(), 50) for label, run in direct.items() if label != "heavy"
+            ]
+            total = sum(rps.values())
+            self.emit(
+                {
+                    "scenario": scenario,
+                    "idle_light_latency_ms_p50": round(idle_p50 * 1000, 1),
+                    "light_latency_ms_p50": {k: round(v * 1000, 1) for k, v in light_p50.items()},
+                    "light_p50_vs_idle_max": round(max(light_p50.values()) / idle_p50, 2),
+                    "light_p50_vs_idle_median": round(percentile(list(light_p50.values()), 50) / idle_p50, 2),
+                    "fcfs_direct_light_p50_vs_idle_median": round(
+                        percentile(direct_light_p50, 50) / idle_p50, 2
+                    ),
+                    "heavy_latency_ms_p50": round(percentile(runs["heavy"].all_latencies(), 50) * 1000, 1),
+                    "rps": {k: round(v, 2) for k, v in rps.items()},
+                    "max_min_share_rps": {k: round(v, 2) for k, v in shares.items()},
+                    "jain_index": round(jain({k: rps[k] / shares[k] for k in shares if shares[k] > 0}), 3),
+                    "total_rps": round(total, 1),
+                    "direct_rps": round(direct_rps, 1),
+                    "throughput_ratio": round(total / direct_rps, 3) if direct_rps else None,
+                    "errors": sum(run.errors for run in runs.values()),
+                }
+            )
+
     def verdict(self) -> None:
         by_name = {r["scenario"]: r for r in self.results}
         checks: dict[str, bool] = {}
         if "whole-c1" in by_name:
             checks["added latency c1 p50 <= 3 ms"] = by_name["whole-c1"]["added_latency_ms_p50"] <= 3
+            if "own_code_ms_p50" in by_name["whole-c1"]:
+                checks["c1 own code <= 1 ms over two broker crossings"] = (
+                    by_name["whole-c1"]["own_code_ms_p50"] <= 1
+                )
         if "whole-c64" in by_name:
             c64 = by_name["whole-c64"]
             checks["c64 throughput >= 90% of direct"] = c64["throughput_ratio"] >= 0.9
@@ -524,7 +700,140 @@ class Bench:
             checks["low p99 <= ~2x fcfs"] = p["low_p99_vs_fcfs_p99"] <= 2.2
             checks["overload throughput >= 95% of direct"] = (p["throughput_ratio"] or 0) >= 0.95
             checks["overload zero errors"] = p["dispatcher"]["errors"] == 0
+        if "fairness-same-priority" in by_name:
+            f = by_name["fairness-same-priority"]
+            checks["fairness: light p50 <= 1.5x idle"] = f["light_p50_vs_idle_max"] <= 1.5
+            checks["fairness: Jain index >= 0.95"] = f["jain_index"] >= 0.95
+            checks["fairness: throughput >= 95% of direct"] = (f["throughput_ratio"] or 0) >= 0.95
+        if "fairness-heavy-lower" in by_name:
+            f = by_name["fairness-heavy-lower"]
+            checks["fairness, heavy lower: light p50 <= 1.5x idle"] = f["light_p50_vs_idle_max"] <= 1.5
+        checks.update(streaming_checks(by_name))
         print(json.dumps({"scenario": "targets", "met": all(checks.values()), "checks": checks}), flush=True)
+
+
+async def generated(run: Callable[[], Awaitable[Run]]) -> Run:
+    """``run()``, with the load generator's own CPU and wall time written on the result.
+
+    A generator using most of a core is itself the limit: a reader compares
+    ``generator_cores`` of the direct and dispatched runs before blaming the dispatcher.
+    """
+    cpu, wall = time.process_time(), time.perf_counter()
+    result = await run()
+    result.generator_cpu = time.process_time() - cpu
+    result.wall = time.perf_counter() - wall
+    return result
+
+
+@dataclass
+class Paired:
+    """Direct and dispatched runs of one scenario, taken in turns so that a noisy moment of a
+    shared machine falls on both alike; the dispatcher's CPU is counted over its runs only."""
+
+    direct: list[Run] = field(default_factory=list)
+    through: list[Run] = field(default_factory=list)
+    cpu_each: list[float] = field(default_factory=list)
+    """CPU seconds of each dispatcher process (sender, consumer) over the dispatched runs."""
+    hops: list[float] = field(default_factory=list)
+    """Median broker crossing of each round, when the floor was measured in turn with the runs."""
+
+    @property
+    def cpu(self) -> float:
+        """CPU seconds of the sender and consumer together over the dispatched runs."""
+        return sum(self.cpu_each)
+
+    def answered(self, run_seconds: float, measured_seconds: float) -> float:
+        """Requests answered during the dispatched runs, warm-up included (the CPU covers it too)."""
+        return sum(r.requests for r in self.through) * run_seconds / measured_seconds
+
+    def describe(self) -> dict[str, Any]:
+        def cores(runs: list[Run]) -> float:
+            wall = sum(r.wall for r in runs)
+            return round(sum(r.generator_cpu for r in runs) / wall, 3) if wall else 0.0
+
+        def per_request(runs: list[Run]) -> float | None:
+            done = sum(r.requests for r in runs)
+            return round(sum(r.generator_cpu for r in runs) * 1000 / done, 3) if done else None
+
+        return {
+            "rounds": {
+                "direct_rps": [round(r.throughput, 1) for r in self.direct],
+                "dispatcher_rps": [round(r.throughput, 1) for r in self.through],
+            },
+            "generator": {
+                "direct_cores": cores(self.direct),
+                "dispatcher_cores": cores(self.through),
+                "direct_cpu_ms_per_request": per_request(self.direct),
+                "dispatcher_cpu_ms_per_request": per_request(self.through),
+            },
+        }
+
+
+async def alternate(
+    direct: Callable[[], Awaitable[Run]],
+    through: Callable[[], Awaitable[Run]],
+    rounds: int,
+    pids: list[int],
+    *,
+    floor: Callable[[], Awaitable[float]] | None = None,
+) -> Paired:
+    """``rounds`` turns of (broker floor, if any) direct run, dispatched run."""
+    paired = Paired(cpu_each=[0.0] * len(pids))
+    for _ in range(max(1, rounds)):
+        if floor is not None:
+            paired.hops.append(await floor())
+        paired.direct.append(await generated(direct))
+        before = [cpu_seconds(pid) for pid in pids]
+        paired.through.append(await generated(through))
+        for index, (pid, start) in enumerate(zip(pids, before, strict=True)):
+            paired.cpu_each[index] += cpu_seconds(pid) - start
+    return paired
+
+
+def merged(runs: list[Run]) -> Run:
+    """One run made of several: every sample kept, throughput over their summed measured time."""
+    total = Run(seconds=sum(r.seconds for r in runs))
+    for run in runs:
+        for label, values in run.latencies.items():
+            total.latencies.setdefault(label, []).extend(values)
+        total.ttfts.extend(run.ttfts)
+        total.errors += run.errors
+        total.finished += run.finished
+        total.generator_cpu += run.generator_cpu
+        total.wall += run.wall
+    return total
+
+
+def own_code_line(added_p50_ms: float, hops: list[float]) -> dict[str, Any]:
+    """What the dispatcher's own code adds at concurrency 1: the added median latency less the two
+    broker crossings (request, answer) measured in turn with the runs."""
+    hop_ms = percentile(hops, 50) * 1000
+    return {
+        "broker_hop_ms_p50": round(hop_ms, 3),
+        "broker_hop_ms_by_round": [round(h * 1000, 3) for h in hops],
+        "own_code_ms_p50": round(added_p50_ms - 2 * hop_ms, 2),
+    }
+
+
+def streaming_checks(by_name: dict[str, dict[str, Any]]) -> dict[str, bool]:
+    """The targets of the streamed path (issue 18), with the broker crossing measured in the same run."""
+    checks: dict[str, bool] = {}
+    hop_ms = by_name.get("whole-c1", {}).get("broker_hop_ms_p50")
+    if hop_ms is None and "broker-hop" in by_name:
+        hop_ms = by_name["broker-hop"]["quiet_ms"]["p50"]
+    stream = by_name.get("stream-c64")
+    if stream is not None:
+        checks["stream c64 throughput >= 95% of direct"] = (stream["throughput_ratio"] or 0) >= 0.95
+        checks["stream c64 cpu <= 2 ms per request"] = (stream["cpu_ms_per_request"] or 99) <= 2
+        if hop_ms is not None:
+            checks["stream c64 ttft p50 <= direct + two broker crossings + 2 ms"] = (
+                stream["added_ttft_ms_p50"] <= 2 * hop_ms + 2
+            )
+    whole = by_name.get("whole-c64")
+    if whole is not None:
+        checks["whole c64 throughput >= 95% of direct"] = (whole["throughput_ratio"] or 0) >= 0.95
+        checks["whole c64 cpu <= 1.5 ms per request"] = (whole["cpu_ms_per_request"] or 99) <= 1.5
+    return checks
 
 
 async def count_usage_rows(database_url: str) -> int:
@@ -562,11 +871,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__)
     parser.add_argument("--seconds", type=float, default=8.0, help="measured seconds per run")
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each run")
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="direct and dispatched runs of each scenario, taken in turns"
+    )
     parser.add_argument("--c1-seconds", type=float, default=30.0, help="measured seconds at concurrency 1")
     parser.add_argument("--priority-seconds", type=float, default=30.0)
     parser.add_argument("--priority-warmup", type=float, default=8.0)
+    parser.add_argument("--fair-seconds", type=float, default=30.0, help="measured seconds per fairness run")
+    parser.add_argument("--fair-warmup", type=float, default=10.0)
     parser.add_argument(
-        "--only", nargs="*", help="scenarios to run (e.g. whole-c64 stream-c64 priority tokens)"
+        "--fair-backend-priority",
+        action="store_true",
+        help="fairness on a backend scheduling by the forwarded priority (vLLM --scheduling-policy priority)",
+    )
+    parser.add_argument(
+        "--only", nargs="*", help="scenarios to run (e.g. whole-c64 stream-c64 priority fairness tokens)"
     )
     args = parser.parse_args()
     problems = missing_services(["RabbitMQ", "PostgreSQL"])

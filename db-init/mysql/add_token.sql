@@ -2,6 +2,7 @@
 --   mysql -e "SET @name='alice', @secret='sk-...', @pepper='...', @priority=5, @threshold=100; SOURCE db-init/mysql/add_token.sql;"
 -- Optional: @owner='team-a', @expires='2027-01-01 00:00', @models='llama,mistral', @rpm=60, @tpm=100000
 --           @max_seconds=60 (a request gives up after that, if sooner than SENDER_DEADLINE_SECONDS)
+--           @max_parallel=8 (requests queued or running at once, per sender replica)
 -- @pepper: the senders' SENDER_TOKEN_PEPPER. The secret is stored as its HMAC-SHA-256 keyed with the
 -- pepper, exactly as the sender computes it (built here from SHA2(), no function or privilege needed).
 -- Without a pepper, as plain SHA-256 (a sender with a pepper still accepts it, and rewrites it with
@@ -28,6 +29,9 @@ SET @token_refusal = CASE
     WHEN @tpm IS NOT NULL AND CAST(@tpm AS CHAR) <> 'none' AND (CAST(@tpm AS CHAR) NOT REGEXP '^[0-9]{1,10}$'
                                                                 OR CAST(@tpm AS UNSIGNED) < 1 OR CAST(@tpm AS UNSIGNED) > 2147483647)
         THEN CONCAT('refused: tpm must be a positive integer per minute or none for no limit - got ', @tpm)
+    WHEN @max_parallel IS NOT NULL AND CAST(@max_parallel AS CHAR) <> 'none' AND (CAST(@max_parallel AS CHAR) NOT REGEXP '^[0-9]{1,10}$'
+                                                                OR CAST(@max_parallel AS UNSIGNED) < 1 OR CAST(@max_parallel AS UNSIGNED) > 2147483647)
+        THEN CONCAT('refused: max_parallel must be a positive integer (requests at once) or none for no limit - got ', @max_parallel)
     WHEN @max_seconds IS NOT NULL AND CAST(@max_seconds AS CHAR) <> 'none'
          AND (CAST(@max_seconds AS CHAR) NOT REGEXP '^[0-9]*[.]?[0-9]+([eE][-+]?[0-9]+)?$' OR CAST(@max_seconds AS DOUBLE) <= 0)
         THEN CONCAT('refused: max_seconds must be a positive number of seconds or none for the server''s deadline - got ', @max_seconds)
@@ -73,7 +77,7 @@ SET @token_hash_kind = IF(COALESCE(@pepper, '') = '', 'sha256', 'hmac-sha256');
 SET @token_key = NULL, @token_ipad = NULL, @token_opad = NULL;
 
 INSERT INTO tokens
-    (name, token_hash, hash_kind, owner, priority, threshold, enabled, expires_at, allowed_models, rpm_limit, tpm_limit, max_seconds)
+    (name, token_hash, hash_kind, owner, priority, threshold, enabled, expires_at, allowed_models, rpm_limit, tpm_limit, max_seconds, max_parallel)
 SELECT
     @name,
     @token_hash,
@@ -86,7 +90,8 @@ SELECT
     NULLIF(@models, ''),
     IF(CAST(@rpm AS CHAR) = 'none', NULL, @rpm),
     IF(CAST(@tpm AS CHAR) = 'none', NULL, @tpm),
-    IF(CAST(@max_seconds AS CHAR) = 'none', NULL, @max_seconds)
+    IF(CAST(@max_seconds AS CHAR) = 'none', NULL, @max_seconds),
+    IF(CAST(@max_parallel AS CHAR) = 'none', NULL, @max_parallel)
 FROM DUAL
 WHERE @token_refusal IS NULL  -- the mysql client goes on after an error in a SOURCEd file: write nothing
 ON DUPLICATE KEY UPDATE
@@ -100,5 +105,6 @@ ON DUPLICATE KEY UPDATE
     allowed_models = VALUES(allowed_models),
     rpm_limit = VALUES(rpm_limit),
     tpm_limit = VALUES(tpm_limit),
-    max_seconds = VALUES(max_seconds);
+    max_seconds = VALUES(max_seconds),
+    max_parallel = VALUES(max_parallel);
 SET @token_hash = NULL;

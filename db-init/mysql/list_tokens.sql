@@ -3,6 +3,7 @@
 
 SELECT name, owner, priority, threshold, enabled, created_at, expires_at,
        COALESCE(NULLIF(allowed_models, ''), '*') AS models, rpm_limit AS rpm, tpm_limit AS tpm, max_seconds,
+       max_parallel,
        CONCAT(LEFT(token_hash, 8), '...') AS hash_prefix, hash_kind
 FROM tokens
 ORDER BY name;

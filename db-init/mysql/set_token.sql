@@ -2,7 +2,8 @@
 --   mysql -e "SET @name='alice', @priority=7, @rpm=120, @expires='none'; SOURCE db-init/mysql/set_token.sql;"
 -- Fields: @owner, @priority, @threshold, @enabled (TRUE/FALSE), @expires ('2027-01-01 00:00' or 'none'),
 --         @models (comma-separated, or 'none' for all), @rpm, @tpm (a number, or 'none' for no limit),
---         @max_seconds (seconds a request may take, or 'none' for the server's deadline).
+--         @max_seconds (seconds a request may take, or 'none' for the server's deadline),
+--         @max_parallel (requests queued or running at once, per sender replica, or 'none' for no limit).
 -- A new mysql session starts with every @variable unset (NULL); in one session, reset those you set.
 -- Values the sender could not honour (a priority off 0..@max_priority, a threshold below 1, a limit of
 -- 0 or less, a date it cannot read) are refused with a message and nothing is changed.
@@ -27,6 +28,9 @@ SET @token_refusal = CASE
     WHEN @tpm IS NOT NULL AND CAST(@tpm AS CHAR) <> 'none' AND (CAST(@tpm AS CHAR) NOT REGEXP '^[0-9]{1,10}$'
                                                                 OR CAST(@tpm AS UNSIGNED) < 1 OR CAST(@tpm AS UNSIGNED) > 2147483647)
         THEN CONCAT('refused: tpm must be a positive integer per minute or none for no limit - got ', @tpm)
+    WHEN @max_parallel IS NOT NULL AND CAST(@max_parallel AS CHAR) <> 'none' AND (CAST(@max_parallel AS CHAR) NOT REGEXP '^[0-9]{1,10}$'
+                                                                OR CAST(@max_parallel AS UNSIGNED) < 1 OR CAST(@max_parallel AS UNSIGNED) > 2147483647)
+        THEN CONCAT('refused: max_parallel must be a positive integer (requests at once) or none for no limit - got ', @max_parallel)
     WHEN @max_seconds IS NOT NULL AND CAST(@max_seconds AS CHAR) <> 'none'
          AND (CAST(@max_seconds AS CHAR) NOT REGEXP '^[0-9]*[.]?[0-9]+([eE][-+]?[0-9]+)?$' OR CAST(@max_seconds AS DOUBLE) <= 0)
         THEN CONCAT('refused: max_seconds must be a positive number of seconds or none for the server''s deadline - got ', @max_seconds)
@@ -54,9 +58,11 @@ UPDATE tokens SET
     tpm_limit = CASE WHEN @tpm IS NULL THEN tpm_limit WHEN CAST(@tpm AS CHAR) = 'none' THEN NULL
                 ELSE CAST(@tpm AS SIGNED) END,
     max_seconds = CASE WHEN @max_seconds IS NULL THEN max_seconds WHEN CAST(@max_seconds AS CHAR) = 'none' THEN NULL
-                  ELSE CAST(@max_seconds AS DOUBLE) END
+                  ELSE CAST(@max_seconds AS DOUBLE) END,
+    max_parallel = CASE WHEN @max_parallel IS NULL THEN max_parallel WHEN CAST(@max_parallel AS CHAR) = 'none' THEN NULL
+                   ELSE CAST(@max_parallel AS SIGNED) END
 WHERE name = @name AND @token_refusal IS NULL;
 SELECT CONCAT('no token named ', @name, ': nothing changed') AS result
 FROM DUAL WHERE NOT EXISTS (SELECT 1 FROM tokens WHERE name = @name);
-SELECT name, owner, priority, threshold, enabled, expires_at, allowed_models, rpm_limit, tpm_limit, max_seconds
+SELECT name, owner, priority, threshold, enabled, expires_at, allowed_models, rpm_limit, tpm_limit, max_seconds, max_parallel
 FROM tokens WHERE name = @name;

@@ -3,6 +3,7 @@
 --        -f db-init/postgres/add_token.sql
 -- Optional: -v owner=team-a -v expires='2027-01-01 00:00' -v models=llama,mistral -v rpm=60 -v tpm=100000
 --           -v max_seconds=60 (a request gives up after that, if sooner than SENDER_DEADLINE_SECONDS)
+--           -v max_parallel=8 (requests queued or running at once, per sender replica)
 -- pepper: the senders' SENDER_TOKEN_PEPPER. The secret is stored as its HMAC-SHA-256 keyed with the
 -- pepper, exactly as the sender computes it (built here from the built-in sha256(), PostgreSQL 11+,
 -- so no extension is needed). Without a pepper, as plain SHA-256 (a sender with a pepper still
@@ -14,6 +15,7 @@
 \if :{?rpm} \else \set rpm '' \endif
 \if :{?tpm} \else \set tpm '' \endif
 \if :{?max_seconds} \else \set max_seconds '' \endif
+\if :{?max_parallel} \else \set max_parallel '' \endif
 \if :{?priority} \else \set priority 0 \endif
 \if :{?threshold} \else \set threshold 100 \endif
 \if :{?pepper} \else \set pepper '' \endif
@@ -27,6 +29,7 @@ SELECT set_config('dispatcher.priority', :'priority', false) AS _priority,
        set_config('dispatcher.rpm', :'rpm', false) AS _rpm,
        set_config('dispatcher.tpm', :'tpm', false) AS _tpm,
        set_config('dispatcher.max_seconds', :'max_seconds', false) AS _max_seconds,
+       set_config('dispatcher.max_parallel', :'max_parallel', false) AS _max_parallel,
        set_config('dispatcher.expires', :'expires', false) AS _expires,
        set_config('dispatcher.max_priority', :'max_priority', false) AS _max_priority \gset
 DO $$
@@ -52,6 +55,10 @@ BEGIN
             RAISE EXCEPTION '% must be a positive integer per minute, or none for no limit, got "%"', field, v;
         END IF;
     END LOOP;
+    v := current_setting('dispatcher.max_parallel');
+    IF v NOT IN ('', 'none') AND (v !~ '^[0-9]{1,10}$' OR v::BIGINT < 1 OR v::BIGINT > 2147483647) THEN
+        RAISE EXCEPTION 'max_parallel must be a positive integer (requests queued or running at once), or none for no limit, got "%"', v;
+    END IF;
     v := current_setting('dispatcher.max_seconds');
     IF v NOT IN ('', 'none') AND (v !~ '^[0-9]*[.]?[0-9]+([eE][-+]?[0-9]+)?$' OR v::DOUBLE PRECISION <= 0) THEN
         RAISE EXCEPTION 'max_seconds must be a positive number of seconds, or none for the server''s deadline, got "%"', v;
@@ -86,7 +93,7 @@ SELECT CASE WHEN :'pepper' = '' THEN encode(sha256(convert_to(:'secret', 'UTF8')
        CASE WHEN :'pepper' = '' THEN 'sha256' ELSE 'hmac-sha256' END AS hash_kind \gset
 
 INSERT INTO tokens
-    (name, token_hash, hash_kind, owner, priority, threshold, enabled, expires_at, allowed_models, rpm_limit, tpm_limit, max_seconds)
+    (name, token_hash, hash_kind, owner, priority, threshold, enabled, expires_at, allowed_models, rpm_limit, tpm_limit, max_seconds, max_parallel)
 VALUES (
     :'name',
     :'token_hash',
@@ -99,7 +106,8 @@ VALUES (
     NULLIF(:'models', ''),
     CAST(NULLIF(NULLIF(:'rpm', ''), 'none') AS INTEGER),
     CAST(NULLIF(NULLIF(:'tpm', ''), 'none') AS INTEGER),
-    CAST(NULLIF(NULLIF(:'max_seconds', ''), 'none') AS DOUBLE PRECISION)
+    CAST(NULLIF(NULLIF(:'max_seconds', ''), 'none') AS DOUBLE PRECISION),
+    CAST(NULLIF(NULLIF(:'max_parallel', ''), 'none') AS INTEGER)
 )
 ON CONFLICT (name) DO UPDATE SET
     token_hash = EXCLUDED.token_hash,
@@ -112,4 +120,5 @@ ON CONFLICT (name) DO UPDATE SET
     allowed_models = EXCLUDED.allowed_models,
     rpm_limit = EXCLUDED.rpm_limit,
     tpm_limit = EXCLUDED.tpm_limit,
-    max_seconds = EXCLUDED.max_seconds;
+    max_seconds = EXCLUDED.max_seconds,
+    max_parallel = EXCLUDED.max_parallel;

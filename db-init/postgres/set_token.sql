@@ -2,7 +2,8 @@
 --   psql -v name=alice -v priority=7 -v rpm=120 -v expires=none -f db-init/postgres/set_token.sql
 -- Fields: owner, priority, threshold, enabled (true/false), expires ('2027-01-01 00:00' or none),
 --         models (comma-separated, or none for all), rpm, tpm (a number, or none for no limit),
---         max_seconds (seconds a request may take, or none for the server's deadline).
+--         max_seconds (seconds a request may take, or none for the server's deadline),
+--         max_parallel (requests queued or running at once, per sender replica, or none for no limit).
 -- Values the sender could not honour (a priority off 0..max_priority, a threshold below 1, a limit of
 -- 0 or less, a date it cannot read) are refused with a message and nothing is changed.
 \set ON_ERROR_STOP on
@@ -15,6 +16,7 @@
 \if :{?rpm} \else \set rpm '' \endif
 \if :{?tpm} \else \set tpm '' \endif
 \if :{?max_seconds} \else \set max_seconds '' \endif
+\if :{?max_parallel} \else \set max_parallel '' \endif
 
 -- Refuse values the sender could not honour, before anything is written (the database's CHECK
 -- constraints would refuse some of them too, less clearly). Optional: -v max_priority=9, the top of
@@ -25,6 +27,7 @@ SELECT set_config('dispatcher.priority', :'priority', false) AS _priority,
        set_config('dispatcher.rpm', :'rpm', false) AS _rpm,
        set_config('dispatcher.tpm', :'tpm', false) AS _tpm,
        set_config('dispatcher.max_seconds', :'max_seconds', false) AS _max_seconds,
+       set_config('dispatcher.max_parallel', :'max_parallel', false) AS _max_parallel,
        set_config('dispatcher.expires', :'expires', false) AS _expires,
        set_config('dispatcher.max_priority', :'max_priority', false) AS _max_priority \gset
 DO $$
@@ -50,6 +53,10 @@ BEGIN
             RAISE EXCEPTION '% must be a positive integer per minute, or none for no limit, got "%"', field, v;
         END IF;
     END LOOP;
+    v := current_setting('dispatcher.max_parallel');
+    IF v NOT IN ('', 'none') AND (v !~ '^[0-9]{1,10}$' OR v::BIGINT < 1 OR v::BIGINT > 2147483647) THEN
+        RAISE EXCEPTION 'max_parallel must be a positive integer (requests queued or running at once), or none for no limit, got "%"', v;
+    END IF;
     v := current_setting('dispatcher.max_seconds');
     IF v NOT IN ('', 'none') AND (v !~ '^[0-9]*[.]?[0-9]+([eE][-+]?[0-9]+)?$' OR v::DOUBLE PRECISION <= 0) THEN
         RAISE EXCEPTION 'max_seconds must be a positive number of seconds, or none for the server''s deadline, got "%"', v;
@@ -78,7 +85,9 @@ UPDATE tokens SET
     tpm_limit = CASE :'tpm' WHEN '' THEN tpm_limit WHEN 'none' THEN NULL
                 ELSE CAST(NULLIF(NULLIF(:'tpm', ''), 'none') AS INTEGER) END,
     max_seconds = CASE :'max_seconds' WHEN '' THEN max_seconds WHEN 'none' THEN NULL
-                  ELSE CAST(NULLIF(NULLIF(:'max_seconds', ''), 'none') AS DOUBLE PRECISION) END
+                  ELSE CAST(NULLIF(NULLIF(:'max_seconds', ''), 'none') AS DOUBLE PRECISION) END,
+    max_parallel = CASE :'max_parallel' WHEN '' THEN max_parallel WHEN 'none' THEN NULL
+                   ELSE CAST(NULLIF(NULLIF(:'max_parallel', ''), 'none') AS INTEGER) END
 WHERE name = :'name';
 SELECT 'no token named ' || :'name' || ': nothing changed' AS result
 WHERE NOT EXISTS (SELECT 1 FROM tokens WHERE name = :'name');

@@ -28,6 +28,7 @@ import aio_pika
 import pytest
 
 import contract
+from contract.names import DEFAULT_BROKER_MAX_MESSAGE_SIZE
 from harness import rabbitmq43
 from harness.chart_render import of_kind, render
 from harness.stack import free_port
@@ -117,7 +118,7 @@ def test_node_runs_with_our_settings(configured43: Configured) -> None:
     ).strip()
     consumer_timeout, max_message_size, memory, disk = answer.strip("[]").split("},{")
     assert consumer_timeout.strip("{") == "ok,7200000"
-    assert max_message_size == "ok,33554432"
+    assert max_message_size == f"ok,{DEFAULT_BROKER_MAX_MESSAGE_SIZE}"
     assert "0.6" in memory and "2GB" in disk, answer
 
 

@@ -862,6 +862,7 @@ def test_every_token_field_becomes_its_add_token_option() -> None:
         "rpm": 60,
         "tpm": 1_000_000,
         "maxSeconds": 7.5,
+        "maxParallel": 8,
         "secretName": "bob-token",
         "secretKey": "secret",
     }
@@ -876,15 +877,17 @@ def test_every_token_field_becomes_its_add_token_option() -> None:
         "--rpm": "60",
         "--tpm": "1000000",
         "--max-seconds": "7.5",
+        "--max-parallel": "8",
         "--secret-file": "/tokens/0/secret",
     }
     args = [arg for option, value in options.items() for arg in (option, value)]
     parsed = admin.parser().parse_args(["add-token", *args])
-    assert (parsed.models, parsed.rpm, parsed.tpm, parsed.max_seconds) == (
+    assert (parsed.models, parsed.rpm, parsed.tpm, parsed.max_seconds, parsed.max_parallel) == (
         ["llama-3.1-8b", "mistral"],
         60,
         1_000_000,
         7.5,
+        8,
     )
 
 
@@ -1118,6 +1121,7 @@ def test_chart_files_are_links_to_the_sources() -> None:
                     ({"tpm": 2**31}, "/tokens/0/tpm"),
                     ({"maxSeconds": 0}, "/tokens/0/maxSeconds"),
                     ({"maxSeconds": "60"}, "/tokens/0/maxSeconds"),
+                    ({"maxParallel": 0}, "/tokens/0/maxParallel"),
                     ({"models": "llama,mistral"}, "/tokens/0/models"),
                     ({"models": []}, "/tokens/0/models"),
                     ({"models": ["bad name"]}, "/tokens/0/models/0"),

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from contract import DEFAULT_BROKER_MAX_MESSAGE_SIZE
 from harness.stack import free_port
 from harness.testrun import RUN_ID
 
@@ -86,6 +87,7 @@ def private_node() -> Iterator[str]:
 
 def test_node_boots_with_our_settings(private_node: str) -> None:
     assert setting(private_node, "consumer_timeout") == "{ok,7200000}"
-    assert setting(private_node, "max_message_size") == "{ok,33554432}"
     assert setting(private_node, "vm_memory_high_watermark") == "{ok,0.6}"
     assert "2GB" in setting(private_node, "disk_free_limit")
+    # What the sender and the consumers assume unless told otherwise (*_BROKER_MAX_MESSAGE_SIZE).
+    assert setting(private_node, "max_message_size") == f"{{ok,{DEFAULT_BROKER_MAX_MESSAGE_SIZE}}}"

@@ -93,13 +93,17 @@ async def test_x_priority_lowers_but_never_raises(
 
 
 async def test_threshold_refuses_with_429(
-    sender: Service,
+    processes: Processes,
     slow_model: tuple[str, Service],
     priority_tokens: dict[int, str],
     tokens: Tokens,
     token: str,
 ) -> None:
+    """With ``SENDER_THRESHOLD_SCOPE=queue`` a token's threshold is compared with the whole queue:
+    other tokens' requests count against it (the default, ``token``, counts only its own:
+    ``test_fairness.py``)."""
     model, backend = slow_model
+    sender = processes.sender("postgres", threshold_scope="queue")
     await wait_listed(sender, token, model)
     strict = await tokens.create("strict", priority=5, threshold=2)
     request = {"model": model, "prompt": "x", "max_tokens": 2}

@@ -117,7 +117,7 @@ async def test_migrate_twice_and_upgrade_from_the_first_schema(fresh_database: t
     insert = "INSERT INTO tokens (name, token_hash) VALUES ('old', 'abc')"
     psql(url, "-c", insert) if kind == "postgres" else mysql(url, "-e", insert)
     assert stack.admin(url, "schema-version").strip() == "1"
-    assert "applied [2, 3, 4, 5]" in stack.admin(url, "migrate")
+    assert "applied [2, 3, 4, 5, 6]" in stack.admin(url, "migrate")
     assert "already current" in stack.admin(url, "migrate")
     await _check_models_match(url)
     listed = stack.admin(url, "list-tokens", "--json")
@@ -137,12 +137,13 @@ async def test_the_token_deadline_upgrade_keeps_tokens_and_refuses_nonsense(
         return psql(url, "-c", sql) if kind == "postgres" else mysql(url, "-e", sql)
 
     run("INSERT INTO tokens (name, token_hash) VALUES ('old', 'abc')")
-    assert "applied [4, 5]" in stack.admin(url, "migrate")
+    assert "applied [4, 5, 6]" in stack.admin(url, "migrate")
     apply_scripts(kind, url, scripts[3:])  # again, with the stock client: nothing changes, nothing fails
     assert "already current" in stack.admin(url, "migrate")
     await _check_models_match(url)
     [old] = json.loads(stack.admin(url, "list-tokens", "--json"))
     assert old["name"] == "old" and old["max_seconds"] is None  # the server's deadline, as before
+    assert old["max_parallel"] is None  # schema 6: no parallel limit, as before
     run("UPDATE tokens SET max_seconds = 2.5 WHERE name = 'old'")
     for nonsense in ("0", "-1"):
         with pytest.raises(AssertionError):  # the client fails: the CHECK constraint refuses it

@@ -184,3 +184,47 @@ def test_scripts_say_when_no_token_has_that_name(kind: str, script: str) -> None
     fields: dict[str, object] = {"priority": 3} if script == "set_token.sql" else {}
     output = sql_script(kind, script, name=name, **fields)
     assert f"no token named {name}: nothing changed" in output
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_max_parallel_is_set_and_cleared_by_scripts_and_cli_and_looked_up(
+    kind: str, engines: dict[str, AsyncEngine]
+) -> None:
+    url = DATABASE_URLS[kind]
+    name = unique(f"parallel-{kind}")
+    secret = f"sk-parallel-{kind}-{unique('s')}"
+
+    async def looked_up() -> int | None:
+        """The sender's own lookup, uncached (a new store each time)."""
+        store = TokenStore(engines[kind], ttl=60, negative_ttl=60, max_entries=10)
+        try:
+            token = await store.lookup(secret)
+        finally:
+            await store.close()
+        assert token is not None
+        return token.max_parallel
+
+    def listed() -> object:
+        return {r["name"]: r for r in json.loads(stack.admin(url, "list-tokens", "--json"))}[name][
+            "max_parallel"
+        ]
+
+    sql_script(kind, "add_token.sql", name=name, secret=secret, max_parallel=4)
+    assert await looked_up() == 4
+    sql_script(kind, "set_token.sql", name=name, max_parallel=7)
+    assert await looked_up() == 7
+    sql_script(kind, "set_token.sql", name=name, priority=3)  # fields not given stay
+    assert await looked_up() == 7
+    sql_script(kind, "set_token.sql", name=name, max_parallel="none")
+    assert await looked_up() is None
+
+    stack.admin(url, "set-token", "--name", name, "--max-parallel", "3")
+    assert listed() == 3 and await looked_up() == 3
+    stack.admin(url, "set-token", "--name", name, "--max-parallel", "none")
+    assert listed() is None and await looked_up() is None
+    with pytest.raises(
+        subprocess.CalledProcessError
+    ):  # the parser's refusals: tests/unit/test_token_inputs.py
+        stack.admin(url, "set-token", "--name", name, "--max-parallel", "0")
+    stack.admin(url, "add-token", "--name", name, "--max-parallel", "2", "--secret-file", "-", stdin=secret)
+    assert listed() == 2 and await looked_up() == 2

@@ -106,6 +106,8 @@ BAD_INPUTS: list[tuple[str, dict[str, object], str]] = [
     ("add_token.sql", {"rpm": 0}, "rpm must be a positive integer per minute"),
     ("add_token.sql", {"tpm": -1}, "tpm must be a positive integer per minute"),
     ("add_token.sql", {"max_seconds": 0}, "max_seconds must be a positive number of seconds"),
+    ("add_token.sql", {"max_parallel": 0}, "max_parallel must be a positive integer"),
+    ("set_token.sql", {"max_parallel": "2.5"}, "max_parallel must be a positive integer"),
     ("add_token.sql", {"expires": "next year"}, "expires must be a date (2027-01-01)"),
     ("set_token.sql", {"priority": 10}, "priority must be an integer from 0 to 9"),
     ("set_token.sql", {"threshold": -5}, "threshold must be an integer of at least 1"),

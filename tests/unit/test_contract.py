@@ -50,6 +50,14 @@ def test_reply_round_trip() -> None:
         Reply.from_amqp({"last": True}, b"", None)
 
 
+def test_the_report_of_a_cut_answer_round_trips_with_its_completion_tokens_alone() -> None:
+    # What a consumer sends after the client left: no body, why, and only what it could count.
+    report = Reply(seq=3, last=True, error="cancelled: the client went away", completion_tokens=12)
+    decoded = Reply.from_amqp(report.headers(), b"", None)
+    assert decoded == report and decoded.prompt_tokens is None and decoded.completion_tokens == 12
+    assert "prompt-tokens" not in report.headers()
+
+
 def test_announcement_round_trip() -> None:
     announcement = Announcement("c1", "m", Announcement.READY, 15.0, {"max_model_len": 4096})
     assert Announcement.decode(announcement.encode()) == announcement
@@ -59,7 +67,38 @@ def test_announcement_round_trip() -> None:
 
 def test_queue_names_and_arguments() -> None:
     assert contract.model_queue("org/model") == "dispatch.model.org/model"
-    assert contract.model_queue_arguments(9) == {"x-max-priority": 9}
+    assert contract.model_queue_arguments(9) == {"x-max-priority": 29}
+    assert contract.model_queue_arguments(3) == {"x-max-priority": 31}
+
+
+@pytest.mark.parametrize("max_priority", [0, 1, 3, 9, 15, 31])
+def test_the_wire_keeps_levels_strict_and_fits_a_quorum_queue(max_priority: int) -> None:
+    """Every sub-level of a user level is above every sub-level of the level under it, the wire
+    starts at 0 and ends at the classic queue's ``x-max-priority``, which a quorum queue (0-31)
+    tells apart whole."""
+    sublevels = contract.fairness_sublevels(max_priority)
+    wire = [
+        [contract.wire_priority(level, demotion, max_priority) for demotion in range(sublevels)]
+        for level in range(max_priority + 1)
+    ]
+    flat = [value for level in wire for value in reversed(level)]
+    assert flat == list(range(contract.wire_max_priority(max_priority) + 1))
+    assert contract.wire_max_priority(max_priority) <= contract.WIRE_PRIORITY_CEILING
+    for level, values in enumerate(wire):
+        assert all(contract.user_level(value, max_priority) == level for value in values)
+    # Out of range is clamped, never a level above or below the scale.
+    top = contract.wire_max_priority(max_priority)
+    assert contract.wire_priority(max_priority + 5, -3, max_priority) == top
+    assert contract.wire_priority(-1, 99, max_priority) == 0
+
+
+def test_fair_share_demotes_by_backlog_within_the_level() -> None:
+    assert contract.fairness_sublevels(9) == 3
+    assert [contract.demotion_for_backlog(b, 9) for b in (0, 1, 2, 3, 50)] == [0, 1, 2, 2, 2]
+    assert [contract.demotion_for_backlog(b, 3) for b in (0, 1, 2, 4, 8, 64, 10_000)] == [0, 1, 2, 3, 4, 7, 7]
+    assert contract.demotion_for_backlog(100, 31) == 0  # 32 user levels leave no room for sub-levels
+    # A light token at the bottom of level 6 still beats a heavy one at the top of level 5.
+    assert contract.wire_priority(6, 2, 9) > contract.wire_priority(5, 0, 9)
 
 
 def test_reply_names_its_consumer() -> None:
@@ -117,14 +156,15 @@ def test_announcements_carry_the_priority_scale() -> None:
 
 def test_a_sender_says_when_a_consumer_uses_another_priority_scale(caplog: pytest.LogCaptureFixture) -> None:
     registry = ModelRegistry(max_priority=9)
-    same = Announcement(consumer_id="a", model="m", state="ready", ttl=5.0, max_priority=9)
-    other = Announcement(consumer_id="b", model="m", state="ready", ttl=5.0, max_priority=31)
+    same = Announcement(consumer_id="a", model="m", state="ready", ttl=5.0, max_priority=29)
+    # A consumer from before the fair-share sub-levels announced its user scale (9).
+    other = Announcement(consumer_id="b", model="m", state="ready", ttl=5.0, max_priority=9)
     registry.receive(same.encode())
     assert not caplog.records
     registry.receive(other.encode())
     registry.receive(other.encode())
     errors_logged = [r for r in caplog.records if r.levelname == "ERROR"]
-    assert len(errors_logged) == 1 and "0-31" in errors_logged[0].getMessage()
+    assert len(errors_logged) == 1 and "0-9, this sender publishes 0-29" in errors_logged[0].getMessage()
     assert registry.card("m") is not None  # still listed: the mismatch is the operator's to fix
 
 

@@ -22,6 +22,10 @@ def test_usage_is_asked_for_and_stripped_as_vllm_would_not_have_sent_it() -> Non
         watcher = StreamUsage(strip=True)
         out = b"".join(watcher.feed(sent[i : i + size]) for i in range(0, len(sent), size)) + watcher.end()
         assert out == expected and watcher.counts == (7, 2)
+    by_event = StreamUsage(strip=True)  # one whole event per read: token events take the fast path
+    reads = [chunk % b"a", chunk % b"b", usage, b"data: [DONE]\n\n"]
+    assert b"".join(by_event.feed(read) for read in reads) + by_event.end() == expected
+    assert by_event.counts == (7, 2)
     kept = StreamUsage(strip=False)  # the client asked: untouched, still counted
     assert kept.feed(sent) == sent and kept.end() == b"" and kept.counts == (7, 2)
 
@@ -47,3 +51,42 @@ def test_stripped_usage_leaves_the_system_fingerprint_where_vllm_puts_it_without
         assert out == without and watcher.counts == (3, 2)
     cut_short = StreamUsage(strip=True)  # a stream that ends before its usage chunk loses nothing
     assert cut_short.feed(token + last) + cut_short.end() == token + last
+
+
+def test_a_stream_cut_short_is_charged_the_tokens_it_carried() -> None:
+    from consumer.token_counts import StreamUsage
+
+    # A chat stream: the role chunk carries no token; each content chunk carries one.
+    head = b'data: {"id":"c","object":"chat.completion.chunk","choices":'
+    role = head + b'[{"index":0,"delta":{"role":"assistant","content":""}}],"usage":null}\n\n'
+    chunk = head + b'[{"index":0,"delta":{"content":"x"}}],"usage":null}\n\n'
+    usage = head + b'[],"usage":{"prompt_tokens":7,"completion_tokens":4}}\n\n'
+    cut = role + chunk * 3 + chunk[:20]  # the backend stopped in the middle of an event
+    for strip in (True, False):
+        watcher = StreamUsage(strip=strip)
+        for i in range(0, len(cut), 11):
+            watcher.feed(cut[i : i + 11])
+        assert watcher.so_far() == (None, 3)  # the prompt's tokens are not known
+        watcher.feed(chunk[20:] + usage + b"data: [DONE]\n\n")
+        watcher.end()
+        assert watcher.so_far() == (7, 4)  # once the backend's usage came, it is what counts
+
+
+def test_the_prompt_of_a_cut_answer_is_asked_of_tokenize_with_the_fields_that_make_it() -> None:
+    import orjson
+
+    from consumer.token_counts import count_of, tokenize_body
+
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "stream": True}
+    asked = tokenize_body("/v1/chat/completions", orjson.dumps({**chat, "tools": []}))
+    assert asked is not None and orjson.loads(asked) == {
+        "model": "m",
+        "messages": chat["messages"],
+        "tools": [],
+    }
+    plain = tokenize_body("/v1/completions", b'{"model": "m", "prompt": "hi", "n": 2}')
+    assert plain is not None and orjson.loads(plain) == {"model": "m", "prompt": "hi"}
+    assert tokenize_body("/v1/completions", b'{"model": "m", "prompt": ["a", "b"]}') is None
+    assert tokenize_body("/v1/embeddings", b'{"model": "m", "input": "a"}') is None
+    assert tokenize_body("/v1/completions", b"not json") is None
+    assert count_of(b'{"count": 7, "tokens": []}') == 7 and count_of(b'{"count": true}') is None

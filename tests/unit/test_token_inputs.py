@@ -41,6 +41,12 @@ SET = ("set-token", "--name", "a")
         ((*ADD, "--max-seconds", "0"), "max-seconds must be a positive number of seconds"),
         ((*SET, "--max-seconds", "-1"), "positive number"),
         ((*ADD, "--max-seconds", "inf"), "positive number"),
+        (
+            (*ADD, "--max-parallel", "0"),
+            "max-parallel must be a positive integer (requests queued or running",
+        ),
+        ((*SET, "--max-parallel", "-2"), "max-parallel must be a positive integer"),
+        ((*SET, "--max-parallel", "1.5"), "max-parallel must be a positive integer"),
         ((*ADD, "--expires", "next year"), "expected a date (2027-01-01), a date and time"),
         ((*SET, "--expires", "31/12/2027"), "a duration (30d, 12h, 90m, 45s), or none"),
         ((*ADD, "--expires", "30 days"), "30d, 12h"),

@@ -41,9 +41,9 @@ def test_a_failing_step_says_what_and_where(cache: Path) -> None:
     cache.mkdir(parents=True)
     log = cache / "setup.log"
     with pytest.raises(vllm_cpu.SetupError, match=r"(?s)the step failed \(exit 3\).*boom"):
-        vllm_cpu._run([sys.executable, "-c", "print('boom'); raise SystemExit(3)"], "the step", log, 30)
+        vllm_cpu.run_step([sys.executable, "-c", "print('boom'); raise SystemExit(3)"], "the step", log, 30)
     with pytest.raises(vllm_cpu.SetupError, match="took more than 1 s"):
-        vllm_cpu._run([sys.executable, "-c", "import time; time.sleep(10)"], "the step", log, 1)
+        vllm_cpu.run_step([sys.executable, "-c", "import time; time.sleep(10)"], "the step", log, 1)
 
 
 def test_a_second_setup_waits_for_the_lock(cache: Path) -> None:
@@ -52,7 +52,7 @@ def test_a_second_setup_waits_for_the_lock(cache: Path) -> None:
             sys.executable,
             "-c",
             "import sys, time; from harness import vllm_cpu\n"
-            "with vllm_cpu._locked(30):\n    print('held', flush=True); time.sleep(30)",
+            "with vllm_cpu.locked(vllm_cpu.cache_dir(), 30):\n    print('held', flush=True); time.sleep(30)",
         ],
         cwd=Path(__file__).resolve().parents[2],
         env={**os.environ, "VLLM_CPU_CACHE": str(cache)},
@@ -61,7 +61,7 @@ def test_a_second_setup_waits_for_the_lock(cache: Path) -> None:
     )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
-        with pytest.raises(vllm_cpu.SetupError, match="another process has held"), vllm_cpu._locked(1):
+        with pytest.raises(vllm_cpu.SetupError, match="another process has held"), vllm_cpu.locked(cache, 1):
             pass
     finally:
         holder.kill()
