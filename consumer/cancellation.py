@@ -67,11 +67,18 @@ class Cancellations:
             task.cancel()
 
     def delivery_lost(self) -> int:
-        """The broker connection dropped: stop every request in flight; how many there were."""
+        """The broker channel or connection dropped: stop every request in flight; how many were stopped.
+
+        Heard both from the connection and from the consume channel: a request stopped once is not
+        cancelled again (its serving uncancels its task once)."""
+        stopped = 0
         for correlation_id, task in list(self._serving.items()):
+            if self._why.get(correlation_id) is Why.DELIVERY_LOST:
+                continue
             self._why[correlation_id] = Why.DELIVERY_LOST
             task.cancel()
-        return len(self._serving)
+            stopped += 1
+        return stopped
 
     def shutting_down(self) -> None:
         """The grace period ran out: stop every request in flight, each ending its answer with an error."""

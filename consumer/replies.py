@@ -202,6 +202,9 @@ class ReplyPublisher:
         self._correlation_id = correlation_id
         self._on_lost = on_lost
         self._lost = False
+        self.lost = False
+        """A piece could not be published (the connection dropped): the answer cannot be complete,
+        so the request must go back to the queue rather than be acked."""
 
     async def __call__(self, reply: Reply) -> None:
         if self._lost:
@@ -215,6 +218,7 @@ class ReplyPublisher:
         except aiormq.exceptions.DeliveryError:
             self._lose("nacked")
         except BROKER_GONE:
+            self.lost = True
             self._lose("broker_gone")
         else:
             if confirm is not None and not isinstance(confirm, Basic.Ack):

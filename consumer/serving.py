@@ -311,6 +311,7 @@ class Delivery:
         self._writer: ReplyWriter | None = None
         self._served = Served(Outcome.ANSWERED)
         self._started = 0.0
+        self._publisher: ReplyPublisher | None = None
 
     async def __aenter__(self) -> Served:
         serving, message = self._serving, self._message
@@ -321,13 +322,14 @@ class Delivery:
             self._served = Served(Outcome.REJECTED)
             return self._served
         settings = serving.settings
+        self._publisher = ReplyPublisher(
+            serving.channel,
+            request.reply_to,
+            request.correlation_id,
+            on_lost=lambda reason: serving.reply_lost(request, reason),
+        )
         writer = ReplyWriter(
-            ReplyPublisher(
-                serving.channel,
-                request.reply_to,
-                request.correlation_id,
-                on_lost=lambda reason: serving.reply_lost(request, reason),
-            ),
+            self._publisher,
             liveness_queue=self._liveness_queue,
             interval=settings.flush_interval,
             max_bytes=settings.flush_bytes,
@@ -399,7 +401,8 @@ class Delivery:
         outcome = self._served.outcome
         if outcome is Outcome.GIVEN_BACK:
             pass  # the broker took it back when the connection dropped
-        elif outcome is Outcome.REQUEUED:
+        elif outcome is Outcome.REQUEUED or (self._publisher is not None and self._publisher.lost):
+            # A reply piece lost with the reply connection: served again, here or elsewhere.
             await _settle(self._message.nack(requeue=True))
         else:
             await _settle(self._message.ack())

@@ -26,6 +26,10 @@ class ConsumerSettings(SharedSettings):
     names_interval: float = Field(10.0, gt=0)
     """Seconds between two readings of the backend's ``/v1/models``, to follow adapters loaded or
     unloaded at run time."""
+    names_balance_interval: float = Field(0.5, gt=0)
+    """With several names served: seconds between two readings of their queues' depths, by which the
+    flow window's slots move to the names whose requests wait (a request for a name holding no slot
+    waits up to this long, plus a slot's release)."""
     vllm_url: str = Field(
         "http://127.0.0.1:8000", validation_alias=AliasChoices("VLLM_URL", "CONSUMER_VLLM_URL")
     )

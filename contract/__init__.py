@@ -6,6 +6,7 @@ cannot drift apart; ``docs/protocol.md`` describes the same contract in prose.
 - :mod:`contract.names`: queues, exchange, routing keys, the priority scale.
 - :mod:`contract.messages`: request, reply pieces, cancellation, announcement
   and roll call, each with its AMQP properties built and parsed.
+- :mod:`contract.queues`: quorum or classic, and the arguments each of our durable queues takes.
 - :mod:`contract.liveness`: the queue that lives exactly as long as a consumer connection.
 - :mod:`contract.errors`: the error catalogue both services answer from.
 
@@ -52,12 +53,12 @@ from contract.names import (
     demotion_for_backlog,
     fairness_sublevels,
     model_queue,
-    model_queue_arguments,
     servable_model_name,
     user_level,
     wire_max_priority,
     wire_priority,
 )
+from contract.queues import QueueType, model_queue_arguments
 
 __all__ = [
     "ANNOUNCE_KEY",
@@ -83,6 +84,7 @@ __all__ = [
     "Announcement",
     "Cancel",
     "ContractError",
+    "QueueType",
     "Reply",
     "Request",
     "demotion_for_backlog",

@@ -6,11 +6,11 @@ test that proves them on a real broker (``tests/security/test_broker_roles.py``)
 (the default exchange is ``amq.default``) and on binding a queue, *read* on consuming, purging
 and on the exchange side of a binding; a passive declare (whether a queue exists, its depth)
 needs nothing. The management API also wants a user tag (the autoscaler's ``monitoring``).
-The short-lived queues are of two kinds: the consumer's liveness queue is named by
-the server (``amq.gen-*``, a name no client may declare), and the announcement and roll-call
-queues are named by aio-pika itself (``amq_<32 hex>``, kept across a robust reconnect); both are
-exclusive, so only their own connection can use them. Topic permissions on ``dispatch.control`` restrict
-routing keys: only senders roll-call and cancel, only consumers announce.
+The short-lived queues (the consumer's liveness and roll-call queues, the sender's
+announcement queue) are named by the server (``amq.gen-*``, a name no client may declare) and
+made again after each reconnect; they are exclusive, so only their own connection can use them.
+Topic permissions on ``dispatch.control`` restrict routing keys: only senders roll-call and
+cancel, only consumers announce.
 
 What permissions cannot separate: publishing through the default exchange reaches any queue by
 name, so the sender could publish into a reply queue and a consumer into a model queue. Reply
@@ -42,15 +42,12 @@ class BrokerRole:
 SENDER = BrokerRole(
     # its reply queue dispatch.reply.<id>, the control exchange, its announcement queue, the configured
     # models' queues (SENDER_MODELS: declared before any consumer ran), the cancellation stream
-    configure=(
-        r"^(dispatch\.reply\..+|dispatch\.control|amq_[0-9a-f]{32}|dispatch\.model\..+"
-        r"|dispatch\.cancellations)$"
-    ),
+    configure=r"^(dispatch\.reply\..+|dispatch\.control|amq\.gen-.+|dispatch\.model\..+|dispatch\.cancellations)$",
     # requests through the default exchange, roll calls and cancels, binding its announcement queue
     # and the cancellation stream
-    write=r"^(amq\.default|dispatch\.control|amq_[0-9a-f]{32}|dispatch\.cancellations)$",
+    write=r"^(amq\.default|dispatch\.control|amq\.gen-.+|dispatch\.cancellations)$",
     # its reply queue, announcements, the control exchange's side of a binding
-    read=r"^(dispatch\.reply\..+|dispatch\.control|amq_[0-9a-f]{32})$",
+    read=r"^(dispatch\.reply\..+|dispatch\.control|amq\.gen-.+)$",
     topic_write=r"^(rollcall|cancel)$",
     # announcements; cancel too, only to bind the cancellation stream (a binding is a topic read)
     topic_read=r"^(announce|cancel)$",
@@ -58,11 +55,11 @@ SENDER = BrokerRole(
 
 CONSUMER = BrokerRole(
     # its model queue, the dead-letter queue, the control exchange, its liveness and roll-call queues
-    configure=r"^(dispatch\.model\..+|dispatch\.dead-letter|dispatch\.control|amq\.gen-.+|amq_[0-9a-f]{32})$",
+    configure=r"^(dispatch\.model\..+|dispatch\.dead-letter|dispatch\.control|amq\.gen-.+)$",
     # replies and dead letters through the default exchange, announcements, binding its roll-call queue
-    write=r"^(amq\.default|dispatch\.control|amq_[0-9a-f]{32})$",
+    write=r"^(amq\.default|dispatch\.control|amq\.gen-.+)$",
     # its model queue, roll calls and cancels, the cancellations kept for it (read at start)
-    read=r"^(dispatch\.model\..+|dispatch\.control|amq_[0-9a-f]{32}|dispatch\.cancellations)$",
+    read=r"^(dispatch\.model\..+|dispatch\.control|amq\.gen-.+|dispatch\.cancellations)$",
     topic_write=r"^announce$",
     topic_read=r"^(rollcall|cancel)$",
 )

@@ -214,12 +214,15 @@ class Reply:
         return headers
 
     def properties(self, correlation_id: str) -> Basic.Properties:
-        """Not persistent: a reply is useful only to a sender waiting right now."""
+        """Persistent: a reply published while its sender reconnects waits in the durable reply queue,
+        through a restart of the broker too (a transient one would be dropped, and the sender would wait
+        for it until the request's deadline). Quorum queues keep every message anyway."""
         return Basic.Properties(
             headers=self.headers(),
             content_type=self.content_type,
             correlation_id=correlation_id,
             message_type=REPLY_TYPE,
+            delivery_mode=2,
         )
 
     @classmethod
@@ -310,6 +313,10 @@ class Announcement:
     (``contract.wire_max_priority`` of its user scale): senders check it is theirs. A consumer from
     before the fair-share sub-levels announces its user scale (9), which a current sender (29)
     reports as a mismatch."""
+    shared: bool = False
+    """The consumer serves several names through one flow window, shared out by demand: this
+    name's queue may show no consumer for a moment while the consumer serves it (its slots are
+    busy with another name's requests), and requests for it are still taken."""
 
     READY = "ready"
     PAUSED = "paused"
@@ -325,6 +332,7 @@ class Announcement:
                 "ttl": self.ttl,
                 "card": self.card,
                 "max_priority": self.max_priority,
+                "shared": self.shared,
             }
         )
 
@@ -345,6 +353,7 @@ class Announcement:
                 ttl=float(data["ttl"]),
                 card=card,
                 max_priority=int(data.get("max_priority", DEFAULT_MAX_PRIORITY)),
+                shared=data.get("shared", False) is True,
             )
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ContractError(f"bad announcement: {exc}") from exc

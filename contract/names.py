@@ -107,9 +107,3 @@ def demotion_for_backlog(backlog: int, max_priority: int = DEFAULT_MAX_PRIORITY)
     (1, 2-3, 4-7, ...), down to the level's bottom. Requests of a token that has nothing waiting
     thus overtake the waiting backlog of a token that has many, within one user level."""
     return min(fairness_sublevels(max_priority) - 1, max(0, backlog).bit_length())
-
-
-def model_queue_arguments(max_priority: int = DEFAULT_MAX_PRIORITY) -> dict[str, Any]:
-    """Arguments every declaration of a (classic) model queue must use (they must match): its
-    ``x-max-priority`` is the top of the wire scale, user levels and fair-share sub-levels together."""
-    return {"x-max-priority": wire_max_priority(max_priority)}

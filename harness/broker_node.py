@@ -142,6 +142,16 @@ class BrokerNode:
                 total += int(line.rsplit(maxsplit=1)[-1])
         return total
 
+    def queue_counts(self) -> dict[str, tuple[int, int]]:
+        """Every queue of the default virtual host: name -> (ready, unacknowledged) messages."""
+        listing = self.ctl("list_queues", "-q", "name", "messages_ready", "messages_unacknowledged")
+        counts = {}
+        for line in listing.splitlines():
+            fields = line.split()
+            if len(fields) == 3 and fields[1].isdigit() and fields[2].isdigit():  # not the header
+                counts[fields[0]] = (int(fields[1]), int(fields[2]))
+        return counts
+
     def close_all_connections(self) -> None:
         self.ctl("close_all_connections", "fault injection")
 

@@ -34,9 +34,6 @@ chart's default (no broker values) creates its broker only where they exist."""
 
 # The variables the chart and compose may set on each of our containers.
 HELPER_VARIABLES = {"RABBITMQ_USERNAME", "RABBITMQ_PASSWORD"}  # only expanded into RABBITMQ_URL
-AWAITED_VARIABLES = {"RABBITMQ_QUEUE_TYPE"}
-"""Set by the chart (``rabbitmq.queueType``) for the sender and the consumers, whose settings gain it
-with the quorum model queues (issue 13): drop it from here once they read it."""
 
 
 def setting_names(settings: type[BaseSettings]) -> set[str]:

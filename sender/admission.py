@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -24,15 +25,21 @@ from starlette.requests import ClientDisconnect, Request
 
 from contract import errors, servable_model_name
 from contract.errors import clip
+from contract.queues import QueueTypeMismatch
 from sender.backlog import Backlog, expected_wait
 from sender.broker import BrokerUnavailable
+from sender.broker_hold import BrokerHold, Retry
 from sender.errors import ApiError
 from sender.limits import Ask, RateLimiter, Reservation
-from sender.queue_stats import QueueStatsCache
+from sender.queue_stats import QueueStats, QueueStatsCache
 from sender.settings import SenderSettings
 from sender.tokens import Token, TokenStore
 
 log = logging.getLogger(__name__)
+
+_ELECTION_WAIT = 3.0
+"""Seconds a model queue may report no consumer while one is announced, before the sender refuses:
+a quorum queue elects a new leader in about a second."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +56,9 @@ class AdmittedRequest:
     priority: int
     timeout: float
     """Seconds the request may take in all, from when it is queued."""
+    asked_at: float
+    """When (monotonic) admission first asked the broker about it: the start of its allowance for
+    waiting on the broker (:mod:`sender.broker_hold`)."""
     request_id: str
     asleep: bool = False
     """Admitted while its model had no live consumer (a configured model being woken up)."""
@@ -73,17 +83,27 @@ class Admission:
         queue_stats: QueueStatsCache,
         limiter: RateLimiter,
         settings: SenderSettings,
+        hold: BrokerHold,
+        *,
         declare: Callable[[str], Awaitable[None]],
         backlog: Backlog | None = None,
+        announced: Callable[[str], bool] = lambda _: False,
+        shared: Callable[[str], bool] = lambda _: False,
     ) -> None:
-        """``declare``: :meth:`sender.broker.Broker.declare_model_queue`, for configured models."""
+        """``declare``: :meth:`sender.broker.Broker.declare_model_queue`, for configured models;
+        ``announced`` says whether a consumer of the model announced itself ready and is not known
+        to be gone (the registry); ``shared``, whether such a consumer shares its flow window among
+        several names (the queue may then show no consumer while it serves the model)."""
         self._tokens = tokens
+        self._shared = shared
+        self._announced = announced
         self._queue_stats = queue_stats
         self._limiter = limiter
         self._settings = settings
         self._declare = declare
         self.configured = frozenset(settings.configured_models())
         self._backlog = backlog or Backlog()
+        self._hold = hold
 
     async def admit(self, request: Request, path: str, request_id: str) -> AdmittedRequest:
         """The request, read and admitted; :class:`ApiError` (:class:`Refused` once it was read) if not."""
@@ -107,9 +127,10 @@ class Admission:
                 request.headers.get("x-request-timeout"), token.deadline_seconds(settings.deadline_seconds)
             ),
             request_id=request_id,
+            asked_at=time.monotonic(),
         )
         try:
-            asleep = await self._check_queue(model, token)
+            asleep = await self._check_queue(model, token, request, admitted.timeout, admitted.asked_at)
             if asleep:
                 admitted = dataclasses.replace(admitted, asleep=True)
             refusal = parallel_refusal(self._backlog, token, settings)
@@ -119,6 +140,9 @@ class Admission:
             decision = await self._limiter.admit(token, Ask.of(model, payload, len(body)))
         except ApiError as exc:
             raise Refused(exc, admitted) from exc
+        held = time.monotonic() - admitted.asked_at
+        if held >= BrokerHold.POLL_SECONDS:  # held for the broker: that time counts against the deadline
+            admitted = dataclasses.replace(admitted, timeout=max(0.001, admitted.timeout - held))
         if decision.retry_after is not None:
             raise Refused(ApiError(errors.RATE_LIMIT_EXCEEDED, retry_after=decision.retry_after), admitted)
         return dataclasses.replace(admitted, reservation=decision.reservation)
@@ -145,26 +169,39 @@ class Admission:
             raise ApiError(errors.TOKEN_EXPIRED)
         return token
 
-    async def _check_queue(self, model: str, token: Token) -> bool:
+    async def _consumers_back(self, model: str, stats: QueueStats) -> QueueStats:
+        """A quorum queue electing a new leader (its node lost) reports no consumer for a moment,
+        while its consumers stay subscribed: with a consumer still announced, look again for a
+        short while before refusing."""
+        deadline = time.monotonic() + _ELECTION_WAIT
+        while stats.exists and stats.consumers == 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            stats = await self._queue_stats.get(model, fresh=True)
+        return stats
+
+    async def _check_queue(
+        self, model: str, token: Token, request: Request, timeout: float, asked_at: float
+    ) -> bool:
         """Raise the error the client should get if ``model``'s queue cannot take this request now;
-        whether the model sleeps (no live consumer: the request waits for its wake-up)."""
+        whether the model sleeps (no live consumer: the request waits for its wake-up). While the
+        broker is away, the request is held for it (:mod:`sender.broker_hold`)."""
         settings = self._settings
         if not servable_model_name(model):
             raise model_not_found(model)
         configured = model in self.configured
-        try:
-            stats = await self._queue_stats.get(model)
-            if not stats.exists or stats.consumers == 0:
-                # Refusing is rare: make sure with numbers newer than, say, a consumer's announcement.
-                stats = await self._queue_stats.get(model, fresh=True)
-            if not stats.exists and configured:
-                # Lost by the broker since this sender declared it (or refused then): declare it again.
-                await self._redeclare(model)
-                stats = await self._queue_stats.get(model, fresh=True)
-        except (BrokerUnavailable, TimeoutError, ConnectionError) as exc:
-            raise self._unavailable(errors.BROKER_UNAVAILABLE) from exc
+        deadline = time.time() + timeout
+        stats = await self._hold.attempt(
+            lambda: self._read_queue(model, configured),
+            receive=request.receive,
+            deadline=deadline,
+            since=asked_at,
+        )
         if not stats.exists:
             raise model_not_found(model)
+        if stats.consumers == 0 and self._shared(model):
+            stats = dataclasses.replace(
+                stats, consumers=1
+            )  # served, its slots busy with the backend's other names
         if stats.consumers == 0 and not (configured or settings.queue_without_consumers):
             raise self._unavailable(
                 errors.MODEL_UNAVAILABLE, f"no server is available for model `{clip(model)}` right now"
@@ -199,7 +236,7 @@ class Admission:
     async def _redeclare(self, model: str) -> None:
         try:
             await self._declare(model)
-        except aiormq.exceptions.ChannelClosed as exc:  # refused: other arguments, no permission
+        except (aiormq.exceptions.ChannelClosed, QueueTypeMismatch) as exc:  # refused: type, permission
             log.error("could not declare the queue of model %s: %s", model, exc)
             raise self._unavailable(
                 errors.MODEL_UNAVAILABLE, f"no server is available for model `{clip(model)}` right now"
@@ -210,6 +247,32 @@ class Admission:
         return expected_wait(
             ahead, rate, floor=settings.retry_after_seconds, ceiling=settings.retry_after_max_seconds
         )
+
+    async def _read_queue(self, model: str, configured: bool) -> QueueStats:
+        """The model queue's numbers; :class:`Retry` while the broker cannot give them, or while a
+        queue is missing or has no consumer just after the broker went away or came back (the
+        consumers reconnect too, and redeclare their queue). A configured model's queue that is
+        missing is declared again."""
+        try:
+            stats = await self._queue_stats.get(model)
+            if not stats.exists or stats.consumers == 0:
+                # Refusing is rare: make sure with numbers newer than, say, a consumer's announcement.
+                stats = await self._queue_stats.get(model, fresh=True)
+            if not stats.exists and configured:
+                # Lost by the broker since this sender declared it (or refused then): declare it again.
+                await self._redeclare(model)
+                stats = await self._queue_stats.get(model, fresh=True)
+            if stats.exists and stats.consumers == 0 and self._announced(model) and not self._shared(model):
+                stats = await self._consumers_back(model, stats)
+        except (BrokerUnavailable, TimeoutError, ConnectionError) as exc:
+            raise Retry(self._unavailable(errors.BROKER_UNAVAILABLE)) from exc
+        if self._hold.recently_reconnected():
+            if not stats.exists:  # the node that held it may be gone; its consumers redeclare it
+                raise Retry(model_not_found(model))
+            if stats.consumers == 0 and not configured and not self._shared(model):
+                message = f"no server is available for model `{clip(model)}` right now"
+                raise Retry(self._unavailable(errors.MODEL_UNAVAILABLE, message))
+        return stats
 
     def _unavailable(self, kind: errors.ErrorKind, message: str | None = None) -> ApiError:
         return ApiError(kind, message, retry_after=self._settings.retry_after_seconds)

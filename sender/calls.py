@@ -32,17 +32,23 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import aiormq.abc
+from aio_pika.abc import AbstractExchange
 
 import contract
-from contract import Cancel, Reply, Request
+from contract import Cancel, Reply, Request, liveness
 from contract.errors import BROKER_GONE, clip
 from sender.broker import Broker, BrokerUnavailable, really_cancelled
 
 log = logging.getLogger(__name__)
+
+UNREACHABLE_GONE = 3.0
+"""Seconds a consumer's liveness queue may stay unreachable (its node killed: the cluster waits for
+the node and answers nothing) before its answers end with an error."""
+
 
 DEFAULT_MAX_BUFFERED = 64 * 1024 * 1024
 
@@ -114,6 +120,9 @@ class PendingCall:
         could not report them (it died), roughly."""
         self._settled = False
         self._on_settled: list[Callable[[], None]] = []
+        self.copies: list[str] = []
+        """Correlation ids of a request published more than once (its connection dropped before the
+        confirm), oldest first, until one of them answers."""
 
     def when_settled(self, action: Callable[[], None]) -> None:
         """Run ``action`` once the call's usage is known (at once if it is)."""
@@ -261,6 +270,20 @@ class PendingCall:
             )
         )
 
+    def reply_lost(self) -> None:
+        """The reply queue was lost with what it held: the answer will not come (or not whole)."""
+        if self.finished:
+            return
+        self.server_gone = True
+        self.deliver(
+            Reply(
+                seq=self._expected_seq,
+                last=True,
+                error="the answer was lost: this dispatcher's reply queue was removed",
+                liveness_queue=self.liveness_queue,
+            )
+        )
+
     def abandon(self, reason: str = "the client went away") -> None:
         """Nobody will read the answer: end the wait for it now."""
         self.abandoned = True
@@ -278,6 +301,10 @@ class PendingCall:
 class Calls:
     """Every request this sender published and still awaits replies for."""
 
+    STALLED_AFTER = 2.0
+    """Seconds after which a publish still unconfirmed means the broker has stopped taking them
+    (a memory or disk alarm blocks publishers): new requests are not published meanwhile."""
+
     def __init__(
         self,
         broker: Broker,
@@ -291,10 +318,13 @@ class Calls:
         settle_calls: int = 10_000,
         max_buffered: int = DEFAULT_MAX_BUFFERED,
         on_overflow: Callable[[], None] = lambda: None,
+        republish_within: float = 0.0,
     ) -> None:
         """``on_published``, ``on_taken`` and ``on_closed`` hear of a call when it is published, when
         its first reply shows that a consumer took it off the queue, and when it is closed;
-        ``on_overflow`` of one stopped because its answer outgrew ``max_buffered`` bytes."""
+        ``on_overflow`` of one stopped because its answer outgrew ``max_buffered`` bytes. A request
+        whose connection dropped before its confirm is published again once the broker is back,
+        within ``republish_within`` seconds of its first publish."""
         self._broker = broker
         self._on_published = on_published
         self._on_taken = on_taken
@@ -312,8 +342,13 @@ class Calls:
         """Calls closed before their answer was complete, awaiting the consumer's report: correlation
         id -> (settle anyway after, monotonic). Insertion order is expiry order."""
         self._closing = False
+        self._republish_within = republish_within
+        self._unconfirmed: dict[str, float] = {}
+        """correlation id -> when published (monotonic), oldest first, until its confirm (or failure)."""
         self._background: set[asyncio.Future[None]] = set()
         self._watchdog: asyncio.Task[None] | None = None
+        self._unreachable_since: dict[str, float] = {}
+        """Liveness queues that did not answer, since when (monotonic)."""
 
     def start(self) -> None:
         self._watchdog = asyncio.create_task(self._watch_liveness())
@@ -347,16 +382,14 @@ class Calls:
         The publisher confirm is awaited alongside the answer rather than before it;
         a nack or a return (no such queue) ends the call with :attr:`PendingCall.publish_error`.
         """
+        if self.publishing_stalled():
+            raise PublishFailed("the broker is not confirming publishes (a memory or disk alarm?)")
         try:
             exchange = self._broker.request_exchange()
         except BrokerUnavailable as exc:
             raise PublishFailed(str(exc)) from exc
-        correlation_id = uuid.uuid4().hex
-        request = dataclasses.replace(
-            request, correlation_id=correlation_id, reply_to=self._broker.reply_queue_name
-        )
         pending = PendingCall(
-            correlation_id,
+            uuid.uuid4().hex,
             model,
             request.deadline,
             self._forget,
@@ -367,30 +400,84 @@ class Calls:
             buffered=self.buffered,
             on_overflow=self._on_overflow,
         )
-        self._pending[correlation_id] = pending
-        confirm = asyncio.ensure_future(
-            exchange.publish(request.message(), routing_key=contract.model_queue(model), mandatory=True)
-        )
-        # A confirm lost with its connection must not leave the client waiting until the deadline.
-        overdue = asyncio.get_running_loop().call_later(self._confirm_timeout, confirm.cancel)
-        confirm.add_done_callback(lambda done: self._confirmed(pending, done, overdue))
+        self._send(pending, request, exchange, time.monotonic())
         self._on_published(pending)
         return pending
 
-    def _confirmed(
-        self, pending: PendingCall, confirm: asyncio.Future[Any], overdue: asyncio.TimerHandle
+    def _send(
+        self, pending: PendingCall, request: Request, exchange: AbstractExchange, first_sent: float
     ) -> None:
+        request = dataclasses.replace(
+            request, correlation_id=pending.correlation_id, reply_to=self._broker.reply_queue_name
+        )
+        self._pending[pending.correlation_id] = pending
+        self._unconfirmed[pending.correlation_id] = time.monotonic()
+        queue = contract.model_queue(pending.model)
+        publishing = exchange.publish(request.message(), routing_key=queue, mandatory=True)
+        confirm = asyncio.ensure_future(publishing)
+        # A confirm lost with its connection must not leave the client waiting until the deadline.
+        overdue = asyncio.get_running_loop().call_later(self._confirm_timeout, confirm.cancel)
+        confirm.add_done_callback(lambda done: self._confirmed(pending, request, done, overdue, first_sent))
+
+    def _confirmed(
+        self,
+        pending: PendingCall,
+        request: Request,
+        confirm: asyncio.Future[Any],
+        overdue: asyncio.TimerHandle,
+        first_sent: float,
+    ) -> None:
+        late = overdue.when() <= asyncio.get_running_loop().time()
         overdue.cancel()
-        if confirm.cancelled():
-            pending.publish_failed("publishing was cancelled")
-            return
-        exc = confirm.exception()
-        if exc is not None:
+        self._unconfirmed.pop(request.correlation_id, None)
+        exc = None if confirm.cancelled() else confirm.exception()
+        if (not confirm.cancelled() and exc is None) or pending.answered:
+            return  # confirmed, or another copy of the request is being answered
+        if pending.copies and request.correlation_id in pending.copies[:-1]:
+            return  # a copy published again meanwhile stands in for this one
+        if late:
+            pending.publish_failed("the broker did not confirm the request in time")
+        elif isinstance(exc, (aiormq.exceptions.DeliveryError, aiormq.exceptions.PublishError)):
             log.warning("broker refused a request: %s", type(exc).__name__)
             pending.publish_failed(str(exc) or type(exc).__name__)
+        elif time.monotonic() - first_sent < self._republish_within and not pending.answered:
+            # The connection dropped under the publish: send it again once the broker is back.
+            self._in_background(self._republish(pending, request, first_sent))
+        else:
+            pending.publish_failed("the broker connection was lost while publishing")
+
+    async def _republish(self, pending: PendingCall, request: Request, first_sent: float) -> None:
+        """Publish again, under a new correlation id, a request whose confirm was lost with the
+        connection. The broker may have kept the first copy after all: both ids then lead to this
+        call, the first copy to answer wins and the other is cancelled (:meth:`on_reply`)."""
+        old = pending.correlation_id
+        while not self._broker.ready and self._pending.get(old) is pending:
+            if time.monotonic() - first_sent > self._republish_within:
+                break
+            await asyncio.sleep(0.1)
+        if self._pending.get(old) is not pending or pending.abandoned or pending.answered:
+            return  # the client went away meanwhile, or the first copy is being answered
+        try:
+            exchange = self._broker.request_exchange()
+        except BrokerUnavailable:
+            pending.publish_failed("the broker is unavailable")
+            return
+        if not pending.copies:
+            pending.copies.append(old)
+        pending.correlation_id = uuid.uuid4().hex
+        pending.copies.append(pending.correlation_id)
+        self._send(pending, request, exchange, first_sent)
+
+    def publishing_stalled(self) -> bool:
+        """Whether the oldest publish still unconfirmed is older than :attr:`STALLED_AFTER`."""
+        for published_at in self._unconfirmed.values():
+            return time.monotonic() - published_at > self.STALLED_AFTER
+        return False
 
     def _forget(self, call: PendingCall) -> None:
-        if self._pending.pop(call.correlation_id, None) is not None:
+        copies = call.copies or [call.correlation_id]
+        closed = [cid for cid in copies if self._pending.pop(cid, None) is not None]
+        if closed:
             self._on_closed(call)
         if call.awaits_report:
             call.drop_unread()  # nobody reads them; the report may be among them
@@ -404,24 +491,51 @@ class Calls:
         # Also after a failed publish (a confirm lost with the connection may hide a request the
         # broker did take) and when the consumer died mid-answer (the broker hands its copy on).
         if (not call.finished or call.server_gone) and self._broker.control is not None:
-            task = asyncio.ensure_future(self._send_cancel(call))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            for correlation_id in copies:
+                self._in_background(self._send_cancel(correlation_id, call.deadline))
 
-    async def _send_cancel(self, call: PendingCall) -> None:
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _send_cancel(self, correlation_id: str, deadline: float) -> None:
         control = self._broker.control
-        assert control is not None
-        message = Cancel(call.correlation_id, call.deadline).message()
+        if control is None:
+            return
+        message = Cancel(correlation_id, deadline).message()
         with contextlib.suppress(*BROKER_GONE):
             await control.publish(message, routing_key=contract.CANCEL_KEY, mandatory=False)
+
+    def _unreachable_too_long(self, watched: set[str], unreachable: list[str]) -> list[str]:
+        """Liveness queues unanswered for ``UNREACHABLE_GONE`` seconds in a row: their node is gone
+        (killed), and the consumer with it; a queue that answers again is forgiven."""
+        now = time.monotonic()
+        for queue in list(self._unreachable_since):
+            if queue not in unreachable or queue not in watched:
+                del self._unreachable_since[queue]
+        for queue in unreachable:
+            self._unreachable_since.setdefault(queue, now)
+        return [queue for queue, since in self._unreachable_since.items() if now - since >= UNREACHABLE_GONE]
+
+    def replies_lost(self) -> None:
+        """End every answer under way with an error at once: the reply queue was lost."""
+        pending = [call for call in self._pending.values() if not call.finished]
+        if pending:
+            log.warning("reply queue lost: %d answers under way end with an error", len(pending))
+        for call in pending:
+            call.reply_lost()
 
     async def on_reply(self, message: aiormq.abc.DeliveredMessage) -> None:
         """Hand a reply piece to the call that awaits it (subscribed to the reply queue)."""
         properties = message.header.properties
-        pending = self._pending.get(properties.correlation_id or "")
+        correlation_id = properties.correlation_id or ""
+        pending = self._pending.get(correlation_id)
         if pending is None:
-            self._reported(properties.correlation_id or "", properties, message.body)
+            self._reported(correlation_id, properties, message.body)
             return
+        if pending.copies:
+            self._answered_by(pending, correlation_id)
         try:
             reply = Reply.from_properties(properties, message.body)
         except contract.ContractError as exc:
@@ -457,6 +571,16 @@ class Calls:
             del self._settling[correlation_id]
             call.settle()
 
+    def _answered_by(self, pending: PendingCall, correlation_id: str) -> None:
+        """The copy ``correlation_id`` of a request published more than once answers first: the
+        other copies are forgotten and cancelled, wherever they are."""
+        for other in pending.copies:
+            if other != correlation_id:
+                self._pending.pop(other, None)
+                self._in_background(self._send_cancel(other, pending.deadline))
+        pending.copies = []
+        pending.correlation_id = correlation_id
+
     async def _watch_liveness(self) -> None:
         """End the answers whose consumer connection is gone (its liveness queue no longer exists);
         settle the calls that waited long enough for their report."""
@@ -470,9 +594,11 @@ class Calls:
             }
             if not watched:
                 continue
+            unreachable: list[str] = []
             try:
-                async with asyncio.timeout(max(2.0, self._liveness_interval * 2)):
-                    gone = await self._broker.vanished(watched)
+                allowed = max(2.0, self._liveness_interval * 2) + liveness.QUEUE_CHECK_TIMEOUT * len(watched)
+                async with asyncio.timeout(allowed):
+                    gone = await self._broker.vanished(watched, unreachable)
             except asyncio.CancelledError:
                 if really_cancelled():
                     raise
@@ -480,6 +606,7 @@ class Calls:
             except Exception as exc:  # disconnected: check again next round
                 log.info("liveness check skipped: %s", type(exc).__name__)
                 continue
+            gone += self._unreachable_too_long(watched, unreachable)
             for queue in gone:
                 log.warning("a consumer lost its broker connection in the middle of answers")
                 for call in list(self._pending.values()):

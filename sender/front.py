@@ -99,7 +99,7 @@ class ForwardingFront:
         code = None
         try:
             admitted = await services.admission.admit(request, path, request_id)
-            call = services.relay.publish(admitted)
+            call = await services.relay.publish(admitted, receive)
             response = await services.relay.answer(call, receive, asleep=admitted.asleep)
         except Refused as exc:
             admitted, response, code = exc.request, exc.response(), exc.code

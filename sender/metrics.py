@@ -70,7 +70,7 @@ class SenderMetrics:
         )
         self.broker_reconnects = Counter(
             "dispatcher_broker_reconnects",
-            "Times the connection to RabbitMQ was re-established.",
+            "Times a connection to RabbitMQ (the publishing or the consuming one) was re-established.",
             registry=self.registry,
         )
         self.token_queries = Counter(
@@ -103,6 +103,11 @@ class SenderMetrics:
             "dispatcher_stopped_answers",
             "Requests stopped (and their generation cancelled) because their answer outgrew "
             "SENDER_MAX_BUFFERED_REPLY_BYTES: a client too slow to read, or a whole answer too large.",
+            registry=self.registry,
+        )
+        self.broker_held = Gauge(
+            "dispatcher_broker_held_requests",
+            "Requests held right now for the broker to come back (SENDER_BROKER_WAIT).",
             registry=self.registry,
         )
 

@@ -22,6 +22,7 @@ from contract import Reply, Request, errors
 from contract.errors import clip
 from sender.admission import AdmittedRequest, Refused, parallel_refusal
 from sender.backlog import Backlog
+from sender.broker_hold import BrokerHold, Retry
 from sender.calls import Calls, PendingCall, PublishFailed
 from sender.errors import ApiError
 from sender.settings import SenderSettings
@@ -38,6 +39,7 @@ class Relay:
         self,
         calls: Calls,
         backlog: Backlog,
+        hold: BrokerHold,
         settings: SenderSettings,
         *,
         has_consumer: Callable[[str], Awaitable[bool]] | None = None,
@@ -46,6 +48,7 @@ class Relay:
         for a sleeping model, up to ``settings.cold_start_seconds``, 0: their deadline)."""
         self._calls = calls
         self._backlog = backlog
+        self._hold = hold
         self._settings = settings
         self._retry_after = settings.retry_after_seconds
         self._cold_start = settings.cold_start_seconds
@@ -63,26 +66,32 @@ class Relay:
             demotion = contract.demotion_for_backlog(waiting, self._max_priority)
         return contract.wire_priority(admitted.priority, demotion, self._max_priority)
 
-    def publish(self, admitted: AdmittedRequest) -> PendingCall:
-        """Queue the request; 503 ``queue_unavailable`` if the broker cannot take it.
+    async def publish(self, admitted: AdmittedRequest, receive: Receive) -> PendingCall:
+        """Queue the request, held a while if the broker cannot take it now (:mod:`sender.broker_hold`);
+        503 ``queue_unavailable`` past that.
 
-        The token's parallel limit is checked again here, with no await between the check and the
-        count: requests admitted together cannot pass it together."""
-        refusal = parallel_refusal(self._backlog, admitted.token, self._settings)
-        if refusal is not None:
-            raise Refused(refusal, admitted)
-        request = Request(
-            path=admitted.path,
-            body=admitted.body,
-            stream=admitted.stream,
-            priority=self.wire_priority(admitted),
-            deadline=time.time() + admitted.timeout,
-            request_id=admitted.request_id,
-        )
-        try:
-            return self._calls.publish(admitted.model, request, admitted.token.name)
-        except PublishFailed as exc:
-            raise ApiError(errors.QUEUE_UNAVAILABLE, retry_after=self._retry_after) from exc
+        The token's parallel limit is checked again right before publishing, with no await between
+        the check and the count: requests admitted together cannot pass it together."""
+        deadline = time.time() + admitted.timeout
+
+        async def publish() -> PendingCall:
+            refusal = parallel_refusal(self._backlog, admitted.token, self._settings)
+            if refusal is not None:
+                raise Refused(refusal, admitted)
+            request = Request(
+                path=admitted.path,
+                body=admitted.body,
+                stream=admitted.stream,
+                priority=self.wire_priority(admitted),
+                deadline=deadline,
+                request_id=admitted.request_id,
+            )
+            try:
+                return self._calls.publish(admitted.model, request, admitted.token.name)
+            except PublishFailed as exc:
+                raise Retry(ApiError(errors.QUEUE_UNAVAILABLE, retry_after=self._retry_after)) from exc
+
+        return await self._hold.attempt(publish, receive=receive, deadline=deadline, since=admitted.asked_at)
 
     async def answer(self, call: PendingCall, receive: Receive, *, asleep: bool = False) -> Response:
         """The response to ``call``, once its first piece came; the :class:`ApiError` of a request

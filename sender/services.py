@@ -18,6 +18,7 @@ from sender.accounting import Accounting
 from sender.admission import Admission
 from sender.backlog import Backlog
 from sender.broker import Broker
+from sender.broker_hold import BrokerHold
 from sender.calls import Calls, PendingCall
 from sender.database import create_engine
 from sender.limits import RateLimiter
@@ -78,11 +79,12 @@ class Services:
             on_written=self.metrics.usage_rows_written.inc,
         )
         self.broker = Broker(
-            settings.rabbitmq_url,
+            settings.rabbitmq_urls,
             reconnect_interval=settings.broker_reconnect_seconds,
             ssl_context=settings.rabbitmq_ssl_context(),
             models=settings.configured_models(),
             max_priority=settings.max_priority,
+            queue_type=settings.queue_type,
         )
         self.queue_stats = QueueStatsCache(
             self.broker, ttl=settings.queue_stats_seconds, on_read=self.metrics.queue_read
@@ -97,21 +99,27 @@ class Services:
             settle_seconds=settings.settle_seconds,
             max_buffered=settings.max_buffered_reply_bytes,
             on_overflow=self.metrics.stopped_answers.inc,
+            republish_within=settings.broker_wait,
         )
+        self.hold = BrokerHold(self.broker, seconds=settings.broker_wait, max_held=settings.broker_wait_max)
         self.admission = Admission(
             self.tokens,
             self.queue_stats,
             self.limiter,
             settings,
+            self.hold,
             declare=self.broker.declare_model_queue,
             backlog=self.backlog,
+            announced=lambda model: self.registry.card(model) is not None,
+            shared=self.registry.shared,
         )
-        self.relay = Relay(self.calls, self.backlog, settings, has_consumer=self._has_consumer)
+        self.relay = Relay(self.calls, self.backlog, self.hold, settings, has_consumer=self._has_consumer)
         self.accounting = Accounting(
             self.metrics, self.limiter, self.usage, usage_rows=settings.usage_accounting
         )
         self.metrics.broker_connected.set_function(lambda: 1.0 if self.broker.connected else 0.0)
         self.metrics.buffered_reply_bytes.set_function(lambda: float(self.calls.buffered.bytes))
+        self.metrics.broker_held.set_function(lambda: float(self.hold.held))
         self._db_checked_at = 0.0
         self._db_ok = False
         self.metrics_server: MetricsServer | None = None
@@ -138,6 +146,7 @@ class Services:
             on_reply=self.calls.on_reply,
             on_announcement=self.registry.receive,
             on_reconnect=self.metrics.broker_reconnects.inc,
+            on_replies_lost=self.calls.replies_lost,
         )
         self.calls.start()
         await _check_schema(self.engine)

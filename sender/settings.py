@@ -60,6 +60,12 @@ class SenderSettings(SharedSettings):
     """Requests waiting in one model's queue beyond which every token gets 503 ``overloaded``."""
     broker_reconnect_seconds: float = 1.0
     """Pause between attempts to reconnect to RabbitMQ."""
+    broker_wait: float = Field(10.0, ge=0)
+    """While the broker is away (a node restarting, a reconnect, publishes not confirmed), hold a new
+    request this many seconds at most (never past its deadline) for the broker to come back, instead
+    of answering 503 at once; 0 answers at once."""
+    broker_wait_max: int = Field(1000, ge=0)
+    """Requests held at once that way; more get 503 ``broker_unavailable`` at once."""
     liveness_seconds: float = 1.0
     """How often the consumers serving streamed answers are checked to be still connected."""
     settle_seconds: float = Field(10.0, ge=0)

@@ -28,7 +28,7 @@ import aiohttp
 import sqlalchemy as sa
 
 import contract
-from harness import stack
+from harness import rabbitmq43, stack
 from harness.services import missing_services
 from harness.tokens import create_token_at, create_tokens_at
 from sender.database import create_engine
@@ -314,6 +314,8 @@ class Bench:
                 await self.fairness(fair_direct.url, sender.url, fair_model, heavy, heavy_low, lights)
             if not self.args.only or "tokens" in self.args.only:
                 await self.many_tokens(model, token, sender)
+            if not self.args.only or "queue-types" in self.args.only:
+                await self.queue_types(token)
         finally:
             for service in reversed(self.services):
                 service.stop()
@@ -336,7 +338,9 @@ class Bench:
         async with sender, receiver:
             out = await sender.channel()
             inbox = await receiver.channel()
-            queue = await inbox.declare_queue(queue_name, arguments=contract.model_queue_arguments())
+            queue = await inbox.declare_queue(
+                queue_name, arguments=contract.model_queue_arguments(contract.QueueType.CLASSIC)
+            )
             arrived: asyncio.Future[float] | None = None
 
             async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
@@ -444,6 +448,99 @@ class Bench:
                 "token_db_queries_allowed_per_run": allowed,
                 "token_cache_seconds": ttl,
                 "usage_rows": await count_usage_rows(self.database_url),
+            }
+        )
+
+    async def queue_types(self, token: str) -> None:
+        """Classic queues on one RabbitMQ 4.3 node against quorum queues on a 3-node 4.3 cluster.
+
+        The same simulator, consumer and sender on each, with the queue type fixed: the replicated
+        write a quorum queue makes per message (request and every reply piece) is what this shows,
+        as added latency at concurrency 1, throughput at 64, and time to the first streamed token.
+        """
+        try:
+            bed = rabbitmq43.Testbed()
+        except rabbitmq43.SetupError as exc:
+            self.emit(
+                {"scenario": "queue-types", "error": f"RabbitMQ {rabbitmq43.SERIES} unavailable: {exc}"}
+            )
+            return
+        lines: dict[str, dict[str, Any]] = {}
+        try:
+            targets = [
+                ("classic-1-node", bed.node().url, "classic"),
+                ("quorum-3-nodes", bed.cluster(3)[0].url, "quorum"),
+            ]
+            for label, url, queue_type in targets:
+                model = f"bench-{label}-{self.tag}"
+                backend = stack.start_simulator(
+                    self.log_dir,
+                    model=model,
+                    name=f"simulator-{model}",
+                    ttft_ms=20,
+                    itl_ms=10,
+                    max_num_seqs=64,
+                    default_max_tokens=16,
+                )
+                services = [backend]
+                try:
+                    services.append(
+                        stack.start_consumer(
+                            self.log_dir,
+                            model=model,
+                            vllm_url=backend.url,
+                            rabbitmq_url=url,
+                            name=f"consumer-{model}",
+                            max_inflight=512,
+                            log_level="warning",
+                            queue_type=queue_type,
+                        )
+                    )
+                    sender = stack.start_sender(
+                        self.log_dir,
+                        database_url=self.database_url,
+                        rabbitmq_url=url,
+                        name=f"sender-{label}",
+                        log_level="warning",
+                        queue_type=queue_type,
+                    )
+                    services.append(sender)
+                    await self.wait_listed(sender, token, model)
+                    chat = {"model": model, "messages": [{"role": "user", "content": "Tell me something."}]}
+                    for stream, concurrency in [(False, 1), (False, 64), (True, 64)]:
+                        name = f"{label}-{'stream' if stream else 'whole'}-c{concurrency}"
+                        payload = {**chat, "stream": True} if stream else chat
+                        await self.compare(
+                            name,
+                            payload,
+                            token,
+                            concurrency,
+                            stream,
+                            backend.url,
+                            sender.url,
+                            [sender.pid, services[1].pid],
+                        )
+                        lines[name] = self.results[-1]
+                finally:
+                    for service in reversed(services):
+                        service.stop()
+        finally:
+            bed.close()
+        classic, quorum = "classic-1-node", "quorum-3-nodes"
+        self.emit(
+            {
+                "scenario": "queue-types",
+                "quorum_added_latency_ms_p50_c1": round(
+                    lines[f"{quorum}-whole-c1"]["added_latency_ms_p50"]
+                    - lines[f"{classic}-whole-c1"]["added_latency_ms_p50"],
+                    2,
+                ),
+                "throughput_ratio_c64": {
+                    kind: lines[f"{kind}-whole-c64"]["throughput_ratio"] for kind in (classic, quorum)
+                },
+                "added_ttft_ms_p50_stream_c64": {
+                    kind: lines[f"{kind}-stream-c64"]["added_ttft_ms_p50"] for kind in (classic, quorum)
+                },
             }
         )
 
@@ -694,6 +791,12 @@ class Bench:
             checks["token lookups <= one per token per TTL"] = all(
                 q <= t["token_db_queries_allowed_per_run"] for q in t["token_db_queries_per_run"]
             )
+        if "queue-types" in by_name and "error" not in by_name["queue-types"]:
+            q = by_name["queue-types"]
+            checks["quorum adds <= 2 ms over classic at c1"] = q["quorum_added_latency_ms_p50_c1"] <= 2
+            checks["quorum c64 throughput >= 90% of direct"] = (
+                q["throughput_ratio_c64"]["quorum-3-nodes"] >= 0.9
+            )
         if "priority-overload-c128" in by_name:
             p = by_name["priority-overload-c128"]
             checks["high p50 <= 1.5x unloaded"] = p["high_p50_vs_unloaded"] <= 1.5
@@ -885,7 +988,9 @@ def main() -> None:
         help="fairness on a backend scheduling by the forwarded priority (vLLM --scheduling-policy priority)",
     )
     parser.add_argument(
-        "--only", nargs="*", help="scenarios to run (e.g. whole-c64 stream-c64 priority fairness tokens)"
+        "--only",
+        nargs="*",
+        help="scenarios to run (e.g. whole-c64 stream-c64 priority fairness tokens queue-types)",
     )
     args = parser.parse_args()
     problems = missing_services(["RabbitMQ", "PostgreSQL"])

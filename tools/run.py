@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 from sqlalchemy.engine import make_url
 
 import contract
+from contract import broker_connection
 from harness import stack, vllm_cpu
 from harness.services import SERVICES, ensure, port_open
 from harness.tokens import create_token_at
@@ -92,16 +93,24 @@ def main() -> None:
 
 
 def needed_addresses(rabbitmq_urls: list[str], database_url: str) -> dict[str, tuple[str, int]]:
-    """What this stack will connect to, by what it is: only these must answer."""
+    """What this stack will connect to, by what it is: only these must answer. A ``RABBITMQ_URL``
+    listing several nodes (comma-separated) needs one of them: the first that answers."""
     needed: dict[str, tuple[str, int]] = {}
-    for url in rabbitmq_urls:
-        parts = urlsplit(url)
-        default = 5671 if parts.scheme == "amqps" else 5672
-        needed["RabbitMQ"] = (parts.hostname or "127.0.0.1", parts.port or default)
+    for value in rabbitmq_urls:
+        try:
+            nodes = [_address(url) for url in broker_connection.parse_urls(value)]
+        except ValueError as exc:
+            sys.exit(f"make run cannot start: {exc}")
+        needed["RabbitMQ"] = next((node for node in nodes if port_open(node[1], node[0])), nodes[0])
     database = make_url(database_url)
     kind = "PostgreSQL" if database.get_backend_name().startswith("postgres") else "MariaDB"
     needed[kind] = (database.host or "127.0.0.1", database.port or (5432 if kind == "PostgreSQL" else 3306))
     return needed
+
+
+def _address(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    return parts.hostname or "127.0.0.1", parts.port or (5671 if parts.scheme == "amqps" else 5672)
 
 
 def _require(needed: dict[str, tuple[str, int]]) -> None:

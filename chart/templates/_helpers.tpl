@@ -148,7 +148,7 @@ rabbitmq.com/v1beta1/User: the RabbitMQ messaging-topology-operator
 {{- $root := index . 0 }}
 {{- $role := index . 1 }}
 {{- $tls := $root.Values.rabbitmq.tls }}
-- name: RABBITMQ_QUEUE_TYPE
+- name: {{ $role | upper }}_QUEUE_TYPE
   value: {{ $root.Values.rabbitmq.queueType | quote }}
 {{- if include "dispatcher.rabbitmqInternal" $root }}
 - name: RABBITMQ_USERNAME

@@ -138,7 +138,15 @@ async def test_path_errors_say_why_before_reading_the_body(sender: Service, toke
         "Content-Length: 1000\r\n\r\n".encode()
     )
     await writer.drain()
-    answer = await asyncio.wait_for(reader.read(4096), 5)
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    length = int(
+        next(
+            v
+            for k, _, v in (h.partition(b":") for h in head.split(b"\r\n"))
+            if k.lower() == b"content-length"
+        )
+    )
+    answer = head + await asyncio.wait_for(reader.readexactly(length), 5)
     writer.close()
     assert answer.startswith(b"HTTP/1.1 400"), answer
     assert b'"invalid_path"' in answer and b"percent-encoding" in answer

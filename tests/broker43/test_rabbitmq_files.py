@@ -156,7 +156,9 @@ async def test_policies_apply_to_quorum_and_classic_model_queues(configured43: C
         await channel.declare_exchange(contract.CONTROL_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
         dead = await channel.declare_queue(contract.DEAD_LETTER_QUEUE, durable=True)
         queue = await channel.declare_queue(quorum, durable=True, arguments={"x-queue-type": "quorum"})
-        await channel.declare_queue(classic, durable=True, arguments=contract.model_queue_arguments())
+        await channel.declare_queue(
+            classic, durable=True, arguments=contract.model_queue_arguments(contract.QueueType.CLASSIC)
+        )
         try:
             rows = {row[0]: row[1:] for row in node.list_queues("name", "type", "policy")}
             assert rows[quorum] == ["quorum", "dispatch-model-queues"]

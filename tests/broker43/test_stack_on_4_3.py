@@ -1,15 +1,13 @@
-"""Where the dispatcher stands today on RabbitMQ 4.3: the current stack, unchanged, on a 4.3 node.
+"""The dispatcher on a RabbitMQ 4.3 node: the stack, with its defaults, on a 4.3 node.
 
 A simulator, one consumer and one sender (``harness.processes``, with
-``rabbitmq_url`` the 4.3 node's) answer a chat request end to end. The model
-queue is still a classic queue with ``x-max-priority`` (still supported on 4.3).
+``rabbitmq_url`` the 4.3 node's) answer a chat request end to end. With
+``queue_type`` ``auto`` the model queue, the dead-letter queue and the sender's
+reply queue are quorum queues, the model queue without ``x-max-priority``.
 
-The consumer sets its prefetch with a channel-wide (``global``) ``basic.qos``,
-which 4.3 denies by default: the broker answers it, applies it per consumer,
-and logs ``Deprecated features: global_qos``. The last test says the dispatcher
-should not do that; it is marked ``xfail(strict=True)`` while the product still
-does, so it turns red the day the consumer stops, and whoever fixes it removes
-the mark.
+No feature 4.3 denies by default is used: no channel-wide (``global``)
+``basic.qos`` (the consumer's window is prefetch-one consumers), so the node
+logs no ``Deprecated features`` line.
 """
 
 from __future__ import annotations
@@ -29,7 +27,7 @@ from harness import rabbitmq43
 from harness.api import wait_listed
 from harness.processes import Processes
 from harness.stack import Service
-from harness.testrun import Tokens, unique
+from harness.testrun import DEAD_LETTER_QUEUE, Tokens, unique
 
 pytestmark = pytest.mark.timeout(60, func_only=True)
 
@@ -67,21 +65,24 @@ def test_chat_request_end_to_end_on_4_3(served43: Served, node43: rabbitmq43.Nod
     assert served43.answer.choices[0].message.content
     queues = {row[0]: row[1:] for row in node43.list_queues("name", "type", "arguments")}
     queue_type, arguments = queues[contract.model_queue(served43.model)]
-    assert queue_type == "classic"
-    assert "x-max-priority" in arguments
+    assert queue_type == "quorum"
+    assert "x-max-priority" not in arguments
+    replies = [row for name, row in queues.items() if name.startswith(contract.REPLY_QUEUE_PREFIX)]
+    assert replies and all(row[0] == "quorum" and "x-expires" in row[1] for row in replies)
+    assert queues[DEAD_LETTER_QUEUE][0] == "quorum"
 
 
 def deprecation_lines(node: rabbitmq43.Node43) -> list[str]:
     return [line for line in node.log_text().splitlines() if "Deprecated features:" in line]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="consumer/worker.py sets its prefetch with basic.qos global=true; fix it, then remove this mark",
-)
 def test_dispatcher_uses_no_deprecated_global_qos(served43: Served, node43: rabbitmq43.Node43) -> None:
     """No ``Deprecated features: global_qos`` line in the 4.3 node's log once the stack has served."""
     lines = deprecation_lines(node43)
     print("\n".join(["", "deprecation lines in the 4.3 log:", *lines]))
     assert not [line for line in lines if re.search(r"\bglobal_qos\b", line)]
+
+
+def test_dispatcher_uses_no_deprecated_feature(served43: Served, node43: rabbitmq43.Node43) -> None:
+    """No ``Deprecated features`` line at all (e.g. transient non-exclusive queues) in the node's log."""
+    assert deprecation_lines(node43) == []

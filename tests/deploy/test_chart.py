@@ -23,7 +23,6 @@ import yaml
 import contract
 from contract.broker_roles import ROLES, TOPIC_EXCHANGE
 from harness.chart_render import (
-    AWAITED_VARIABLES,
     CASES,
     CHART,
     HELPER_VARIABLES,
@@ -191,7 +190,7 @@ def test_environment_names_are_settings(case: str) -> None:
             if not match:
                 continue
             role = roles.get(c["name"], match.group(1))
-            unknown = set(env(c)) - SETTINGS[role] - HELPER_VARIABLES - AWAITED_VARIABLES
+            unknown = set(env(c)) - SETTINGS[role] - HELPER_VARIABLES
             assert not unknown, (obj["metadata"]["name"], c["name"], unknown)
 
 
@@ -577,7 +576,7 @@ def test_default_install_creates_a_replicated_4_3_broker() -> None:
     host = "rel-llm-dispatcher-rabbitmq.llm.svc"
     for name, role in (("-sender", "sender"), ("-model-m", "consumer")):
         variables = env(container(named(objects, "Deployment", name), role))
-        assert variables["RABBITMQ_QUEUE_TYPE"] == "auto"
+        assert variables[f"{role.upper()}_QUEUE_TYPE"] == "auto"
         assert variables["RABBITMQ_URL"] == f"amqp://$(RABBITMQ_USERNAME):$(RABBITMQ_PASSWORD)@{host}:5672/"
     (trigger,) = of_kind(objects, "ScaledObject")[0]["spec"]["triggers"]
     assert trigger["metadata"]["host"] == f"http://{host}:15672/"
@@ -628,7 +627,7 @@ def test_an_external_broker_is_one_value_away() -> None:
         for name, role in (("-sender", "sender"), ("-model-m", "consumer")):
             variables = env(container(named(objects, "Deployment", name), role))
             assert variables["RABBITMQ_URL"] == {"secretKeyRef": {"name": "my-broker", "key": "url"}}
-            assert variables["RABBITMQ_QUEUE_TYPE"] == "auto"
+            assert variables[f"{role.upper()}_QUEUE_TYPE"] == "auto"
     # internal: false without a Secret is refused by the schema.
     with pytest.raises(helm_python.HelmValuesError, match="/rabbitmq/urlSecret"):
         render({"rabbitmq": {"internal": False}})
@@ -636,17 +635,15 @@ def test_an_external_broker_is_one_value_away() -> None:
 
 def test_queue_type_is_one_value_for_sender_and_consumers() -> None:
     objects = render({"models": [{"name": "m", "model": "x"}], "rabbitmq": {"queueType": "classic"}})
+    assert env(container(named(objects, "Deployment", "-sender"), "sender"))["SENDER_QUEUE_TYPE"] == "classic"
     assert (
-        env(container(named(objects, "Deployment", "-sender"), "sender"))["RABBITMQ_QUEUE_TYPE"] == "classic"
-    )
-    assert (
-        env(container(named(objects, "Deployment", "-model-m"), "consumer"))["RABBITMQ_QUEUE_TYPE"]
+        env(container(named(objects, "Deployment", "-model-m"), "consumer"))["CONSUMER_QUEUE_TYPE"]
         == "classic"
     )
     with pytest.raises(helm_python.HelmRenderError, match=r"rabbitmq\.queueType"):
-        render({"models": [{"name": "m", "model": "x", "consumerEnv": {"RABBITMQ_QUEUE_TYPE": "quorum"}}]})
+        render({"models": [{"name": "m", "model": "x", "consumerEnv": {"CONSUMER_QUEUE_TYPE": "quorum"}}]})
     with pytest.raises(helm_python.HelmRenderError, match=r"rabbitmq\.queueType"):
-        render({"sender": {"env": {"RABBITMQ_QUEUE_TYPE": "quorum"}}})
+        render({"sender": {"env": {"SENDER_QUEUE_TYPE": "quorum"}}})
 
 
 def test_consumer_timeout_outlasts_the_longest_generation() -> None:

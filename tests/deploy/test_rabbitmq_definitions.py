@@ -80,7 +80,7 @@ async def test_model_queue_gets_the_policy_and_dead_letters(vhost: str) -> None:
         # The control exchange as the services declare it: equivalent to the imported one.
         await channel.declare_exchange(contract.CONTROL_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
         queue = await channel.declare_queue(
-            model_queue, durable=True, arguments=contract.model_queue_arguments()
+            model_queue, durable=True, arguments=contract.model_queue_arguments(contract.QueueType.CLASSIC)
         )
         await channel.default_exchange.publish(
             aio_pika.Message(b'{"prompt": "too late"}', priority=5, expiration=0.001), routing_key=queue.name

@@ -58,7 +58,7 @@ def fault_stack(processes: Processes, broker_node: BrokerNode) -> FaultStack:
 def start_consumer(
     processes: Processes, stack: FaultStack, broker_node: BrokerNode, backend: Service, name: str
 ) -> Service:
-    return processes.consumer(
+    consumer = processes.consumer(
         stack.model,
         backend,
         name=f"consumer-{stack.model}-{name}",
@@ -67,6 +67,9 @@ def start_consumer(
         flow="fixed",
         health_interval=0.2,
     )
+    # Ready once consuming: a test that stops the other consumer next must not find none.
+    wait_http(consumer, "/health")
+    return consumer
 
 
 async def readiness(sender: Service) -> int:
@@ -174,6 +177,33 @@ async def test_sender_connection_alone_is_closed(
         assert response.json()["usage"]["completion_tokens"] == 200
 
 
+@pytest.mark.xfail(
+    strict=False,
+    reason="known race: about 1 request in 250 still ends in 502 (a piece gap) or 504 when only the "
+    "consumers' reply connections are closed under traffic; see the connections branch report",
+)
+async def test_consumer_reply_connection_alone_is_closed(
+    fault_stack: FaultStack, broker_node: BrokerNode, token: str
+) -> None:
+    """A consumer loses only the connection it publishes replies on: it gives the requests in flight
+    back (dropping its consuming connection too), so none hangs or is cut short without an error."""
+    sender, model = fault_stack.sender, fault_stack.model
+
+    def close_reply_connections() -> None:
+        listing = broker_node.ctl("list_connections", "pid", "client_properties")
+        closed = 0
+        for line in listing.splitlines():
+            if "consumer-" in line and "-publish" in line:
+                broker_node.ctl("close_connection", line.split()[0], "fault injection")
+                closed += 1
+        assert closed == 2, listing
+
+    during, after = await run_with_fault(
+        sender, token, model, "consumer reply connections closed", close_reply_connections
+    )
+    check(during, after)
+
+
 async def test_consumer_killed_under_traffic(
     processes: Processes, fault_stack: FaultStack, broker_node: BrokerNode, token: str
 ) -> None:
@@ -237,3 +267,72 @@ async def test_backend_hung_under_traffic(fault_stack: FaultStack, token: str) -
 
     during, after = await run_with_fault(stack.sender, token, stack.model, "backend hung 3 s", hang)
     check(during, after)
+
+
+async def _post(http: httpx.AsyncClient, model: str, *, stream: bool = False) -> httpx.Response:
+    body = {"model": model, "prompt": "held", "max_tokens": 20, "stream": stream}
+    return await http.post("/v1/completions", json=body, headers={"X-Request-Timeout": "60"})
+
+
+async def test_requests_sent_while_the_broker_restarts_are_held_and_served(
+    fault_stack: FaultStack, broker_node: BrokerNode, token: str
+) -> None:
+    """A node restarted for a few seconds: requests sent while it is down wait for it
+    (``SENDER_BROKER_WAIT``) and are answered, streamed or not, instead of 503 at once."""
+    sender, model = fault_stack.sender, fault_stack.model
+    await wait_listed(sender, token, model, timeout=30)
+    async with httpx.AsyncClient(base_url=sender.url, headers=auth(token), timeout=90) as http:
+        await asyncio.to_thread(broker_node.ctl, "stop_app")
+        try:
+            sent = [asyncio.create_task(_post(http, model, stream=n % 2 == 1)) for n in range(6)]
+            await asyncio.sleep(2)  # the broker stays down a while
+        finally:
+            await asyncio.to_thread(broker_node.ctl, "start_app")
+        answers = await asyncio.gather(*sent)
+    assert [answer.status_code for answer in answers] == [200] * 6, [answer.text for answer in answers]
+    assert all(answer.text.rstrip().endswith("data: [DONE]") for answer in answers[1::2])
+
+
+async def test_holding_is_bounded_in_time_and_count(
+    processes: Processes, fault_stack: FaultStack, broker_node: BrokerNode, token: str
+) -> None:
+    """Past ``SENDER_BROKER_WAIT_MAX`` held requests, or ``SENDER_BROKER_WAIT`` seconds, the client
+    gets 503 with ``Retry-After`` while the broker is still down; the requests held get served."""
+    model = fault_stack.model
+    few = processes.sender("postgres", rabbitmq_url=broker_node.url, broker_wait=60, broker_wait_max=2)
+    brief = processes.sender("postgres", rabbitmq_url=broker_node.url, broker_wait=0.5)
+    for sender in (few, brief):
+        await wait_listed(sender, token, model, timeout=30)
+    async with (
+        httpx.AsyncClient(base_url=few.url, headers=auth(token), timeout=90) as to_few,
+        httpx.AsyncClient(base_url=brief.url, headers=auth(token), timeout=90) as to_brief,
+    ):
+        await asyncio.to_thread(broker_node.ctl, "stop_app")
+        try:
+            held = [asyncio.create_task(_post(to_few, model)) for _ in range(2)]
+            await _until_held(few, 2)
+            refused = await asyncio.gather(*[_post(to_few, model) for _ in range(3)])
+            timed_out = await asyncio.gather(*[_post(to_brief, model) for _ in range(2)])
+            assert not any(task.done() for task in held)  # still held: the broker is still down
+        finally:
+            await asyncio.to_thread(broker_node.ctl, "start_app")
+        served = await asyncio.gather(*held)
+    for answer in [*refused, *timed_out]:
+        assert answer.status_code == 503, answer.text
+        assert answer.json()["error"]["code"] in ("broker_unavailable", "queue_unavailable")
+        assert answer.headers["retry-after"]
+    assert [answer.status_code for answer in served] == [200, 200], [answer.text for answer in served]
+    few.stop()
+    brief.stop()
+
+
+async def _until_held(sender: Service, count: int) -> None:
+    """Wait until ``count`` requests are held by ``sender`` for the broker."""
+    async with httpx.AsyncClient(base_url=sender.metrics_url, timeout=5) as http:
+        for _ in range(300):
+            text = (await http.get("/metrics")).text
+            for line in text.splitlines():
+                if line.startswith("dispatcher_broker_held_requests ") and float(line.split()[1]) >= count:
+                    return
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"{count} requests never got held")

@@ -337,7 +337,7 @@ async def test_liveness_tells_a_live_consumer_from_a_gone_one() -> None:
     """A live consumer's liveness queue is exclusive, so a passive declare from the sender is
     refused (RESOURCE_LOCKED) rather than answered: that still means alive."""
     holder = await aio_pika.connect(RABBITMQ_URL)
-    broker = Broker(RABBITMQ_URL)
+    broker = Broker([RABBITMQ_URL])
 
     async def ignore(_: object) -> None:
         pass

@@ -114,7 +114,7 @@ def test_the_chart_trigger_counts_requests_being_served(node: BrokerNode) -> Non
             channel = await connection.channel()
             await channel.set_qos(prefetch_count=1)
             model_queue = await channel.declare_queue(
-                queue, durable=True, arguments=contract.model_queue_arguments()
+                queue, durable=True, arguments=contract.model_queue_arguments(contract.QueueType.CLASSIC)
             )
             idle = await settled_reading(node, trigger, messages=0)
             assert idle["messages"] == 0 and not idle["messages"] > activation  # idle: may sleep
@@ -160,7 +160,9 @@ def test_the_autoscaler_reads_counts_and_nothing_else(node: BrokerNode) -> None:
         async with connection:
             channel = await connection.channel()
             await channel.declare_queue(
-                trigger["queueName"], durable=True, arguments=contract.model_queue_arguments()
+                trigger["queueName"],
+                durable=True,
+                arguments=contract.model_queue_arguments(contract.QueueType.CLASSIC),
             )
 
     asyncio.run(declare())

@@ -139,7 +139,7 @@ async def refused(broker_url: str, action: str, model: str, reply_queue: str) ->
                 await channel.queue_declare(
                     contract.model_queue(unique("other")),
                     durable=True,
-                    arguments=contract.model_queue_arguments(),
+                    arguments=contract.model_queue_arguments(contract.QueueType.CLASSIC),
                 )
             elif action == "declare reply queue":
                 await channel.queue_declare(contract.REPLY_QUEUE_PREFIX + "forged", durable=True)
@@ -154,7 +154,9 @@ async def refused(broker_url: str, action: str, model: str, reply_queue: str) ->
                 )
             elif action == "declare sleeping model queue":
                 await channel.queue_declare(
-                    contract.model_queue(SLEEPING), durable=True, arguments=contract.model_queue_arguments()
+                    contract.model_queue(SLEEPING),
+                    durable=True,
+                    arguments=contract.model_queue_arguments(contract.QueueType.CLASSIC),
                 )
             elif action == "queue depth":
                 declared = await channel.queue_declare(contract.model_queue(model), passive=True)

@@ -67,8 +67,8 @@ def test_announcement_round_trip() -> None:
 
 def test_queue_names_and_arguments() -> None:
     assert contract.model_queue("org/model") == "dispatch.model.org/model"
-    assert contract.model_queue_arguments(9) == {"x-max-priority": 29}
-    assert contract.model_queue_arguments(3) == {"x-max-priority": 31}
+    assert contract.model_queue_arguments(contract.QueueType.CLASSIC, 9) == {"x-max-priority": 29}
+    assert contract.model_queue_arguments(contract.QueueType.CLASSIC, 3) == {"x-max-priority": 31}
 
 
 @pytest.mark.parametrize("max_priority", [0, 1, 3, 9, 15, 31])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from consumer.served_names import cards_from
+from consumer.served_names import cards_from, share
 from simulator.served import ServedModels, parse_lora_modules, split_names
 
 VLLM_LIST = [
@@ -54,3 +54,17 @@ def test_the_simulator_lists_like_vllm() -> None:
     assert served.check("x") == "x" and served.check(None) == served.check("alias") == "m"
     served.unload("x")
     assert [c["id"] for c in served.listing()["data"]] == ["m", "alias"]
+
+
+def test_the_window_goes_to_the_names_whose_requests_wait_and_never_beyond_it() -> None:
+    # One name holds all four slots with more waiting; a request waits for another: it gets a share.
+    assert share(4, {"a": 4, "b": 0}, {"a": 10, "b": 1}) == {"a": 3, "b": 1}
+    # Nothing waits: each name keeps a ready slot, the primary first.
+    assert share(3, {"a": 0, "b": 0}, {}) == {"a": 2, "b": 1}
+    # A window smaller than the names: the one slot goes where a request waits.
+    assert share(1, {"a": 0, "b": 0, "c": 0}, {"c": 2}) == {"a": 0, "b": 0, "c": 1}
+    # Fewer slots than names in demand: they take turns, whoever holds none first.
+    assert share(1, {"a": 1, "c": 0}, {"a": 5, "c": 5}) == {"a": 0, "c": 1}
+    for window in range(6):
+        assert sum(share(window, {"a": 3, "b": 2, "c": 0}, {"a": 5, "c": 1}).values()) == window
+    assert share(0, {"a": 2}, {"a": 3}) == {"a": 0}
