@@ -172,7 +172,10 @@ class ServedNames:
                 slots = self.slots[name]
                 if target < slots.target or target < slots.used:
                     await slots.resize(min(target, slots.used))
-            self._retired = [slots for slots in self._retired if slots.holding()]
+            for slots in [slots for slots in self._retired if not slots.holding()]:
+                self._retired.remove(slots)
+                if slots.queue not in {served.queue for served in self.slots.values()}:
+                    await self._delete_if_idle(slots.queue)
             free = self._window - sum(slots.used for slots in self.slots.values())
             free -= sum(slots.holding() for slots in self._retired)
             for name, target in targets.items():
@@ -194,7 +197,10 @@ class ServedNames:
             try:
                 ok = await channel.queue_declare(contract.model_queue(name), passive=True, timeout=5)
             except aiormq.exceptions.ChannelNotFoundEntity:
-                continue  # deleted meanwhile: redeclared by the next subscription
+                # Deleted meanwhile (by a replica whose backend unloaded the name while this one held
+                # no slot on it): still served here, so declared again.
+                await self._declare(name)
+                continue
             depths[name] = ok.message_count or 0
         return depths
 
@@ -221,25 +227,31 @@ class ServedNames:
                 self._retired.append(slots)
                 with contextlib.suppress(*BROKER_GONE):
                     await slots.resize(0)
-                await self._delete_if_idle(name)
+                if not slots.holding():
+                    self._retired.remove(slots)
+                    await self._delete_if_idle(slots.queue)
             kept = {name: self.cards[name] for name in cards if name in self.cards and name != self.primary}
             self.cards = {self.primary: self.cards[self.primary], **kept}
         if added or removed:
             await self.distribute(self._window)
         return added, removed
 
-    async def _delete_if_idle(self, name: str) -> None:
+    async def _delete_if_idle(self, queue: str) -> None:
         """Delete the queue of a name the backend no longer serves, unless requests wait in it or
         another consumer takes it (then the broker refuses, on a channel of its own: a refusal closes it)."""
         if self._connection is None or self._connection.is_closed:
             return
-        channel = await self._connection.channel(publisher_confirms=False)
         try:
-            await channel.queue_delete(contract.model_queue(name), if_unused=True, if_empty=True, timeout=10)
-        except aiormq.exceptions.ChannelPreconditionFailed:
-            log.info("queue of %s kept: requests wait in it or another consumer serves it", name)
+            channel = await self._connection.channel(publisher_confirms=False)
         except BROKER_GONE as exc:
-            log.warning("could not delete the queue of %s: %s", name, exc)
+            log.warning("could not delete the queue %s: %s", queue, exc)
+            return
+        try:
+            await channel.queue_delete(queue, if_unused=True, if_empty=True, timeout=10)
+        except aiormq.exceptions.ChannelPreconditionFailed:
+            log.info("queue %s kept: requests wait in it or another consumer serves it", queue)
+        except BROKER_GONE as exc:
+            log.warning("could not delete the queue %s: %s", queue, exc)
         finally:
             if not channel.is_closed:
                 with contextlib.suppress(Exception):
