@@ -1,4 +1,4 @@
-"""The consumer's view of its vLLM server: requests, health, model card and load, over one HTTP pool.
+"""The consumer's view of its vLLM server: requests, health, served names and load, over one HTTP pool.
 
 The client is aiohttp rather than httpx: httpx's connection pool checks every
 idle connection's socket on each request, which at 64 concurrent requests
@@ -100,17 +100,16 @@ class Backend:
         except aiohttp.ClientError:
             return Health.DOWN
 
-    async def model_card(self, model: str) -> dict[str, Any]:
-        """The backend's ``/v1/models`` entry for ``model`` (or its only entry), renamed to ``model``."""
+    async def models(self) -> list[dict[str, Any]]:
+        """The backend's ``/v1/models`` entries: every name it serves (aliases, LoRA adapters)."""
         async with self.session.get(
             self.url("/v1/models"), timeout=aiohttp.ClientTimeout(total=5)
         ) as response:
             response.raise_for_status()
             entries = (await response.json()).get("data") or []
-        card = next((e for e in entries if e.get("id") == model), entries[0] if entries else {})
-        card = {key: value for key, value in card.items() if key in _CARD_FIELDS}
-        card["id"] = model
-        return card
+        if not isinstance(entries, list):
+            raise ValueError("/v1/models: data is not a list")
+        return entries
 
     async def load(self) -> BackendLoad | None:
         try:
@@ -133,9 +132,6 @@ class Backend:
             if len(body) > max_bytes:
                 raise MetricsTooLarge(f"more than {max_bytes} bytes")
             return response.status, body, response.headers.get("Content-Type", "text/plain")
-
-
-_CARD_FIELDS = {"id", "object", "created", "owned_by", "root", "parent", "max_model_len"}
 
 
 # vLLM's gauge names; older releases call the KV cache gauge gpu_cache_usage_perc.

@@ -18,7 +18,18 @@ class ConsumerSettings(SharedSettings):
     model_config = SettingsConfigDict(env_prefix="CONSUMER_", extra="ignore")
 
     model: str = Field(validation_alias=AliasChoices("MODEL", "CONSUMER_MODEL"))
-    """The model name clients use; the backend must serve it under the same name."""
+    """The primary model name clients use (vLLM's first ``--served-model-name``). The backend's other
+    names (aliases, LoRA adapters, as its ``/v1/models`` lists them) are served too: ``discover_names``."""
+    discover_names: bool = True
+    """Serve every name the backend lists besides ``MODEL``, each through its own queue, sharing one flow
+    window; false: only ``MODEL``. Names are discovered only from a backend that lists ``MODEL``."""
+    names_interval: float = Field(10.0, gt=0)
+    """Seconds between two readings of the backend's ``/v1/models``, to follow adapters loaded or
+    unloaded at run time."""
+    names_balance_interval: float = Field(0.5, gt=0)
+    """With several names served: seconds between two readings of their queues' depths, by which the
+    flow window's slots move to the names whose requests wait (a request for a name holding no slot
+    waits up to this long, plus a slot's release)."""
     vllm_url: str = Field(
         "http://127.0.0.1:8000", validation_alias=AliasChoices("VLLM_URL", "CONSUMER_VLLM_URL")
     )

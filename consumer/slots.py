@@ -43,7 +43,8 @@ def _tags(message: aiormq.abc.DeliveredMessage) -> tuple[str, int | None]:
     return delivery.consumer_tag or "", delivery.delivery_tag
 
 
-Deliver = Callable[[aiormq.abc.DeliveredMessage], None]
+Deliver = Callable[["Slots", aiormq.abc.DeliveredMessage], None]
+"""Called with the slots that took the delivery (their :meth:`Slots.release` settles its slot)."""
 
 
 class Slots:
@@ -72,6 +73,11 @@ class Slots:
     @property
     def consumers(self) -> int:
         return len(self._busy)
+
+    @property
+    def used(self) -> int:
+        """Slots of the window this queue takes: its consumers, and messages of cancelled ones in service."""
+        return len(self._busy) + len(self._held_elsewhere)
 
     def holding(self) -> int:
         """Messages held: by our consumers and by consumers cancelled while they served one."""
@@ -170,7 +176,7 @@ class Slots:
         if message.channel is not self._channel:
             return
         self.delivered(message)
-        self._deliver(message)
+        self._deliver(self, message)
 
     def _on_cancel(self, frame: Basic.Cancel) -> None:
         tag = frame.consumer_tag or ""

@@ -1,12 +1,13 @@
 """One consumer process: a model queue on one side, one vLLM server on the other.
 
-Life cycle: wait for the backend to be healthy, read its model card, listen
-for cancellations and read those published before it started
-(``consumer/cancel_history.py``), declare the model queue (quorum or classic,
-:mod:`contract.queues`), then consume
+Life cycle: wait for the backend to be healthy, read the names it serves
+(``consumer/served_names.py``), listen for cancellations and read those
+published before it started (``consumer/cancel_history.py``), declare a model
+queue per name (quorum or classic, :mod:`contract.queues`), then consume
 through as many prefetch-one consumers as the flow window allows
-(:mod:`consumer.slots`), so only what vLLM can start at once leaves the
-broker. Consumption pauses while the backend is unhealthy.
+(:mod:`consumer.slots`), shared out among the names, so only what vLLM can
+start at once leaves the broker, whatever the name. Consumption pauses while
+the backend is unhealthy.
 
 The worker alone re-subscribes: after the consume channel reopens (a
 reconnect) and when the broker cancels a consumer (its quorum queue failed
@@ -53,6 +54,7 @@ from consumer.backend import Backend, Health
 from consumer.cancellation import Cancellations
 from consumer.flow import Window
 from consumer.metrics import ConsumerMetrics
+from consumer.served_names import ServedNames, cards_from
 from consumer.serving import Outcome, Served, Serving
 from consumer.settings import ConsumerSettings
 from consumer.slots import Slots
@@ -81,7 +83,6 @@ class Worker:
             waiting_tolerance=settings.waiting_tolerance,
             kv_cache_max=settings.kv_cache_max,
         )
-        self.card: dict[str, object] = {"id": settings.model}
         self.metrics = ConsumerMetrics(settings.model)
         self.metrics.watch(
             in_flight=lambda: self.inflight,
@@ -102,8 +103,11 @@ class Worker:
         self._control: AbstractExchange | None = None
         self.queue_type = queues.QueueType.CLASSIC
         """Type of the queues this consumer declares, chosen when it connects."""
-        self._slots = Slots(contract.model_queue(settings.model), self._on_delivery)
-        self._slots.on_broker_cancel = self._want_subscription
+        self.names = ServedNames(
+            settings.model, settings.max_priority, self._on_delivery, self._want_subscription
+        )
+        self._balance = asyncio.Event()
+        """Set when the window's slots may have to move between names (one was released)."""
         self._consuming = False
         """Whether the model queue should be consumed now (the backend is healthy, not stopping)."""
         self._subscribe = asyncio.Event()
@@ -156,6 +160,8 @@ class Worker:
             asyncio.create_task(self._health_loop()),
             asyncio.create_task(self._announce_loop()),
             asyncio.create_task(self._subscription_loop()),
+            asyncio.create_task(self._names_loop()),
+            asyncio.create_task(self._balance_loop()),
         ]
         if use_metrics:
             self._tasks.append(asyncio.create_task(self._flow_loop()))
@@ -199,7 +205,7 @@ class Worker:
         while not stop.is_set():
             if await self.backend.health(self.settings.health_timeout) is Health.UP:
                 try:
-                    self.card = await self.backend.model_card(self.settings.model)
+                    await self.names.follow(await self._backend_cards())
                 except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
                     log.warning("backend healthy but /v1/models failed: %s", exc)
                 else:
@@ -233,6 +239,7 @@ class Worker:
         assert transport is not None
         version = queues.server_version(transport.connection)
         self.queue_type = queues.choose(self.settings.queue_type, version, self.settings.max_priority)
+        self.names.queue_type, self.names.fixed_type = self.queue_type, self.settings.queue_type != "auto"
         model_queue = contract.model_queue(self.settings.model)
         log.info("model queue %s is a %s queue", model_queue, self.queue_type.value)
         await self._declare_owned()
@@ -265,26 +272,12 @@ class Worker:
         )
 
     async def _declare_owned(self) -> None:
-        """Declare the model queue and the dead-letter queue (again after a reconnect or a failover)."""
+        """Declare every served name's model queue and the dead-letter queue (again after a reconnect
+        or a failover)."""
         assert self._connection is not None and self._connection.transport is not None
         connection = self._connection.transport.connection
-        fixed = self.settings.queue_type != "auto"
-        max_priority = self.settings.max_priority
-        try:
-            self.queue_type = await queues.declare(
-                connection,
-                contract.model_queue(self.settings.model),
-                queues.model_queue_choices(max_priority),
-                self.queue_type,
-                fixed=fixed,
-            )
-        except queues.QueueTypeMismatch as exc:
-            # A queue keeps the arguments it was first declared with (e.g. x-max-priority 9, from
-            # before the fair-share sub-levels): say what to do rather than fail unexplained.
-            raise RuntimeError(
-                f"{exc}. It exists with other arguments (an older version, another type or another "
-                "CONSUMER_MAX_PRIORITY): recreate it as rabbitmq/README.md says (Upgrading)"
-            ) from exc
+        await self.names.declare(connection)
+        self.queue_type = self.names.queue_type
         await queues.declare(
             connection,
             self.settings.dead_letter_queue,
@@ -296,7 +289,7 @@ class Worker:
     async def _attach(self, channel: aiormq.abc.AbstractChannel) -> None:
         """Consume on ``channel`` from now on; when it closes, what it delivered is given back."""
         channel.closing.add_done_callback(lambda _: self._on_delivery_lost())
-        await self._slots.attach(channel)
+        await self.names.attach(channel)
 
     async def _declare_liveness(self) -> None:
         """A server-named exclusive queue: it lives exactly as long as the consuming connection,
@@ -373,9 +366,27 @@ class Worker:
         assert self._consume_channel is not None
         channel = await self._consume_channel.get_underlay_channel()
         await self._declare_owned()
-        if channel is not self._slots.channel:
+        if channel is not self.names.channel:
             await self._attach(channel)
-        await self._slots.resize(self._applied_prefetch if self._consuming else 0)
+        await self._distribute()
+
+    async def _distribute(self) -> None:
+        """Share the flow window out among the names' slots (nothing while not consuming)."""
+        await self.names.distribute(
+            self._applied_prefetch if self._consuming else 0,
+            depths_every=self.settings.names_balance_interval,
+        )
+
+    async def _balance_loop(self) -> None:
+        """Move the window's slots to the names whose requests wait: after each release, and every
+        ``names_balance_interval`` while several names are served (a request may wait for an idle name)."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._balance.wait(), self.settings.names_balance_interval)
+            released = self._balance.is_set()
+            self._balance.clear()
+            if self._consuming and (len(self.names.slots) > 1 or released):
+                await _survive(self._distribute(), "sharing the window among the names")
 
     async def _listen_control(self) -> None:
         """Roll calls and cancellations, through a queue of the consuming connection (see
@@ -415,13 +426,13 @@ class Worker:
         if size != self._applied_prefetch:
             self._applied_prefetch = size
             if self._consuming:
-                await self._slots.resize(size)
+                await self._distribute()
 
     async def _start_consuming(self) -> None:
         if not self._consuming and not self._stopping:
             self._consuming = True
             try:
-                await self._slots.resize(self._applied_prefetch)
+                await self._distribute()
             except BROKER_GONE:
                 self._want_subscription()  # made once the channel is back
             await self._announce(Announcement.READY)
@@ -430,7 +441,7 @@ class Worker:
         if self._consuming:
             self._consuming = False
             with contextlib.suppress(*BROKER_GONE):
-                await self._slots.resize(0)
+                await self._distribute()
             await self._announce(Announcement.PAUSED)
 
     async def _health_loop(self) -> None:
@@ -494,38 +505,71 @@ class Worker:
         forget_in = _CANCEL_MEMORY if cancel.deadline is None else cancel.deadline - time.time()
         self._cancellations.client_gone(cancel.correlation_id, max(1.0, forget_in))
 
-    async def _announce(self, state: str) -> None:
+    async def _backend_cards(self) -> dict[str, dict[str, Any]]:
+        return cards_from(
+            await self.backend.models(), self.settings.model, discover=self.settings.discover_names
+        )
+
+    async def _names_loop(self) -> None:
+        """Follow the adapters loaded and unloaded at run time (and aliases of a restarted backend)."""
+        while True:
+            await asyncio.sleep(self.settings.names_interval)
+            await _survive(self._names_step(), "served names")
+
+    async def _names_step(self) -> None:
+        try:
+            cards = await self._backend_cards()
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            log.info("could not read the backend's served names: %s", exc)
+            return
+        state = Announcement.READY if self.consuming else Announcement.PAUSED
+        added, removed = await self.names.follow(cards)
+        for name in removed:
+            log.info("backend no longer serves %s: stopped taking its requests", name)
+            await self._announce(Announcement.GONE, only=name)
+        for name in added:
+            log.info("backend now serves %s too: taking its requests", name)
+            await self._announce(state, only=name)
+
+    async def _announce(self, state: str, only: str | None = None) -> None:
+        """Tell the senders ``state`` for every served name (one announcement each), or ``only`` one."""
         if self._control is None:
             return
-        announcement = Announcement(
-            consumer_id=self.consumer_id,
-            model=self.settings.model,
-            state=state,
-            ttl=self.settings.announce_interval * 3,
-            card=dict(self.card),
-            max_priority=contract.wire_max_priority(self.settings.max_priority),
-        )
-        with contextlib.suppress(*BROKER_GONE):
-            await self._control.publish(
-                announcement.message(),
-                routing_key=contract.ANNOUNCE_KEY,
-                mandatory=False,
+        for name in [only] if only is not None else list(self.names.cards):
+            announcement = Announcement(
+                consumer_id=self.consumer_id,
+                model=name,
+                state=state,
+                ttl=self.settings.announce_interval * 3,
+                card=dict(self.names.cards.get(name, {"id": name})),
+                max_priority=contract.wire_max_priority(self.settings.max_priority),
+                shared=len(self.names.cards) > 1,
             )
+            with contextlib.suppress(*BROKER_GONE):
+                await self._control.publish(
+                    announcement.message(),
+                    routing_key=contract.ANNOUNCE_KEY,
+                    mandatory=False,
+                )
 
-    def _on_delivery(self, delivered: aiormq.abc.DeliveredMessage) -> None:
+    def _on_delivery(self, slots: Slots, delivered: aiormq.abc.DeliveredMessage) -> None:
         """Serve each delivery in a task of its own: only the worker stops it (client gone, delivery lost)."""
-        task = asyncio.create_task(self._on_message(delivered))
+        task = asyncio.create_task(self._on_message(slots, delivered))
         self._serving_tasks.add(task)
         task.add_done_callback(self._serving_tasks.discard)
 
-    async def _on_message(self, delivered: aiormq.abc.DeliveredMessage) -> None:
+    async def _release(self, slots: Slots, delivered: aiormq.abc.DeliveredMessage) -> None:
+        await slots.release(delivered)
+        self._balance.set()
+
+    async def _on_message(self, slots: Slots, delivered: aiormq.abc.DeliveredMessage) -> None:
         message = aio_pika.IncomingMessage(delivered, no_ack=False)
         correlation_id = message.correlation_id or ""
         assert self._serving is not None
         if not self._can_reply:
             return  # left unacked: dropping the consuming connection gives it back (_pause_for_replies)
         if self._cancellations.skip(correlation_id):
-            await _survive(self._slots.release(delivered), "releasing a slot")
+            await _survive(self._release(slots, delivered), "releasing a slot")
             await self._serving.skip(message, liveness_queue=self._liveness_queue)
             return
         self.inflight += 1
@@ -541,7 +585,7 @@ class Worker:
                     await self._act_on(served)
                 finally:
                     # Before the message is settled: a window that shrank must not get it refilled.
-                    await _survive(self._slots.release(delivered), "releasing a slot")
+                    await _survive(self._release(slots, delivered), "releasing a slot")
         finally:
             self._cancellations.untrack(correlation_id)
             self.inflight -= 1

@@ -313,6 +313,10 @@ class Announcement:
     (``contract.wire_max_priority`` of its user scale): senders check it is theirs. A consumer from
     before the fair-share sub-levels announces its user scale (9), which a current sender (29)
     reports as a mismatch."""
+    shared: bool = False
+    """The consumer serves several names through one flow window, shared out by demand: this
+    name's queue may show no consumer for a moment while the consumer serves it (its slots are
+    busy with another name's requests), and requests for it are still taken."""
 
     READY = "ready"
     PAUSED = "paused"
@@ -328,6 +332,7 @@ class Announcement:
                 "ttl": self.ttl,
                 "card": self.card,
                 "max_priority": self.max_priority,
+                "shared": self.shared,
             }
         )
 
@@ -348,6 +353,7 @@ class Announcement:
                 ttl=float(data["ttl"]),
                 card=card,
                 max_priority=int(data.get("max_priority", DEFAULT_MAX_PRIORITY)),
+                shared=data.get("shared", False) is True,
             )
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ContractError(f"bad announcement: {exc}") from exc

@@ -32,9 +32,17 @@ class Processes:
         self.services.append(service)
         return service
 
-    def vllm_cpu(self, names: list[str], max_num_seqs: int | None = None) -> stack.Service:
+    def vllm_cpu(
+        self,
+        names: list[str],
+        max_num_seqs: int | None = None,
+        extra_args: list[str] | None = None,
+        extra_env: dict[str, str] | None = None,
+    ) -> stack.Service:
         """A real vLLM (CPU build, already set up) serving the tiny model under ``names``."""
-        service = stack.start_vllm_cpu(self.log_dir, names=names, max_num_seqs=max_num_seqs)
+        service = stack.start_vllm_cpu(
+            self.log_dir, names=names, max_num_seqs=max_num_seqs, extra_args=extra_args, extra_env=extra_env
+        )
         self.services.append(service)
         return service
 

@@ -122,6 +122,7 @@ def start_vllm_cpu(
     timeout: float = 300.0,
     max_num_seqs: int | None = None,
     extra_args: list[str] | None = None,
+    extra_env: dict[str, str] | None = None,
 ) -> Service:
     """vLLM's CPU build serving ``model_dir`` (default: the tiny model) under ``names``, once healthy.
 
@@ -137,6 +138,7 @@ def start_vllm_cpu(
         max_num_seqs=max_num_seqs,
         extra_args=extra_args,
     )
+    env.update(extra_env or {})
     service = start_command(name, argv, env, log_dir, url=f"http://127.0.0.1:{port}", group=True)
     try:
         wait_http(service, "/health", timeout=timeout)

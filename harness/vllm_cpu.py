@@ -205,6 +205,15 @@ def _make_tiny_model(log: Path) -> None:
     (target / _COMPLETE).write_text(_recipe_hash() + "\n")
 
 
+def make_tiny_lora(output: Path) -> Path:
+    """A LoRA adapter for the tiny model (``harness/tiny_lora.py``), made in ``output`` in seconds."""
+    recipe = Path(__file__).with_name("tiny_lora.py")
+    subprocess.run(
+        [str(venv_python()), str(recipe), str(output)], check=True, capture_output=True, timeout=120
+    )
+    return output
+
+
 def serve_command(
     model_dir: Path,
     *,

@@ -88,11 +88,14 @@ class Admission:
         declare: Callable[[str], Awaitable[None]],
         backlog: Backlog | None = None,
         announced: Callable[[str], bool] = lambda _: False,
+        shared: Callable[[str], bool] = lambda _: False,
     ) -> None:
         """``declare``: :meth:`sender.broker.Broker.declare_model_queue`, for configured models;
         ``announced`` says whether a consumer of the model announced itself ready and is not known
-        to be gone (the registry)."""
+        to be gone (the registry); ``shared``, whether such a consumer shares its flow window among
+        several names (the queue may then show no consumer while it serves the model)."""
         self._tokens = tokens
+        self._shared = shared
         self._announced = announced
         self._queue_stats = queue_stats
         self._limiter = limiter
@@ -195,6 +198,10 @@ class Admission:
         )
         if not stats.exists:
             raise model_not_found(model)
+        if stats.consumers == 0 and self._shared(model):
+            stats = dataclasses.replace(
+                stats, consumers=1
+            )  # served, its slots busy with the backend's other names
         if stats.consumers == 0 and not (configured or settings.queue_without_consumers):
             raise self._unavailable(
                 errors.MODEL_UNAVAILABLE, f"no server is available for model `{clip(model)}` right now"
@@ -255,14 +262,14 @@ class Admission:
                 # Lost by the broker since this sender declared it (or refused then): declare it again.
                 await self._redeclare(model)
                 stats = await self._queue_stats.get(model, fresh=True)
-            if stats.exists and stats.consumers == 0 and self._announced(model):
+            if stats.exists and stats.consumers == 0 and self._announced(model) and not self._shared(model):
                 stats = await self._consumers_back(model, stats)
         except (BrokerUnavailable, TimeoutError, ConnectionError) as exc:
             raise Retry(self._unavailable(errors.BROKER_UNAVAILABLE)) from exc
         if self._hold.recently_reconnected():
             if not stats.exists:  # the node that held it may be gone; its consumers redeclare it
                 raise Retry(model_not_found(model))
-            if stats.consumers == 0 and not configured:
+            if stats.consumers == 0 and not configured and not self._shared(model):
                 message = f"no server is available for model `{clip(model)}` right now"
                 raise Retry(self._unavailable(errors.MODEL_UNAVAILABLE, message))
         return stats

@@ -86,6 +86,15 @@ class ModelRegistry:
         status = STARTING if connected or waiting else SLEEPING
         return _model_object(model, self._last_cards.get(model, {}), status)
 
+    def shared(self, model: str) -> bool:
+        """Whether a live consumer ready for ``model`` shares its flow window with other names: its
+        queue may have no consumer for a moment, the request is still taken (contract.Announcement)."""
+        now = time.monotonic()
+        return any(
+            expires > now and announcement.state == Announcement.READY and announcement.shared
+            for expires, announcement in self._consumers.get(model, {}).values()
+        )
+
     def asleep(self, model: str) -> bool:
         """Whether no live consumer of ``model`` is ready (its card's status is not ``ready``)."""
         card = self.card(model)

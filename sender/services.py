@@ -111,6 +111,7 @@ class Services:
             declare=self.broker.declare_model_queue,
             backlog=self.backlog,
             announced=lambda model: self.registry.card(model) is not None,
+            shared=self.registry.shared,
         )
         self.relay = Relay(self.calls, self.backlog, self.hold, settings, has_consumer=self._has_consumer)
         self.accounting = Accounting(

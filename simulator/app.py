@@ -37,6 +37,7 @@ from simulator.request_checks import (
     parse_token_ids,
     parse_tokenize_prompt,
 )
+from simulator.served import ServedModels, parse_lora_modules, split_names
 from simulator.settings import SimulatorSettings
 
 Handler = Callable[[dict[str, Any], Receive, Send], Awaitable[None]]
@@ -57,6 +58,12 @@ class Simulator:
             itl=settings.itl_ms / 1000,
             priority_policy=settings.scheduling_policy == "priority",
         )
+        self.served = ServedModels(
+            [settings.model, *split_names(settings.aliases)],
+            settings.root,
+            settings.max_model_len,
+            parse_lora_modules(settings.lora_modules),
+        )
         self.metrics = MetricsRenderer(self.engine, settings.model)
         self.routes: dict[str, tuple[str, Handler]] = {
             "/health": ("GET", self.health),
@@ -68,6 +75,9 @@ class Simulator:
             "/tokenize": ("POST", self.tokenize),
             "/detokenize": ("POST", self.detokenize),
         }
+        if settings.allow_runtime_lora_updating:
+            self.routes["/v1/load_lora_adapter"] = ("POST", self.load_lora_adapter)
+            self.routes["/v1/unload_lora_adapter"] = ("POST", self.unload_lora_adapter)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -99,13 +109,33 @@ class Simulator:
         await send_bytes(send, 200, self.metrics.render(), METRICS_CONTENT_TYPE)
 
     async def models(self, data: dict[str, Any], receive: Receive, send: Send) -> None:
-        await send_json(send, 200, responses.models(self.settings.model, self.settings.max_model_len))
+        await send_json(send, 200, self.served.listing())
+
+    async def load_lora_adapter(self, data: dict[str, Any], receive: Receive, send: Send) -> None:
+        name, path = _text_field(data, "lora_name"), _text_field(data, "lora_path")
+        self.served.load(name, path)
+        await send_bytes(
+            send,
+            200,
+            f"Success: LoRA adapter '{name}' added successfully.".encode(),
+            b"text/plain; charset=utf-8",
+        )
+
+    async def unload_lora_adapter(self, data: dict[str, Any], receive: Receive, send: Send) -> None:
+        name = _text_field(data, "lora_name")
+        self.served.unload(name)
+        await send_bytes(
+            send,
+            200,
+            f"Success: LoRA adapter '{name}' removed successfully.".encode(),
+            b"text/plain; charset=utf-8",
+        )
 
     async def chat(self, data: dict[str, Any], receive: Receive, send: Send) -> None:
-        await self.generate(parse_generation(data, "chat", self.settings), receive, send)
+        await self.generate(parse_generation(data, "chat", self.settings, self.served), receive, send)
 
     async def completions(self, data: dict[str, Any], receive: Receive, send: Send) -> None:
-        await self.generate(parse_generation(data, "completion", self.settings), receive, send)
+        await self.generate(parse_generation(data, "completion", self.settings, self.served), receive, send)
 
     async def generate(self, generation: Generation, receive: Receive, send: Send) -> None:
         answer = responses.Answer(generation)
@@ -140,12 +170,12 @@ class Simulator:
         encoding_format = data.get("encoding_format") or "float"
         if encoding_format not in ("float", "base64"):
             raise bad_request("encoding_format: Input should be 'float' or 'base64'")
-        model = check_model(data, self.settings)
+        model = check_model(data, self.served)
         await send_json(send, 200, responses.embeddings(model, texts, encoding_format))
 
     async def tokenize(self, data: dict[str, Any], receive: Receive, send: Send) -> None:
         prompt = parse_tokenize_prompt(data)
-        check_model(data, self.settings)
+        check_model(data, self.served)
         tokens = tokenizer.tokenize(prompt)
         answer = {
             "count": len(tokens),
@@ -157,8 +187,15 @@ class Simulator:
 
     async def detokenize(self, data: dict[str, Any], receive: Receive, send: Send) -> None:
         tokens = parse_token_ids(data)
-        check_model(data, self.settings)
+        check_model(data, self.served)
         await send_json(send, 200, {"prompt": tokenizer.detokenize(tokens)})
+
+
+def _text_field(data: dict[str, Any], name: str) -> str:
+    value = data.get(name)
+    if not isinstance(value, str) or not value:
+        raise bad_request(f"{name} must be a non-empty string", name)
+    return value
 
 
 async def lifespan(receive: Receive, send: Send) -> None:

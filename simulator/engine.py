@@ -39,6 +39,8 @@ class Engine:
         self.priority_policy = priority_policy
         self.running = 0
         self.waiting = 0
+        self.peak_requests = 0
+        """Most sequences ever running and waiting at once: what a dispatcher sent concurrently."""
         self.stats = EngineStats()
         self._active: set[Sequence] = set()
         # (priority, arrival, future) entries; a cancelled future marks an entry that left the queue.
@@ -57,6 +59,7 @@ class Engine:
     async def _admit(self, priority: int) -> float:
         """Wait for a slot; return the loop time the sequence was scheduled at."""
         loop = asyncio.get_running_loop()
+        self.peak_requests = max(self.peak_requests, self.running + self.waiting + 1)
         if self.running < self.max_num_seqs and not self.waiting:
             self.running += 1
             return loop.time()

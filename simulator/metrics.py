@@ -28,6 +28,12 @@ _SERIES = (
     ),
     ("simulator:requests_aborted_total", "counter", "Requests abandoned by their client.", ""),
     (
+        "simulator:requests_peak",
+        "gauge",
+        "Most requests running and waiting at once since the start.",
+        "",
+    ),
+    (
         "simulator:generation_tokens_aborted_total",
         "counter",
         "Tokens generated for requests later abandoned by their client.",
@@ -63,6 +69,7 @@ class MetricsRenderer:
             engine.generation_tokens(),
             stats.requests_finished,
             stats.requests_aborted,
+            engine.peak_requests,
             stats.generation_tokens_aborted,
         )
         lines = [f"{prefix}{float(value)!r}\n" for prefix, value in zip(self._prefixes, values, strict=True)]

@@ -10,13 +10,16 @@ or proxy might look at them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
 
 from simulator import tokenizer
-from simulator.errors import bad_request, invalid_field, model_not_found
+from simulator.errors import bad_request, invalid_field
 from simulator.settings import SimulatorSettings
+
+if TYPE_CHECKING:
+    from simulator.served import ServedModels
 
 Kind = Literal["chat", "completion"]
 
@@ -57,12 +60,9 @@ def _optional(data: dict[str, Any], name: str, kind: type | tuple[type, ...], wh
     return value
 
 
-def check_model(data: dict[str, Any], settings: SimulatorSettings) -> str:
-    """The served model name; a missing ``model`` means the served one, as in vLLM."""
-    model = _optional(data, "model", str, "a valid string")
-    if model is not None and model != settings.model:
-        raise model_not_found(model, settings.model)
-    return settings.model
+def check_model(data: dict[str, Any], served: ServedModels) -> str:
+    """The name the answer carries (see ``ServedModels.check``); 404 for a name not served."""
+    return served.check(_optional(data, "model", str, "a valid string"))
 
 
 def parse_messages(data: dict[str, Any]) -> list[dict[str, Any]]:
@@ -132,7 +132,9 @@ def _check_length(prompt_tokens: int, max_tokens: int | None, settings: Simulato
     return min(wanted, limit - prompt_tokens)
 
 
-def parse_generation(data: dict[str, Any], kind: Kind, settings: SimulatorSettings) -> Generation:
+def parse_generation(
+    data: dict[str, Any], kind: Kind, settings: SimulatorSettings, served: ServedModels
+) -> Generation:
     """Check a chat or completions body; raise the ``ApiError`` vLLM would answer with."""
     prompt = tokenizer.chat_prompt(parse_messages(data)) if kind == "chat" else _prompt(data)
     max_tokens = _max_tokens(data, kind)
@@ -143,7 +145,7 @@ def parse_generation(data: dict[str, Any], kind: Kind, settings: SimulatorSettin
     options = options or {}
     include_usage = bool(options.get("include_usage"))
     priority = _optional(data, "priority", int, "a valid integer") or 0
-    model = check_model(data, settings)
+    model = check_model(data, served)
     prompt_tokens = tokenizer.count_tokens(prompt)
     generated = _check_length(prompt_tokens, max_tokens, settings)
     if settings.scheduling_policy != "priority":

@@ -178,32 +178,3 @@ def embeddings(model: str, texts: list[str], encoding_format: str) -> dict[str, 
         "data": data,
         "usage": {**counts(prompt_tokens, 0), "prompt_tokens_details": None},
     }
-
-
-def models(model: str, max_model_len: int) -> dict[str, Any]:
-    created = int(time.time())
-    permission = {
-        "id": "modelperm-" + random_id(),
-        "object": "model_permission",
-        "created": created,
-        "allow_create_engine": False,
-        "allow_sampling": True,
-        "allow_logprobs": True,
-        "allow_search_indices": False,
-        "allow_view": True,
-        "allow_fine_tuning": False,
-        "organization": "*",
-        "group": None,
-        "is_blocking": False,
-    }
-    card = {
-        "id": model,
-        "object": "model",
-        "created": created,
-        "owned_by": "vllm",
-        "root": model,
-        "parent": None,
-        "max_model_len": max_model_len,
-        "permission": [permission],
-    }
-    return {"object": "list", "data": [card]}

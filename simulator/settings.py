@@ -20,7 +20,17 @@ class SimulatorSettings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     model: str = "demo-model"
-    """The served model name; any other ``model`` in a request gets vLLM's 404."""
+    """The primary served name (vLLM's first ``--served-model-name``); a name not served gets vLLM's 404."""
+    aliases: str = ""
+    """More names of the same model (vLLM's other ``--served-model-name`` values), space or comma apart."""
+    root: str = ""
+    """The model's path, each base name's ``root`` in ``/v1/models``; empty: the primary name."""
+    lora_modules: str = ""
+    """LoRA adapters as vLLM's ``--lora-modules``: ``name=path`` pairs, space or comma separated;
+    each is listed with ``parent`` the primary name and answered under its own name."""
+    allow_runtime_lora_updating: bool = False
+    """As vLLM's ``VLLM_ALLOW_RUNTIME_LORA_UPDATING``: serve ``/v1/load_lora_adapter`` and
+    ``/v1/unload_lora_adapter`` (``{"lora_name", "lora_path"}``)."""
     max_model_len: int = Field(4096, ge=1)
     """Prompt plus completion tokens allowed per request, as vLLM's ``--max-model-len``."""
     max_num_seqs: int = Field(64, ge=1)

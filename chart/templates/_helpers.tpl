@@ -109,6 +109,12 @@ rabbitmq.com/v1beta1/User: the RabbitMQ messaging-topology-operator
 {{- fail (printf "rabbitmq.consumerTimeoutSeconds (%v) must exceed the longest generation, SENDER_DEADLINE_SECONDS (%v): the broker would take a request back from the consumer serving it (quorum queues enforce it)" $rmq.consumerTimeoutSeconds $deadline) }}
 {{- end }}
 {{- end }}
+{{- $served := include "dispatcher.servedNames" .Values.models | fromJsonArray }}
+{{- range $i, $name := $served }}
+{{- if has $name (slice $served 0 $i) }}
+{{- fail (printf "models: the name %s is served twice (a name, an alias or a LoRA adapter): each name is one queue, served by one model" $name) }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{- define "dispatcher.rabbitmqName" -}}
@@ -259,7 +265,16 @@ prometheus.io/path: /metrics
 
 {{/* The models' names, comma-separated: the sender's SENDER_MODELS. */}}
 {{- define "dispatcher.modelNames" -}}
+{{- join "," (include "dispatcher.servedNames" .Values.models | fromJsonArray) }}
+{{- end }}
+
+{{/* Every name the models serve (each name, then its aliases and LoRA adapters), as a JSON array. */}}
+{{- define "dispatcher.servedNames" -}}
 {{- $names := list }}
-{{- range .Values.models }}{{ $names = append $names .name }}{{ end }}
-{{- join "," $names }}
+{{- range . }}
+{{- $names = append $names .name }}
+{{- range .aliases }}{{ $names = append $names . }}{{ end }}
+{{- range .loraModules }}{{ $names = append $names .name }}{{ end }}
+{{- end }}
+{{- toJson $names }}
 {{- end }}

@@ -1174,6 +1174,46 @@ def test_values_schema_rejects(values: dict[str, Any], message: str) -> None:
         render(values)
 
 
+def test_aliases_and_lora_adapters_are_served_listed_and_wake_the_model() -> None:
+    models = [
+        {
+            "name": "llama",
+            "model": "meta/llama",
+            "aliases": ["llama-3-8b"],
+            "loraModules": [{"name": "course-a", "path": "/models/adapters/a"}],
+        },
+        {
+            "name": "sim",
+            "model": "x",
+            "backend": "simulator",
+            "aliases": ["sim-b"],
+            "loraModules": [{"name": "sim-lora", "path": "/a"}],
+        },
+    ]
+    objects = render({"models": models, "keda": {"enabled": True}})
+    args = container(named(objects, "Deployment", "-model-llama"), "vllm")["args"]
+    at = args.index("--served-model-name")
+    assert args[at + 1 : at + 3] == ["llama", "llama-3-8b"]
+    assert "--enable-lora" in args
+    assert args[args.index("--lora-modules") + 1] == "course-a=/models/adapters/a"
+    assert env(container(named(objects, "Deployment", "-model-llama"), "consumer"))["MODEL"] == "llama"
+    simulator = env(container(named(objects, "Deployment", "-model-sim"), "simulator"))
+    assert simulator["SIMULATOR_ALIASES"] == "sim-b" and simulator["SIMULATOR_LORA_MODULES"] == "sim-lora=/a"
+    sender = container(named(objects, "Deployment", "-sender"), "sender")
+    assert env(sender)["SENDER_MODELS"].split(",") == [
+        "llama",
+        "llama-3-8b",
+        "course-a",
+        "sim",
+        "sim-b",
+        "sim-lora",
+    ]
+    scaled = named(objects, "ScaledObject", "-model-llama")
+    queues = [trigger["metadata"]["queueName"] for trigger in scaled["spec"]["triggers"]]
+    assert queues == [contract.model_queue(name) for name in ("llama", "llama-3-8b", "course-a")]
+    chart().validate_schema({"models": models})
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_values_schema_accepts_the_examples(case: str) -> None:
     chart().validate_schema(case_values(case))
@@ -1183,6 +1223,19 @@ def test_values_schema_accepts_the_examples(case: str) -> None:
     ("values", "message"),
     [
         ({"models": [{"name": "a.b", "model": "x"}, {"name": "a_b", "model": "y"}]}, "same Kubernetes name"),
+        (
+            {
+                "models": [
+                    {"name": "a", "model": "x", "aliases": ["b"]},
+                    {"name": "c", "model": "y", "aliases": ["b"]},
+                ]
+            },
+            "the name b is served twice",
+        ),
+        (
+            {"models": [{"name": "a", "model": "x", "loraModules": [{"name": "a", "path": "/p"}]}]},
+            "the name a is served twice",
+        ),
         ({"tokens": [{"name": "a", "priority": 1, "threshold": 5, "secretName": "s"}] * 2}, "listed twice"),
         (
             {"ingress": {"enabled": True, "tls": {"enabled": True, "secretName": ""}}},

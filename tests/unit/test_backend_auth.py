@@ -77,7 +77,7 @@ async def test_the_key_goes_on_every_backend_call(fake: tuple[FakeVllm, str]) ->
     backend = Backend(url, max_connections=4, api_key=KEY)
     try:
         assert await backend.health(5) is Health.UP
-        assert (await backend.model_card("m"))["max_model_len"] == 64
+        assert (await backend.models())[0]["max_model_len"] == 64
         async with backend.post("/v1/chat/completions", b"{}") as response:
             assert response.status == 200
         assert await backend.load() is not None

@@ -18,6 +18,7 @@ import asyncio
 import re
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -29,7 +30,7 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from consumer.backend import parse_vllm_metrics
 from harness import vllm_cpu
-from harness.api import auth, wait_listed
+from harness.api import auth, until_status, wait_listed
 from harness.processes import Processes
 from harness.stack import Service
 from harness.testrun import Tokens, unique
@@ -46,18 +47,34 @@ LONG = MAX_MODEL_LEN - 64
 
 @pytest.fixture(scope="session")
 def vllm_models() -> dict[str, str]:
-    """The names vLLM serves: one behind a consumer with vLLM-driven flow, one with priority forwarded."""
-    return {"main": unique("tiny"), "forwarding": unique("tiny-prio")}
+    """The names vLLM serves (``--served-model-name``): one behind a consumer with vLLM-driven flow, one
+    with priority forwarded (each consumer serves only its own, ``discover_names=false``), and an alias
+    that only a consumer discovering vLLM's names serves."""
+    return {"main": unique("tiny"), "forwarding": unique("tiny-prio"), "alias": unique("tiny-alias")}
 
 
 @pytest.fixture(scope="session")
-def vllm(processes: Processes, vllm_models: dict[str, str]) -> Service:
+def adapter(log_dir: Path) -> tuple[str, str]:
+    """A LoRA adapter of the tiny model that vLLM serves (``--lora-modules``): its name and path."""
+    return unique("tiny-lora"), str(log_dir / "tiny-lora")
+
+
+@pytest.fixture(scope="session")
+def vllm(processes: Processes, vllm_models: dict[str, str], adapter: tuple[str, str]) -> Service:
     try:
         vllm_cpu.setup()
+        vllm_cpu.make_tiny_lora(Path(adapter[1]))
     except vllm_cpu.SetupError as exc:
         pytest.fail(f"vLLM's CPU build could not be set up on this machine: {exc}", pytrace=False)
+    lora = ["--enable-lora", "--max-lora-rank", "8", "--lora-modules", "=".join(adapter)]
     try:
-        return processes.vllm_cpu(list(vllm_models.values()), max_num_seqs=1)
+        return processes.vllm_cpu(
+            list(vllm_models.values()),
+            max_num_seqs=1,
+            extra_args=lora,
+            # Adapters loaded and unloaded at run time: the consumers follow them.
+            extra_env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"},
+        )
     except RuntimeError as exc:
         pytest.fail(f"vLLM's CPU build did not start: {exc}", pytrace=False)
 
@@ -68,7 +85,9 @@ async def tiny(
 ) -> str:
     """Served by a consumer whose window follows vLLM's real ``/metrics``; bodies untouched."""
     name = vllm_models["main"]
-    processes.consumer(name, vllm, flow="metrics", initial_window=8, metrics_interval=0.05)
+    processes.consumer(
+        name, vllm, flow="metrics", initial_window=8, metrics_interval=0.05, discover_names="false"
+    )
     await wait_listed(sender, token, name, timeout=60)
     return name
 
@@ -79,7 +98,9 @@ async def forwarding_model(
 ) -> str:
     """Served by a consumer that hands vLLM everything at once, with our priority in the body."""
     name = vllm_models["forwarding"]
-    processes.consumer(name, vllm, flow="fixed", max_inflight=16, forward_priority="true")
+    processes.consumer(
+        name, vllm, flow="fixed", max_inflight=16, forward_priority="true", discover_names="false"
+    )
     await wait_listed(sender, token, name, timeout=60)
     return name
 
@@ -137,6 +158,65 @@ async def test_models_list_carries_vllms_card(client: openai.AsyncOpenAI, tiny: 
     assert entry.model_extra is not None
     assert entry.model_extra["max_model_len"] == cards[tiny]["max_model_len"] == MAX_MODEL_LEN
     assert (await client.models.retrieve(tiny)).id == tiny
+
+
+async def test_every_name_vllm_serves_is_served(
+    processes: Processes,
+    vllm: Service,
+    vllm_models: dict[str, str],
+    adapter: tuple[str, str],
+    sender: Service,
+    token: str,
+    tiny: str,
+) -> None:
+    """One consumer in front of vLLM serves each of its ``--served-model-name`` names and its LoRA
+    adapter, listed with vLLM's own ``root`` and ``parent``; an adapter unloaded at run time stops
+    being served (404), loaded again it is served again; stopped, the consumer takes out of the list
+    the names it alone served."""
+    alias = vllm_models["alias"]
+    lora, lora_path = adapter
+    consumer = processes.consumer(alias, vllm, discover_names="true", names_interval=0.5)
+    processes.models.update([*vllm_models.values(), lora])
+    try:
+        await wait_listed(sender, token, alias, timeout=60)
+        await wait_listed(sender, token, lora, timeout=30)
+        async with httpx.AsyncClient(base_url=sender.url, headers=auth(token), timeout=60) as http:
+            card = (await http.get(f"/v1/models/{lora}")).json()
+            assert (card["parent"], card["root"]) == (tiny, lora_path)
+            body = {"model": lora, "prompt": "Hi", "max_tokens": 3, "temperature": 0}
+            answer = await http.post("/v1/completions", json=body)
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["model"] == lora
+            async with httpx.AsyncClient(base_url=vllm.url, timeout=60) as direct:
+                unloaded = await direct.post("/v1/unload_lora_adapter", json={"lora_name": lora})
+                assert unloaded.status_code == 200, unloaded.text
+                await wait_listed(sender, token, lora, listed=False, timeout=30)
+                await until_status(sender, token, lora, 404, timeout=30)
+                loaded = await direct.post(
+                    "/v1/load_lora_adapter", json={"lora_name": lora, "lora_path": lora_path}
+                )
+                assert loaded.status_code == 200, loaded.text
+            await wait_listed(sender, token, lora, timeout=30)
+            assert (await http.post("/v1/completions", json=body)).status_code == 200
+        async with httpx.AsyncClient(timeout=60) as plain:
+            cards = {c["id"]: c for c in (await plain.get(vllm.url + "/v1/models")).json()["data"]}
+            async with httpx.AsyncClient(base_url=sender.url, headers=auth(token), timeout=60) as http:
+                listed = {c["id"]: c for c in (await http.get("/v1/models")).json()["data"]}
+                assert listed[alias]["root"] == cards[alias]["root"]
+                assert listed[alias]["parent"] is None
+                assert listed[alias]["max_model_len"] == MAX_MODEL_LEN
+                body = {"model": alias, "prompt": "Hi", "max_tokens": 3, "temperature": 0}
+                relayed = await http.post("/v1/completions", json=body)
+            expected = await plain.post(vllm.url + "/v1/completions", json=body)
+        assert relayed.status_code == expected.status_code == 200, relayed.text
+        assert (
+            relayed.json()["model"] == expected.json()["model"] == tiny
+        )  # vLLM's answers name its first name
+        assert relayed.json()["choices"][0]["text"] == expected.json()["choices"][0]["text"]
+    finally:
+        consumer.stop()
+    await wait_listed(sender, token, alias, listed=False, timeout=30)
+    await wait_listed(sender, token, tiny, timeout=5)  # still served by its own consumer
 
 
 # --- generation, streamed and not ---
@@ -431,9 +511,20 @@ def events(raw: bytes) -> list[Any]:
     return [orjson.loads(e[6:]) for e in raw.split(b"\n\n") if e.startswith(b"data: {")]
 
 
-async def test_simulator_answers_in_vllms_shapes(processes: Processes, vllm: Service, tiny: str) -> None:
+async def test_simulator_answers_in_vllms_shapes(
+    processes: Processes, vllm: Service, tiny: str, vllm_models: dict[str, str], adapter: tuple[str, str]
+) -> None:
+    async with httpx.AsyncClient(timeout=60) as http:
+        real_list = (await http.get(vllm.url + "/v1/models")).json()
+    aliases = [name for name in vllm_models.values() if name != tiny]
     simulator = processes.simulator(
-        tiny, name="simulator-vllm-shapes", max_model_len=MAX_MODEL_LEN, scheduling_policy="priority"
+        tiny,
+        name="simulator-vllm-shapes",
+        max_model_len=MAX_MODEL_LEN,
+        scheduling_policy="priority",
+        aliases=" ".join(aliases),
+        root=real_list["data"][0]["root"],
+        lora_modules="=".join(adapter),
     )
     chat = {"model": tiny, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
     completion = {"model": tiny, "prompt": "Hi", "max_tokens": 3}
@@ -459,6 +550,15 @@ async def test_simulator_answers_in_vllms_shapes(processes: Processes, vllm: Ser
         real, fake = await both("/v1/completions", {**completion, "model": "no-such-model"})
         assert keys(fake.json()) == keys(real.json())
         assert fake.json()["error"]["type"] == real.json()["error"]["type"]
+        real, fake = await both("/v1/completions", {**completion, "model": aliases[0]})
+        assert fake.json()["model"] == real.json()["model"]  # an alias is answered under the first name
+        fake_list = (await http.get(simulator.url + "/v1/models")).json()
+        assert keys(fake_list) == keys(real_list)
+
+        def listing(answer: dict[str, Any]) -> list[tuple[Any, ...]]:
+            return [(c["id"], c["root"], c["parent"], c["max_model_len"]) for c in answer["data"]]
+
+        assert listing(fake_list) == listing(real_list)
         real, fake = await both("/tokenize", {"model": tiny, "prompt": "Hi"})
         assert keys(fake.json()) == keys(real.json())
         real_metrics = (await http.get(vllm.url + "/metrics")).text
