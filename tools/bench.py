@@ -919,7 +919,7 @@ def own_code_line(added_p50_ms: float, hops: list[float]) -> dict[str, Any]:
 
 
 def streaming_checks(by_name: dict[str, dict[str, Any]]) -> dict[str, bool]:
-    """The targets of the streamed path (issue 18), with the broker crossing measured in the same run."""
+    """The streamed path's targets, with the broker crossing measured in the same run."""
     checks: dict[str, bool] = {}
     hop_ms = by_name.get("whole-c1", {}).get("broker_hop_ms_p50")
     if hop_ms is None and "broker-hop" in by_name:
