@@ -21,7 +21,7 @@ from harness.stack import Service
 from harness.testrun import DATABASE_URLS, unique
 from sender.admin import parser
 from sender.token_records import usage_report
-from sender.tokens import TokenStore, hash_secret
+from sender.tokens import Token, TokenStore, hash_secret
 
 KINDS = ["postgres", "mysql"]
 
@@ -115,6 +115,22 @@ async def test_admin_cli_manages_tokens(
     await until_status(front, secret, ready_model, 401)
 
 
+async def uncached_lookup(engine: AsyncEngine, secret: str) -> Token:
+    """The sender's own lookup, uncached (a new store each time)."""
+    store = TokenStore(engine, ttl=60, negative_ttl=60, max_entries=10)
+    try:
+        token = await store.lookup(secret)
+    finally:
+        await store.close()
+    assert token is not None
+    return token
+
+
+def listed_tokens(url: str) -> dict[str, dict[str, object]]:
+    """The CLI's token list, by name."""
+    return {row["name"]: row for row in json.loads(stack.admin(url, "list-tokens", "--json"))}
+
+
 @pytest.mark.parametrize("kind", KINDS)
 async def test_max_seconds_is_set_and_cleared_by_scripts_and_cli_and_looked_up(
     kind: str, engines: dict[str, AsyncEngine]
@@ -123,20 +139,11 @@ async def test_max_seconds_is_set_and_cleared_by_scripts_and_cli_and_looked_up(
     name = unique(f"deadline-{kind}")
     secret = f"sk-deadline-{kind}-{unique('s')}"
 
-    async def looked_up() -> float | None:
-        """The sender's own lookup, uncached (a new store each time)."""
-        store = TokenStore(engines[kind], ttl=60, negative_ttl=60, max_entries=10)
-        try:
-            token = await store.lookup(secret)
-        finally:
-            await store.close()
-        assert token is not None
-        return token.max_seconds
+    async def looked_up() -> object:
+        return (await uncached_lookup(engines[kind], secret)).max_seconds
 
     def listed() -> object:
-        return {r["name"]: r for r in json.loads(stack.admin(url, "list-tokens", "--json"))}[name][
-            "max_seconds"
-        ]
+        return listed_tokens(url)[name]["max_seconds"]
 
     sql_script(kind, "add_token.sql", name=name, secret=secret, max_seconds=60)
     assert await looked_up() == 60
@@ -194,20 +201,11 @@ async def test_max_parallel_is_set_and_cleared_by_scripts_and_cli_and_looked_up(
     name = unique(f"parallel-{kind}")
     secret = f"sk-parallel-{kind}-{unique('s')}"
 
-    async def looked_up() -> int | None:
-        """The sender's own lookup, uncached (a new store each time)."""
-        store = TokenStore(engines[kind], ttl=60, negative_ttl=60, max_entries=10)
-        try:
-            token = await store.lookup(secret)
-        finally:
-            await store.close()
-        assert token is not None
-        return token.max_parallel
+    async def looked_up() -> object:
+        return (await uncached_lookup(engines[kind], secret)).max_parallel
 
     def listed() -> object:
-        return {r["name"]: r for r in json.loads(stack.admin(url, "list-tokens", "--json"))}[name][
-            "max_parallel"
-        ]
+        return listed_tokens(url)[name]["max_parallel"]
 
     sql_script(kind, "add_token.sql", name=name, secret=secret, max_parallel=4)
     assert await looked_up() == 4
