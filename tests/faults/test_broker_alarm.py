@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -29,16 +28,6 @@ from harness.testrun import unique
 
 pytestmark = pytest.mark.timeout(150, func_only=True)
 """Node start-up is the fixture's; the test body alone gets this long."""
-
-
-@pytest.fixture(scope="module")
-def alarm_node() -> Iterator[BrokerNode]:
-    node = BrokerNode()
-    node.start()
-    try:
-        yield node
-    finally:
-        node.stop()
 
 
 def held_and_queued(node: BrokerNode, queue: str) -> bool:
@@ -70,33 +59,33 @@ async def until(condition: str, check: object, timeout: float = 30) -> None:
 
 
 async def test_memory_alarm_blocks_publishers_not_consumers(
-    processes: Processes, alarm_node: BrokerNode, token: str
+    processes: Processes, broker_node: BrokerNode, token: str
 ) -> None:
     model = unique("alarm")
     backend = processes.simulator(model, max_num_seqs=2, itl_ms=20)
-    processes.consumer(model, backend, rabbitmq_url=alarm_node.url, max_inflight=2, flow="fixed")
-    sender = processes.sender("postgres", rabbitmq_url=alarm_node.url)
+    processes.consumer(model, backend, rabbitmq_url=broker_node.url, max_inflight=2, flow="fixed")
+    sender = processes.sender("postgres", rabbitmq_url=broker_node.url)
     await wait_listed(sender, token, model, timeout=30)
     queue = contract.model_queue(model)
     body = {"model": model, "prompt": "alarm", "max_tokens": 200}
     async with httpx.AsyncClient(base_url=sender.url, headers=auth(token), timeout=120) as http:
         first = [asyncio.create_task(http.post("/v1/completions", json=body)) for _ in range(6)]
-        await until("2 requests served, more queued", lambda: held_and_queued(alarm_node, queue))
-        await asyncio.to_thread(alarm_node.ctl, "set_vm_memory_high_watermark", "0.0001")
+        await until("2 requests served, more queued", lambda: held_and_queued(broker_node, queue))
+        await asyncio.to_thread(broker_node.ctl, "set_vm_memory_high_watermark", "0.0001")
         try:
-            await until("the alarm blocks a publisher", lambda: "blocked" in connection_states(alarm_node))
+            await until("the alarm blocks a publisher", lambda: "blocked" in connection_states(broker_node))
             # Only publishing connections block: the consuming ones keep running (deliveries, acks).
-            assert consuming_connections_blocked(alarm_node) == []
+            assert consuming_connections_blocked(broker_node) == []
             # New requests: a clear 503 within bounds (a publish stays unconfirmed), not a hang.
             during = await asyncio.wait_for(
                 asyncio.gather(*[http.post("/v1/completions", json=body) for _ in range(2)]), 60
             )
         finally:
-            await asyncio.to_thread(alarm_node.ctl, "set_vm_memory_high_watermark", "0.4")
+            await asyncio.to_thread(broker_node.ctl, "set_vm_memory_high_watermark", "0.4")
         # The alarm cleared: the replies held back reach their clients, and new requests are served.
         answers = await asyncio.wait_for(asyncio.gather(*first), 60)
         after = await http.post("/v1/completions", json=body)
-        await until("the queue drained", lambda: alarm_node.queue_counts().get(queue) == (0, 0))
+        await until("the queue drained", lambda: broker_node.queue_counts().get(queue) == (0, 0))
     for answer in during:
         assert answer.status_code == 503, answer.text
         assert answer.json()["error"]["code"] in ("queue_unavailable", "broker_unavailable")

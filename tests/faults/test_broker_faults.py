@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import httpx
@@ -24,16 +24,6 @@ from harness.testrun import unique
 from harness.traffic import Tally, drive
 
 CLIENTS = 12
-
-
-@pytest.fixture(scope="module")
-def broker_node() -> Iterator[BrokerNode]:
-    node = BrokerNode()
-    node.start()
-    try:
-        yield node
-    finally:
-        node.stop()
 
 
 @dataclass
