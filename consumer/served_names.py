@@ -68,21 +68,26 @@ def share(window: int, holding: Mapping[str, int], waiting: Mapping[str, int]) -
     """How many of the window's ``window`` slots each name gets (all names are keys of ``holding``):
     first one by one to the names with demand (what they hold and what waits for them), those
     holding least first, until each has its demand; then what is left one by one to every name.
-    With fewer slots than names in demand, the names take turns (whoever holds none comes first)."""
+    With fewer slots than names in demand, the names take turns (whoever holds none comes first).
+
+    Whole rounds are given at once (a round's order only matters when it is the last, partial one):
+    this runs after every finished request, so it costs a few steps per name, not one per slot."""
     targets = dict.fromkeys(holding, 0)
+    demand = {name: holding[name] + waiting.get(name, 0) for name in targets}
     left = max(0, window)
-    while left > 0:
-        wanting = sorted(
-            (name for name in targets if targets[name] < holding[name] + waiting.get(name, 0)),
-            key=lambda name: holding[name],
-        )
-        for name in wanting or list(targets):
-            if left == 0:
-                break
-            targets[name] += 1
-            left -= 1
-        if not targets:
+    while left > 0 and targets:
+        wanting = sorted((name for name in targets if targets[name] < demand[name]), key=lambda n: holding[n])
+        group = wanting or list(targets)
+        rounds = left // len(group)
+        if wanting:
+            rounds = min(rounds, min(demand[name] - targets[name] for name in wanting))
+        if rounds == 0:
+            for name in group[:left]:
+                targets[name] += 1
             break
+        for name in group:
+            targets[name] += rounds
+        left -= rounds * len(group)
     return targets
 
 
@@ -153,6 +158,12 @@ class ServedNames:
     @property
     def channel(self) -> aiormq.abc.AbstractChannel | None:
         return self._channel
+
+    @property
+    def sharing(self) -> bool:
+        """Whether the window is shared (several names, or retired ones still finishing): only then
+        must a finished request move slots between names."""
+        return len(self.slots) > 1 or bool(self._retired)
 
     async def distribute(self, window: int, *, depths_every: float = 0.0) -> None:
         """Hold at most ``window`` messages across all names (0 stops consuming), shared by demand.

@@ -99,6 +99,8 @@ class Serving:
         self.cancellations = cancellations
         self.channel = channel
         self.routes = settings.relayed_routes
+        self.streams = 0
+        """Streamed answers under way: the more there are, the longer each batches its pieces."""
 
     def serve(self, message: AbstractIncomingMessage, *, liveness_queue: str) -> Delivery:
         """``async with serving.serve(message) as served``: answer it; settle it when the block ends."""
@@ -312,6 +314,7 @@ class Delivery:
         self._served = Served(Outcome.ANSWERED)
         self._started = 0.0
         self._publisher: ReplyPublisher | None = None
+        self._streaming = False
 
     async def __aenter__(self) -> Served:
         serving, message = self._serving, self._message
@@ -328,10 +331,13 @@ class Delivery:
             request.correlation_id,
             on_lost=lambda reason: serving.reply_lost(request, reason),
         )
+        if request.stream:
+            serving.streams += 1
+            self._streaming = True
         writer = ReplyWriter(
             self._publisher,
             liveness_queue=self._liveness_queue,
-            interval=settings.flush_interval,
+            interval=flush_interval(serving.streams, settings),
             max_bytes=settings.flush_bytes,
             max_interval=settings.flush_interval_max,
         )
@@ -343,6 +349,7 @@ class Delivery:
             self._served = await serving.answer(request, writer, redelivered=bool(message.redelivered))
         except BaseException as exc:
             if not await self._interrupted(exc):
+                self._stream_ended()
                 await self._settle_message()
                 raise
         return self._served
@@ -352,6 +359,7 @@ class Delivery:
     ) -> bool:
         if self._request is None or self._writer is None:
             return False  # rejected: already settled
+        self._stream_ended()
         handled = exc is not None and await self._interrupted(exc)
         await self._settle_message()
         if exc is None or handled:
@@ -360,6 +368,11 @@ class Delivery:
                 self._request, writer.status, self._served.outcome, self._started, writer.reported
             )
         return handled
+
+    def _stream_ended(self) -> None:
+        if self._streaming:
+            self._streaming = False
+            self._serving.streams -= 1
 
     async def _interrupted(self, exc: BaseException) -> bool:
         """Turn a cancellation by the consumer or a failure into an outcome; False for anything else."""
@@ -406,6 +419,12 @@ class Delivery:
             await _settle(self._message.nack(requeue=True))
         else:
             await _settle(self._message.ack())
+
+
+def flush_interval(streams: int, settings: ConsumerSettings) -> float:
+    """The interval a stream starts batching at, with ``streams`` under way (itself included): the
+    timed pieces of all of them together stay near ``settings.flush_rate`` a second."""
+    return min(settings.flush_interval_max, max(settings.flush_interval, streams / settings.flush_rate))
 
 
 def _nothing_counted() -> token_counts.Counts:

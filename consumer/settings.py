@@ -84,6 +84,11 @@ class ConsumerSettings(SharedSettings):
     flush_interval_max: float = 0.2
     """The interval doubles after each timed piece of a stream, up to this: a long answer costs
     a few pieces a second (each piece costs CPU in both processes), a short one stays smooth."""
+    flush_rate: float = Field(320.0, gt=0)
+    """Timed pieces per second the consumer aims at across all its streams. With more streams under way
+    than ``flush_rate`` times ``flush_interval`` (16), each starts at a longer interval (streams divided
+    by this rate, up to ``flush_interval_max``): a busy consumer spends its CPU (and the sender's) on
+    answers rather than on pieces. The first token never waits."""
     flush_bytes: int = Field(64 * 1024, ge=1)
     """... or when this much piled up; also the largest body of one reply piece: a larger answer,
     streamed or not, travels as several pieces. Must fit ``CONSUMER_BROKER_MAX_MESSAGE_SIZE``."""

@@ -378,14 +378,13 @@ class Worker:
         )
 
     async def _balance_loop(self) -> None:
-        """Move the window's slots to the names whose requests wait: after each release, and every
-        ``names_balance_interval`` while several names are served (a request may wait for an idle name)."""
+        """Move the window's slots to the names whose requests wait, while several names share it: after
+        each release, and every ``names_balance_interval`` (a request may wait for an idle name)."""
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._balance.wait(), self.settings.names_balance_interval)
-            released = self._balance.is_set()
             self._balance.clear()
-            if self._consuming and (len(self.names.slots) > 1 or released):
+            if self._consuming and self.names.sharing:
                 await _survive(self._distribute(), "sharing the window among the names")
 
     async def _listen_control(self) -> None:

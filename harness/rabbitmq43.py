@@ -413,7 +413,10 @@ class Node43:
             f"CONFIG_FILE={self.inside}/rabbitmq.conf\n"
             f"ENABLED_PLUGINS_FILE={self.inside}/enabled_plugins\n"
             f"PID_FILE={self.inside}/pid\n"
-            "SERVER_ADDITIONAL_ERL_ARGS='-kernel inet_dist_use_interface {127,0,0,1}'\n"
+            # No scheduler busy-waiting: nodes share a few cores with each other and with the
+            # services under test, and a spinning node takes the CPU they need.
+            "SERVER_ADDITIONAL_ERL_ARGS='-kernel inet_dist_use_interface {127,0,0,1} "
+            "+sbwt none +sbwtdcpu none +sbwtdio none'\n"
         )
         for path in [self.directory, *self.directory.rglob("*")]:
             os.chown(path, self.bed.uid, self.bed.gid)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 
 from consumer.replies import ReplyWriter
+from consumer.serving import flush_interval
+from consumer.settings import ConsumerSettings
 from contract import Reply
 
 
@@ -110,3 +112,12 @@ async def test_a_first_read_with_role_and_token_opens_the_answer_in_one_piece() 
     await writer.feed(TOKEN)
     assert [r.body for r in sent] == [ROLE + TOKEN]
     writer.abandon()
+
+
+def test_streams_start_batching_longer_as_more_run_at_once() -> None:
+    settings = ConsumerSettings(model="m", flush_interval=0.05, flush_interval_max=0.2, flush_rate=320)
+    assert flush_interval(1, settings) == 0.05  # a quiet consumer keeps streams smooth
+    assert flush_interval(16, settings) == 0.05
+    assert flush_interval(32, settings) == 0.1  # the pieces of all streams stay near 320 a second
+    assert flush_interval(64, settings) == 0.2
+    assert flush_interval(500, settings) == 0.2  # never beyond the longest interval

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 from consumer.served_names import cards_from, share
 from simulator.served import ServedModels, parse_lora_modules, split_names
 
@@ -68,3 +70,34 @@ def test_the_window_goes_to_the_names_whose_requests_wait_and_never_beyond_it() 
     for window in range(6):
         assert sum(share(window, {"a": 3, "b": 2, "c": 0}, {"a": 5, "c": 1}).values()) == window
     assert share(0, {"a": 2}, {"a": 3}) == {"a": 0}
+
+
+def one_slot_at_a_time(window: int, holding: dict[str, int], waiting: dict[str, int]) -> dict[str, int]:
+    """The sharing rule stated slot by slot (rounds of one slot per name, in order): what ``share``
+    computes in whole rounds."""
+    targets = dict.fromkeys(holding, 0)
+    left = window
+    while left > 0:
+        wanting = sorted(
+            (n for n in targets if targets[n] < holding[n] + waiting.get(n, 0)), key=lambda n: holding[n]
+        )
+        for name in wanting or list(targets):
+            if left == 0:
+                break
+            targets[name] += 1
+            left -= 1
+    return targets
+
+
+def test_sharing_in_whole_rounds_gives_what_sharing_slot_by_slot_gives() -> None:
+    rng = random.Random(7)
+    for _ in range(2000):
+        names = [f"n{i}" for i in range(rng.randint(1, 5))]
+        holding = {n: rng.randint(0, 6) for n in names}
+        waiting = {n: rng.randint(0, 8) for n in names if rng.random() < 0.7}
+        window = rng.randint(0, 40)
+        assert share(window, holding, waiting) == one_slot_at_a_time(window, holding, waiting), (
+            window,
+            holding,
+            waiting,
+        )
