@@ -559,7 +559,8 @@ class Worker:
 
     async def _release(self, slots: Slots, delivered: aiormq.abc.DeliveredMessage) -> None:
         await slots.release(delivered)
-        self._balance.set()
+        if self.names.sharing:
+            self._balance.set()
 
     async def _on_message(self, slots: Slots, delivered: aiormq.abc.DeliveredMessage) -> None:
         message = aio_pika.IncomingMessage(delivered, no_ack=False)
