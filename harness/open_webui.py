@@ -19,27 +19,24 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from harness import cache
+from harness.cache import COMPLETE, locked, run_step
+from harness.cache import SetupError as SetupError
 from harness.stack import Service, free_port, start_command, wait_http
-from harness.vllm_cpu import TORCH, SetupError, locked, run_step
+from harness.vllm_cpu import TORCH, install_with_cpu_torch
 
 VERSION = "0.12.4"
 INSTALL_TIMEOUT = 3600.0
 """Seconds the pip install may take: a few minutes on a quiet machine, 23 measured on a busy one."""
 STEP_TIMEOUT = 300.0
-_COMPLETE = ".complete"
 
 
 def cache_dir() -> Path:
-    if os.environ.get("OPEN_WEBUI_CACHE"):
-        return Path(os.environ["OPEN_WEBUI_CACHE"])
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "llm-dispatcher" / f"open-webui-{VERSION}"
+    return cache.directory("OPEN_WEBUI_CACHE", f"open-webui-{VERSION}")
 
 
 def venv_dir() -> Path:
@@ -51,7 +48,7 @@ def executable() -> Path:
 
 
 def is_ready() -> bool:
-    return (venv_dir() / _COMPLETE).is_file()
+    return (venv_dir() / COMPLETE).is_file()
 
 
 def setup(*, say: Callable[[str], None] = print, install_timeout: float = INSTALL_TIMEOUT) -> Path:
@@ -78,12 +75,7 @@ def browser_setup(*, say: Callable[[str], None] = print) -> tuple[str, str]:
     say("installing chromium and chromium-driver (apt-get)...")
     log = cache_dir() / "setup.log"
     cache_dir().mkdir(parents=True, exist_ok=True)
-    install = ["apt-get", "install", "-y", "--no-install-recommends", "chromium", "chromium-driver"]
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    with log.open("ab") as out:
-        if subprocess.run(install, stdout=out, stderr=subprocess.STDOUT, env=env, check=False).returncode:
-            subprocess.run(["apt-get", "update"], stdout=out, stderr=subprocess.STDOUT, env=env, check=False)
-            subprocess.run(install, stdout=out, stderr=subprocess.STDOUT, env=env, check=False)
+    cache.apt_install(["chromium", "chromium-driver"], log)
     if not all(Path(path).is_file() for path in BROWSER):
         raise SetupError(
             f"chromium could not be installed (apt-get install chromium chromium-driver); see {log}"
@@ -93,27 +85,9 @@ def browser_setup(*, say: Callable[[str], None] = print) -> tuple[str, str]:
 
 def _install(log: Path, install_timeout: float) -> None:
     venv = venv_dir()
-    if venv.exists():
-        shutil.rmtree(venv)  # half made by an earlier attempt that did not finish
-    run_step([sys.executable, "-m", "venv", str(venv)], "creating the virtualenv", log, STEP_TIMEOUT)
-    constraints = cache_dir() / "constraints.txt"
-    constraints.write_text(f"torch=={TORCH}\n")
-    python = str(venv / "bin" / "python")
-    pins = ["-c", str(constraints), f"open-webui=={VERSION}"]
-    try:
-        run_step(
-            [python, "-m", "pip", "install", "--no-input", "--progress-bar", "off", *pins],
-            f"pip install open-webui=={VERSION} (with torch=={TORCH})",
-            log,
-            install_timeout,
-        )
-    except SetupError as exc:
-        raise SetupError(
-            f"{exc}\nThe CPU build of torch ({TORCH}) must be findable by pip, e.g. as a local wheel "
-            "in a directory named by PIP_FIND_LINKS."
-        ) from None
+    install_with_cpu_torch(venv, f"open-webui=={VERSION}", log, install_timeout)
     run_step([str(executable()), "--help"], "running open-webui", log, STEP_TIMEOUT)
-    (venv / _COMPLETE).write_text(f"open-webui=={VERSION} torch=={TORCH}\n")
+    (venv / COMPLETE).write_text(f"open-webui=={VERSION} torch=={TORCH}\n")
 
 
 def serve_command(

