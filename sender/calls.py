@@ -52,6 +52,11 @@ the node and answers nothing) before its answers end with an error."""
 
 DEFAULT_MAX_BUFFERED = 64 * 1024 * 1024
 
+REORDER_WAIT = 3.0
+"""Seconds a piece that came before an earlier one of its answer waits for it: a piece delivered on a
+connection that dropped comes again only once the sender subscribed anew, possibly after later
+pieces. Past it the earlier piece counts as lost."""
+
 
 class Buffered:
     """Reply bytes this sender holds for its clients, all requests together (a metric)."""
@@ -103,6 +108,10 @@ class PendingCall:
         self.overflowed = False
         """The answer outgrew ``max_buffered``: it was stopped, and the client gets an error."""
         self._expected_seq = 0
+        self._ahead: dict[int, Reply] = {}
+        """Pieces of the owning consumer that came before an earlier one, by ``seq``."""
+        self._gap_since = 0.0
+        """When (loop time) the oldest piece in ``_ahead`` came."""
         self.liveness_queue: str | None = None
         """Liveness queue of the consumer serving the answer, from its first piece."""
         self.finished = False
@@ -177,7 +186,11 @@ class PendingCall:
             reply = self._replies.get_nowait()
             if reply.last and reply.liveness_queue is not None:  # the consumer's, not one made here
                 self.report(reply)
+        for reply in self._ahead.values():
+            if reply.last:
+                self.report(reply)
         self._hold(-self._queued, queued=True)
+        self._drop_ahead()
 
     def _hold(self, size: int, *, queued: bool = False) -> None:
         self._buffered += size
@@ -189,6 +202,11 @@ class PendingCall:
         while not self._replies.empty():
             self._replies.get_nowait()
         self._hold(-self._queued, queued=True)
+        self._drop_ahead()
+
+    def _drop_ahead(self) -> None:
+        self._hold(-sum(len(reply.body) for reply in self._ahead.values()))
+        self._ahead.clear()
 
     def _overflow(self) -> None:
         """Too much waits for the client: drop it, stop the generation, end the answer with an error."""
@@ -212,21 +230,51 @@ class PendingCall:
     async def next(self, wait: float) -> Reply:
         """The next piece of the answer; ``TimeoutError`` if none comes in time.
 
-        A gap in the sequence means a piece was lost in the broker: the answer
-        cannot be trusted any more, so it ends with an error instead.
+        A piece that comes again (delivered on a connection that dropped before
+        its ack) is dropped. One that comes before an earlier piece waits for it
+        (:data:`REORDER_WAIT`); a gap that stays means a piece was lost in the
+        broker: the answer cannot be trusted any more, so it ends with an error.
         """
-        async with asyncio.timeout(max(wait, 0.0)):
-            while True:
-                reply = await self._replies.get()
-                self._hold(-len(reply.body), queued=True)
-                if self.abandoned or self.overflowed or self.publish_error is not None:
-                    return reply
-                if reply.liveness_queue is not None:
-                    if self.liveness_queue is None:
-                        self.liveness_queue = reply.liveness_queue  # the first consumer to answer owns it
-                    elif reply.liveness_queue != self.liveness_queue:
-                        continue  # a redelivered copy served by another consumer: the first answer stands
-                return self._check(reply)
+        loop = asyncio.get_running_loop()
+        until = loop.time() + max(wait, 0.0)
+        while True:
+            held = self._ahead.pop(self._expected_seq, None)
+            if held is not None:
+                self._hold(-len(held.body))
+                return self._check(held)
+            limit = until
+            if self._ahead:
+                gap_end = self._gap_since + REORDER_WAIT
+                if loop.time() >= gap_end:
+                    self._drop_ahead()
+                    return Reply(
+                        seq=self._expected_seq, last=True, error=f"reply piece {self._expected_seq} was lost"
+                    )
+                limit = min(until, gap_end)
+            try:
+                async with asyncio.timeout_at(limit):
+                    reply = await self._replies.get()
+            except TimeoutError:
+                if limit < until:
+                    continue  # the gap's wait ran out, not the caller's
+                raise
+            self._hold(-len(reply.body), queued=True)
+            if self.abandoned or self.overflowed or self.publish_error is not None:
+                return reply
+            if reply.liveness_queue is not None:
+                if self.liveness_queue is None:
+                    self.liveness_queue = reply.liveness_queue  # the first consumer to answer owns it
+                elif reply.liveness_queue != self.liveness_queue:
+                    continue  # a redelivered copy served by another consumer: the first answer stands
+                if reply.seq < self._expected_seq or reply.seq in self._ahead:
+                    continue  # delivered again: its first copy was handed over already
+                if reply.seq > self._expected_seq:
+                    if not self._ahead:
+                        self._gap_since = loop.time()
+                    self._ahead[reply.seq] = reply
+                    self._hold(len(reply.body))
+                    continue
+            return self._check(reply)
 
     async def whole(self, first: Reply) -> Reply:
         """A non-streamed answer that came in several pieces (larger than one broker message), put
