@@ -20,7 +20,6 @@ from pamqp.commands import Basic
 
 from consumer.token_counts import Counts, carries_token
 from contract import Reply
-from contract.errors import BROKER_GONE
 
 Publish = Callable[[Reply], Awaitable[None]]
 
@@ -217,7 +216,9 @@ class ReplyPublisher:
             )
         except aiormq.exceptions.DeliveryError:
             self._lose("nacked")
-        except BROKER_GONE:
+        except Exception:
+            # aiormq fails the calls of a connection closing under them with its reason, or with a
+            # bare ``Exception``: either way the piece was not confirmed, so it may be lost.
             self.lost = True
             self._lose("broker_gone")
         else:

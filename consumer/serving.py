@@ -448,8 +448,11 @@ async def _fail(writer: ReplyWriter, kind: errors.ErrorKind, message: str | None
 
 
 async def _settle(operation: object) -> None:
-    """Await an ack/nack/reject, tolerating a channel that closed meanwhile (the broker redelivers)."""
+    """Await an ack/nack/reject, tolerating a channel that closed meanwhile (the broker redelivers).
+
+    aiormq fails a call on a connection closing under it with the reason, or with a bare
+    ``Exception``; raised from here, it ended the serving task before the request's log line."""
     try:
         await operation  # type: ignore[misc]
-    except BROKER_GONE as exc:
-        log.warning("could not settle message: %s", exc)
+    except Exception as exc:
+        log.warning("could not settle message: %s", repr(exc) if not str(exc) else exc)

@@ -61,6 +61,11 @@ CONSUMER_DISCONNECTED_TIMEOUT_MS = 5_000
 before handing them to another consumer. RabbitMQ's default (60 s) is meant for a short network
 partition; a consumer on a killed node does not come back, and its requests would sit out their
 deadline. After a real partition the first answer wins (the sender ignores a second one)."""
+REPLY_CONSUMER_DISCONNECTED_TIMEOUT_MS = 0
+"""The same for a sender's quorum reply queue: its only consumer is its own sender, which, when its
+node was killed, subscribes again from another node at once. The reply pieces the dead subscription
+held unacked are handed to the new one right away instead of after RabbitMQ's default 60 s (a
+sender that was only partitioned away drops the second copies it may get, by their ``seq``)."""
 
 
 class QueueType(enum.Enum):
@@ -122,6 +127,7 @@ def reply_queue_arguments(queue_type: QueueType, expires_ms: int) -> dict[str, A
     arguments: dict[str, Any] = {"x-expires": expires_ms}
     if queue_type is QueueType.QUORUM:
         arguments["x-queue-type"] = "quorum"
+        arguments["x-consumer-disconnected-timeout"] = REPLY_CONSUMER_DISCONNECTED_TIMEOUT_MS
     return arguments
 
 

@@ -17,7 +17,8 @@ connection, and with it every reply in flight during a reconnect; a durable one
 keeps the replies sent while the broker restarted and this sender had not yet
 reconnected. ``x-expires`` removes it once this sender is gone for good. On
 RabbitMQ 4.3 and later it is a quorum queue (:mod:`contract.queues`), so a node
-lost does not strand it or the replies it holds.
+lost does not strand it or the replies it holds. Each reply is acked once it
+was handed over, so one delivered on a connection that died comes again.
 
 This class alone subscribes to the reply queue, straight on the aiormq channel
 (outside aio-pika's robust bookkeeping): after the channel reopens (a
@@ -268,8 +269,24 @@ class Broker:
         if channel is not self._reply_channel_used:
             channel.on_consumer_cancel_callbacks.add(self._on_cancel)
             self._reply_channel_used = channel
-        consume = await channel.basic_consume(self.reply_queue_name, self._on_reply, no_ack=True)
+        consume = await channel.basic_consume(self.reply_queue_name, self._reply_delivered, no_ack=False)
         self._reply_tag = consume.consumer_tag
+
+    async def _reply_delivered(self, message: aiormq.abc.DeliveredMessage) -> None:
+        """Hand a reply piece over, then ack it. Acked only once handed over: a piece delivered on a
+        connection that died with its node (or dropped) goes back to the queue and comes again on the
+        next subscription; auto-ack lost it, and a whole answer in one piece then waited for its
+        deadline. A piece handed over whose ack was lost comes twice; the second copy is dropped
+        (:mod:`sender.calls`)."""
+        assert self._on_reply is not None
+        try:
+            await self._on_reply(message)
+        finally:
+            delivery, channel = message.delivery, message.channel
+            tag = delivery.delivery_tag if isinstance(delivery, aiormq.spec.Basic.Deliver) else None
+            if tag is not None and not channel.is_closed:
+                with contextlib.suppress(*BROKER_GONE):
+                    await channel.basic_ack(tag, wait=False)
 
     async def _listen_announcements(self) -> None:
         """Listen to the consumers' announcements through a queue of this connection, made again on

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import enum
 import logging
 import math
 import time
@@ -51,6 +52,19 @@ the node and answers nothing) before its answers end with an error."""
 
 
 DEFAULT_MAX_BUFFERED = 64 * 1024 * 1024
+
+REORDER_WAIT = 3.0
+"""Seconds a piece that came before an earlier one of its answer waits for it: a piece delivered on a
+connection that dropped comes again only once the sender subscribed anew, possibly after later
+pieces. Past it the earlier piece counts as lost."""
+
+
+class _Origin(enum.Enum):
+    RECEIVED = "received"
+    AGAIN = "again"
+    """Redelivered by the broker: it may have been handed over before its ack was lost."""
+    HERE = "here"
+    """Made by this sender to end the answer (consumer gone, reply queue lost, client gone...)."""
 
 
 class Buffered:
@@ -90,7 +104,7 @@ class PendingCall:
         self.deadline = deadline
         self.stream = stream
         self.request_id = request_id
-        self._replies: asyncio.Queue[Reply] = asyncio.Queue()
+        self._replies: asyncio.Queue[tuple[Reply, _Origin]] = asyncio.Queue()
         self._on_done = on_done
         self._closed = False
         self._max_buffered = max_buffered
@@ -103,6 +117,10 @@ class PendingCall:
         self.overflowed = False
         """The answer outgrew ``max_buffered``: it was stopped, and the client gets an error."""
         self._expected_seq = 0
+        self._ahead: dict[int, Reply] = {}
+        """Pieces of the owning consumer that came before an earlier one, by ``seq``."""
+        self._gap_since = 0.0
+        """When (loop time) the oldest piece in ``_ahead`` came."""
         self.liveness_queue: str | None = None
         """Liveness queue of the consumer serving the answer, from its first piece."""
         self.finished = False
@@ -160,7 +178,18 @@ class PendingCall:
         still be generating, and will say how much."""
         return not self.finished and self.publish_error is None and not self.server_gone
 
-    def deliver(self, reply: Reply) -> None:
+    def deliver(self, reply: Reply, *, again: bool = False) -> None:
+        """A piece from the broker; ``again``: redelivered (its first copy may have been handed over)."""
+        self._put(reply, _Origin.AGAIN if again else _Origin.RECEIVED)
+
+    def _end(self, error: str) -> None:
+        """End the answer with ``error`` after what arrived so far (made here, not by a consumer)."""
+        self._put(
+            Reply(seq=self._expected_seq, last=True, error=error, liveness_queue=self.liveness_queue),
+            _Origin.HERE,
+        )
+
+    def _put(self, reply: Reply, origin: _Origin) -> None:
         if self.overflowed:
             return
         size = len(reply.body)
@@ -168,16 +197,20 @@ class PendingCall:
             self._overflow()
             return
         self._hold(size, queued=True)
-        self._replies.put_nowait(reply)
+        self._replies.put_nowait((reply, origin))
 
     def drop_unread(self) -> None:
         """Forget the pieces that arrived and were not read (the client is gone); a last one among
         them is the report of what the request used."""
         while not self._replies.empty():
-            reply = self._replies.get_nowait()
-            if reply.last and reply.liveness_queue is not None:  # the consumer's, not one made here
+            reply, origin = self._replies.get_nowait()
+            if reply.last and origin is not _Origin.HERE and reply.liveness_queue is not None:
+                self.report(reply)
+        for reply in self._ahead.values():
+            if reply.last:
                 self.report(reply)
         self._hold(-self._queued, queued=True)
+        self._drop_ahead()
 
     def _hold(self, size: int, *, queued: bool = False) -> None:
         self._buffered += size
@@ -189,6 +222,11 @@ class PendingCall:
         while not self._replies.empty():
             self._replies.get_nowait()
         self._hold(-self._queued, queued=True)
+        self._drop_ahead()
+
+    def _drop_ahead(self) -> None:
+        self._hold(-sum(len(reply.body) for reply in self._ahead.values()))
+        self._ahead.clear()
 
     def _overflow(self) -> None:
         """Too much waits for the client: drop it, stop the generation, end the answer with an error."""
@@ -203,30 +241,65 @@ class PendingCall:
             " to read it" if self.stream else " (a non-streamed answer is held whole)",
         )
         self.close()  # cancelled now, not once the client reads on; what was held is dropped
-        self._replies.put_nowait(Reply(seq=self._expected_seq, last=True, error="answer outgrew the buffer"))
+        reply = Reply(seq=self._expected_seq, last=True, error="answer outgrew the buffer")
+        self._replies.put_nowait((reply, _Origin.HERE))
 
     def publish_failed(self, error: str) -> None:
         self.publish_error = error
-        self.deliver(Reply(seq=self._expected_seq, last=True, error=error))
+        self._end(error)
 
     async def next(self, wait: float) -> Reply:
         """The next piece of the answer; ``TimeoutError`` if none comes in time.
 
-        A gap in the sequence means a piece was lost in the broker: the answer
-        cannot be trusted any more, so it ends with an error instead.
+        A piece the broker delivers again (on a connection that dropped before
+        its ack) is dropped if it was handed over already. One that comes before
+        an earlier piece waits for it (:data:`REORDER_WAIT`); a gap that stays,
+        or a piece that comes twice otherwise (the same consumer serving the
+        request anew), means the answer cannot be trusted any more: it ends
+        with an error.
         """
-        async with asyncio.timeout(max(wait, 0.0)):
-            while True:
-                reply = await self._replies.get()
-                self._hold(-len(reply.body), queued=True)
-                if self.abandoned or self.overflowed or self.publish_error is not None:
-                    return reply
-                if reply.liveness_queue is not None:
-                    if self.liveness_queue is None:
-                        self.liveness_queue = reply.liveness_queue  # the first consumer to answer owns it
-                    elif reply.liveness_queue != self.liveness_queue:
-                        continue  # a redelivered copy served by another consumer: the first answer stands
-                return self._check(reply)
+        loop = asyncio.get_running_loop()
+        until = loop.time() + max(wait, 0.0)
+        while True:
+            held = self._ahead.pop(self._expected_seq, None)
+            if held is not None:
+                self._hold(-len(held.body))
+                return self._check(held)
+            limit = until
+            if self._ahead:
+                gap_end = self._gap_since + REORDER_WAIT
+                if loop.time() >= gap_end:
+                    self._drop_ahead()
+                    return Reply(
+                        seq=self._expected_seq, last=True, error=f"reply piece {self._expected_seq} was lost"
+                    )
+                limit = min(until, gap_end)
+            try:
+                async with asyncio.timeout_at(limit):
+                    reply, origin = await self._replies.get()
+            except TimeoutError:
+                if limit < until:
+                    continue  # the gap's wait ran out, not the caller's
+                raise
+            self._hold(-len(reply.body), queued=True)
+            if self.abandoned or self.overflowed or self.publish_error is not None:
+                return reply
+            if origin is _Origin.HERE:
+                return self._accept(reply)  # after whatever arrived before it, whatever its seq
+            if reply.liveness_queue is not None:
+                if self.liveness_queue is None:
+                    self.liveness_queue = reply.liveness_queue  # the first consumer to answer owns it
+                elif reply.liveness_queue != self.liveness_queue:
+                    continue  # a redelivered copy served by another consumer: the first answer stands
+                if origin is _Origin.AGAIN and (reply.seq < self._expected_seq or reply.seq in self._ahead):
+                    continue  # delivered again: its first copy was handed over already
+                if reply.seq > self._expected_seq:
+                    if not self._ahead:
+                        self._gap_since = loop.time()
+                    self._ahead[reply.seq] = reply
+                    self._hold(len(reply.body))
+                    continue
+            return self._check(reply)
 
     async def whole(self, first: Reply) -> Reply:
         """A non-streamed answer that came in several pieces (larger than one broker message), put
@@ -251,6 +324,9 @@ class PendingCall:
     def _check(self, reply: Reply) -> Reply:
         if reply.seq != self._expected_seq:
             return Reply(seq=reply.seq, last=True, error=f"reply piece {self._expected_seq} was lost")
+        return self._accept(reply)
+
+    def _accept(self, reply: Reply) -> Reply:
         self._expected_seq += 1
         self.events += reply.body.count(b"data: {")
         self.finished = reply.last
@@ -261,33 +337,19 @@ class PendingCall:
     def consumer_gone(self) -> None:
         """The consumer serving the answer lost its broker connection: the answer will not go on."""
         self.server_gone = True
-        self.deliver(
-            Reply(
-                seq=self._expected_seq,
-                last=True,
-                error="the model server stopped in the middle of the answer",
-                liveness_queue=self.liveness_queue,
-            )
-        )
+        self._end("the model server stopped in the middle of the answer")
 
     def reply_lost(self) -> None:
         """The reply queue was lost with what it held: the answer will not come (or not whole)."""
         if self.finished:
             return
         self.server_gone = True
-        self.deliver(
-            Reply(
-                seq=self._expected_seq,
-                last=True,
-                error="the answer was lost: this dispatcher's reply queue was removed",
-                liveness_queue=self.liveness_queue,
-            )
-        )
+        self._end("the answer was lost: this dispatcher's reply queue was removed")
 
     def abandon(self, reason: str = "the client went away") -> None:
         """Nobody will read the answer: end the wait for it now."""
         self.abandoned = True
-        self.deliver(Reply(seq=self._expected_seq, last=True, error=reason))
+        self._end(reason)
 
     def close(self) -> None:
         """Stop listening; an unfinished request is cancelled wherever it is (queued or running)."""
@@ -544,7 +606,8 @@ class Calls:
         if not pending.answered:
             pending.answered = True
             self._on_taken(pending)
-        pending.deliver(reply)
+        delivery = message.delivery
+        pending.deliver(reply, again=isinstance(delivery, aiormq.spec.Basic.Deliver) and delivery.redelivered)
 
     def _reported(self, correlation_id: str, properties: Any, body: bytes) -> None:
         """A piece for a call whose client left: the last one says what the request generated."""

@@ -50,6 +50,7 @@ def test_per_process_queue_arguments() -> None:
     assert queues.reply_queue_arguments(QueueType.QUORUM, 60_000) == {
         "x-queue-type": "quorum",
         "x-expires": 60_000,
+        "x-consumer-disconnected-timeout": queues.REPLY_CONSUMER_DISCONNECTED_TIMEOUT_MS,
     }
 
 

@@ -8,6 +8,7 @@ import time
 import pytest
 
 from contract import Reply
+from sender import calls
 from sender.calls import Buffered, PendingCall
 
 
@@ -81,3 +82,74 @@ async def test_a_lost_piece_ends_a_whole_answer() -> None:
     pending.deliver(Reply(seq=2, last=True, body=b"c"))
     whole = await pending.whole(await pending.next(1))
     assert whole.error == "reply piece 1 was lost"
+
+
+async def test_a_piece_delivered_again_is_dropped() -> None:
+    """A piece handed over whose ack was lost with the connection comes a second time (redelivered)."""
+    pending, total, _ = call(stream=True, limit=10_000)
+    owner = "amq.gen-a"
+    pending.deliver(Reply(seq=0, last=False, body=b"a", status=200, liveness_queue=owner))
+    pending.deliver(Reply(seq=0, last=False, body=b"a", status=200, liveness_queue=owner), again=True)
+    pending.deliver(Reply(seq=1, last=True, body=b"b", liveness_queue=owner), again=True)
+    assert (await pending.next(1)).seq == 0
+    end = await pending.next(1)
+    assert end.seq == 1 and end.last and end.error is None
+    assert total.bytes == 0
+
+
+async def test_a_piece_that_comes_after_a_later_one_is_put_back_in_order() -> None:
+    """A piece delivered on a connection that dropped comes again on the next subscription, maybe
+    after pieces published later."""
+    pending, total, _ = call(stream=True, limit=10_000)
+    owner = "amq.gen-a"
+    pending.deliver(Reply(seq=0, last=False, body=b"a", status=200, liveness_queue=owner))
+    assert (await pending.next(1)).seq == 0
+    pending.deliver(Reply(seq=2, last=False, body=b"c", liveness_queue=owner))
+    pending.deliver(Reply(seq=3, last=True, body=b"d", liveness_queue=owner))
+    pending.deliver(Reply(seq=1, last=False, body=b"b", liveness_queue=owner))
+    pieces = [await pending.next(1) for _ in range(3)]
+    assert [(piece.seq, piece.body, piece.error) for piece in pieces] == [
+        (1, b"b", None),
+        (2, b"c", None),
+        (3, b"d", None),
+    ]
+    assert pending.finished and total.bytes == 0
+
+
+async def test_a_piece_that_never_comes_ends_the_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(calls, "REORDER_WAIT", 0.01)
+    pending, total, _ = call(stream=True, limit=10_000)
+    owner = "amq.gen-a"
+    pending.deliver(Reply(seq=0, last=False, body=b"a", status=200, liveness_queue=owner))
+    pending.deliver(Reply(seq=2, last=True, body=b"c", liveness_queue=owner))
+    assert (await pending.next(30)).seq == 0
+    end = await pending.next(30)
+    assert end.last and end.error == "reply piece 1 was lost"
+    assert total.bytes == 0
+
+
+async def test_a_piece_served_anew_by_the_same_consumer_ends_the_answer() -> None:
+    """Not redelivered but sent again (its consumer served the request a second time): the two
+    answers cannot be joined."""
+    pending, _, _ = call(stream=True, limit=10_000)
+    owner = "amq.gen-a"
+    pending.deliver(Reply(seq=0, last=False, body=b"a", status=200, liveness_queue=owner))
+    pending.deliver(Reply(seq=1, last=False, body=b"b", liveness_queue=owner))
+    pending.deliver(Reply(seq=0, last=False, body=b"A", status=200, liveness_queue=owner))
+    assert [(await pending.next(1)).seq for _ in range(2)] == [0, 1]
+    end = await pending.next(1)
+    assert end.last and end.error == "reply piece 2 was lost"
+
+
+async def test_the_end_made_here_follows_what_arrived_before_it() -> None:
+    """The consumer's connection is gone: the pieces that arrived before are relayed, then the error."""
+    pending, _, _ = call(stream=True, limit=10_000)
+    owner = "amq.gen-a"
+    pending.deliver(Reply(seq=0, last=False, body=b"a", status=200, liveness_queue=owner))
+    assert (await pending.next(1)).seq == 0
+    pending.deliver(Reply(seq=1, last=False, body=b"b", liveness_queue=owner))
+    pending.consumer_gone()
+    pending.deliver(Reply(seq=2, last=False, body=b"c", liveness_queue=owner))
+    assert (await pending.next(1)).body == b"b"
+    end = await pending.next(1)
+    assert end.last and end.error == "the model server stopped in the middle of the answer"
