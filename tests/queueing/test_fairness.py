@@ -75,6 +75,26 @@ async def served_order(
     return finished[1:]
 
 
+async def queue_behind_blocker(
+    http: httpx.AsyncClient, model: str, backend: Service, blocker: str, token: str, count: int
+) -> list[asyncio.Task[httpx.Response]]:
+    """Occupy the slot with a long request of ``blocker``, then queue ``count`` short ones of
+    ``token`` one by one; their tasks, the blocker's first."""
+    request = {"model": model, "prompt": "x", "max_tokens": 2}
+    tasks = [
+        asyncio.create_task(
+            http.post(
+                "/v1/completions", json={**request, "max_tokens": BLOCKER_TOKENS}, headers=auth(blocker)
+            )
+        )
+    ]
+    await wait_running(backend)
+    for depth in range(1, count + 1):
+        tasks.append(asyncio.create_task(http.post("/v1/completions", json=request, headers=auth(token))))
+        await wait_depth(model, depth)
+    return tasks
+
+
 async def test_light_tokens_overtake_a_heavy_backlog_at_the_same_level(
     sender: Service, one_slot: tuple[str, Service], tokens: Tokens
 ) -> None:
@@ -136,19 +156,10 @@ async def test_max_parallel_refuses_the_surplus_with_429(
     capped = await tokens.create("parallel-capped", priority=5, max_parallel=2)
     request = {"model": model, "prompt": "x", "max_tokens": 2}
     async with httpx.AsyncClient(base_url=sender.url, timeout=60) as http:
-        busy = asyncio.create_task(
-            http.post(
-                "/v1/completions", json={**request, "max_tokens": BLOCKER_TOKENS}, headers=auth(blocker)
-            )
-        )
-        await wait_running(backend)
-        held = []
-        for depth in (1, 2):
-            held.append(asyncio.create_task(http.post("/v1/completions", json=request, headers=auth(capped))))
-            await wait_depth(model, depth)
+        held = await queue_behind_blocker(http, model, backend, blocker, capped, 2)
         refused = await http.post("/v1/completions", json=request, headers=auth(capped))
         others = await http.post("/v1/completions", json=request, headers=auth(blocker))
-        answers = await asyncio.gather(busy, *held)
+        answers = await asyncio.gather(*held)
         again = await http.post("/v1/completions", json=request, headers=auth(capped))
     assert refused.status_code == 429, refused.text
     assert refused.json()["error"]["code"] == "too_many_parallel_requests"
@@ -169,21 +180,10 @@ async def test_a_tokens_threshold_counts_its_own_backlog_not_the_whole_queue(
     light = await tokens.create("own-light", priority=5, threshold=3)
     request = {"model": model, "prompt": "x", "max_tokens": 2}
     async with httpx.AsyncClient(base_url=sender.url, timeout=60) as http:
-        busy = asyncio.create_task(
-            http.post(
-                "/v1/completions", json={**request, "max_tokens": BLOCKER_TOKENS}, headers=auth(blocker)
-            )
-        )
-        await wait_running(backend)
-        queued = []
-        for depth in (1, 2, 3):
-            queued.append(
-                asyncio.create_task(http.post("/v1/completions", json=request, headers=auth(heavy)))
-            )
-            await wait_depth(model, depth)
+        queued = await queue_behind_blocker(http, model, backend, blocker, heavy, 3)
         refused = await http.post("/v1/completions", json=request, headers=auth(heavy))
         served = await http.post("/v1/completions", json=request, headers=auth(light))
-        answers = await asyncio.gather(busy, *queued)
+        answers = await asyncio.gather(*queued)
     assert refused.status_code == 429, refused.text
     assert refused.json()["error"]["code"] == "queue_full"
     assert int(refused.headers["retry-after"]) >= 1
