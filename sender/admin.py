@@ -14,7 +14,7 @@ import datetime as dt
 import json
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,26 +71,25 @@ def _threshold(text: str) -> int:
     return value
 
 
-def _optional_int(text: str) -> int | None:
-    """A positive whole number per minute, or none (no limit); 0 or less would refuse everything."""
-    if text.strip().lower() == "none":
-        return None
-    what = "the limit must be a positive integer per minute, or none for no limit"
-    value = _integer(text, what)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{what}, got {text!r}")
-    return value
+def _positive_or_none(what: str) -> Callable[[str], int | None]:
+    """A parser of a positive whole number, or none (no limit); 0 or less would refuse everything.
+    ``what`` is the error message's start."""
+
+    def parse(text: str) -> int | None:
+        if text.strip().lower() == "none":
+            return None
+        value = _integer(text, what)
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{what}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _parallel(text: str) -> int | None:
-    """A positive number of requests at once, or none (no limit); 0 would refuse everything."""
-    if text.strip().lower() == "none":
-        return None
-    what = "max-parallel must be a positive integer (requests queued or running at once), or none"
-    value = _integer(text, what)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{what}, got {text!r}")
-    return value
+_per_minute = _positive_or_none("the limit must be a positive integer per minute, or none for no limit")
+_parallel = _positive_or_none(
+    "max-parallel must be a positive integer (requests queued or running at once), or none"
+)
 
 
 def _optional_seconds(text: str) -> float | None:
@@ -295,8 +294,8 @@ def parser() -> argparse.ArgumentParser:
         "--expires", type=_when, help="date, date and time (database local time) or a duration: 30d, 12h"
     )
     add.add_argument("--models", type=_models, help="comma-separated models it may use (default: all)")
-    add.add_argument("--rpm", type=_optional_int, help="requests per minute, > 0 (default: no limit)")
-    add.add_argument("--tpm", type=_optional_int, help="tokens per minute, > 0 (default: no limit)")
+    add.add_argument("--rpm", type=_per_minute, help="requests per minute, > 0 (default: no limit)")
+    add.add_argument("--tpm", type=_per_minute, help="tokens per minute, > 0 (default: no limit)")
     add.add_argument(
         "--max-seconds",
         type=_optional_seconds,
@@ -322,8 +321,8 @@ def parser() -> argparse.ArgumentParser:
     change.add_argument("--owner", default=UNSET)
     change.add_argument("--expires", type=_when, default=UNSET, help="date/time, duration (30d) or none")
     change.add_argument("--models", type=_models, default=UNSET, help="comma-separated, or none for all")
-    change.add_argument("--rpm", type=_optional_int, default=UNSET, help="a number, or none")
-    change.add_argument("--tpm", type=_optional_int, default=UNSET, help="a number, or none")
+    change.add_argument("--rpm", type=_per_minute, default=UNSET, help="a number, or none")
+    change.add_argument("--tpm", type=_per_minute, default=UNSET, help="a number, or none")
     change.add_argument(
         "--max-seconds", type=_optional_seconds, default=UNSET, help="seconds (> 0), or none for the server's"
     )
